@@ -1,0 +1,38 @@
+# `make run` and `make test` are all a fresh machine needs: each sets up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck protos-check gen pytest clean
+
+run: $(STAMP)
+	$(BIN)/credits serve
+
+test: lint typecheck protos-check pytest
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+gen: $(STAMP)
+	$(BIN)/python tools/protogen.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy server tools
+
+protos-check: $(STAMP)
+	$(BIN)/buf lint
+	$(BIN)/python tools/protogen.py --check
+
+pytest: $(STAMP)
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The credits service: credit balances and paid AI generations over gRPC."""

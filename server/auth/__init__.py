@@ -1,0 +1,1 @@
+"""Who is calling: token verification and the principal it yields."""

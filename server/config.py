@@ -1,0 +1,66 @@
+"""Settings read once from the environment (names from the public contract)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service is configured with. Secrets are never printed (repr=False)."""
+
+    listen: str = "127.0.0.1:50051"
+    database_url: str | None = None
+    supabase_url: str | None = None
+    supabase_anon_key: str | None = None
+    supabase_service_role_key: str | None = None
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    jwt_audience: str = "authenticated"
+    data_dir: Path = Path(".data")
+    signup_credits: int = 0
+    metrics_listen: str | None = None
+    # The secret API key a trusted service may send as its bearer instead of a JWT.
+    service_api_key: str | None = None
+
+    def __repr__(self) -> str:
+        mode = "embedded" if self.embedded else "configured"
+        return f"Settings(listen={self.listen!r}, database={mode}, data_dir={self.data_dir!s})"
+
+    @property
+    def embedded(self) -> bool:
+        """True when the service runs its own PostgreSQL (no database configured)."""
+        return not self.database_url and not self.supabase_url
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        supabase_url = get("SUPABASE_URL")
+        jwks_url = get("CREDITS_JWKS_URL")
+        if jwks_url is None and supabase_url:
+            jwks_url = supabase_url.rstrip("/") + "/auth/v1/.well-known/jwks.json"
+        signup = get("CREDITS_SIGNUP_CREDITS") or "0"
+        if not signup.isdigit():
+            raise ValueError("CREDITS_SIGNUP_CREDITS must be a whole number >= 0")
+        return cls(
+            listen=get("CREDITS_LISTEN") or cls.listen,
+            database_url=get("DATABASE_URL"),
+            supabase_url=supabase_url,
+            supabase_anon_key=get("SUPABASE_ANON_KEY"),
+            supabase_service_role_key=get("SUPABASE_SERVICE_ROLE_KEY"),
+            jwt_secret=get("SUPABASE_JWT_SECRET"),
+            jwks_url=jwks_url,
+            jwt_audience=get("CREDITS_JWT_AUDIENCE") or cls.jwt_audience,
+            data_dir=Path(get("CREDITS_DATA_DIR") or ".data"),
+            signup_credits=int(signup),
+            metrics_listen=get("CREDITS_METRICS_LISTEN"),
+            service_api_key=get("CREDITS_SERVICE_API_KEY"),
+        )

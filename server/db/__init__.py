@@ -1,0 +1,1 @@
+"""The database: embedded PostgreSQL, the Supabase stand-in bootstrap and migrations."""

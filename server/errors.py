@@ -1,0 +1,138 @@
+"""Domain errors: what went wrong, in the contract's words, with no knowledge of gRPC.
+
+Each class names its contract `reason`; the edge (`server/api/error_table.py`) maps the class to a
+status code. Dynamic values go into `metadata` (strings, as ErrorInfo carries them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+class CreditsError(Exception):
+    """Base of every error the service reports to callers on purpose."""
+
+    reason: ClassVar[str] = "INTERNAL"
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(self, message: str | None = None, **metadata: object) -> None:
+        self.message = message or self.default_message
+        self.metadata: dict[str, str] = {k: str(v) for k, v in metadata.items()}
+        super().__init__(self.message)
+
+
+class TokenMissing(CreditsError):
+    reason = "TOKEN_MISSING"
+    default_message = "missing or malformed authorization header; expected 'Bearer <token>'"
+
+
+class TokenInvalid(CreditsError):
+    reason = "TOKEN_INVALID"
+    default_message = "the access token is not valid"
+
+
+class TokenExpired(CreditsError):
+    reason = "TOKEN_EXPIRED"
+    default_message = "the access token has expired"
+
+
+class PermissionDenied(CreditsError):
+    reason = "PERMISSION_DENIED"
+    default_message = "the caller may not do this"
+
+
+class AccessDeniedByPolicy(CreditsError):
+    reason = "ACCESS_DENIED_BY_POLICY"
+    default_message = "the database refused the caller (row-level security)"
+
+
+class ProfileNotFound(CreditsError):
+    reason = "PROFILE_NOT_FOUND"
+    default_message = "no credit profile for this user"
+
+
+class TransactionNotFound(CreditsError):
+    reason = "TRANSACTION_NOT_FOUND"
+    default_message = "transaction not found"
+
+
+class HoldNotFound(CreditsError):
+    reason = "HOLD_NOT_FOUND"
+    default_message = "hold not found"
+
+
+class GenerationNotFound(CreditsError):
+    reason = "GENERATION_NOT_FOUND"
+    default_message = "generation not found"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(CreditsError):
+    reason = "INVALID_ARGUMENT"
+    default_message = "invalid argument"
+
+    def __init__(self, violations: Sequence[FieldViolation], message: str | None = None) -> None:
+        self.violations = tuple(violations)
+        fields = ", ".join(v.field for v in self.violations)
+        super().__init__(message or f"invalid argument: {fields}")
+
+    @classmethod
+    def one(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field, description)], f"{field}: {description}")
+
+
+class InsufficientCredits(CreditsError):
+    reason = "INSUFFICIENT_CREDITS"
+
+    def __init__(self, required: int, available: int) -> None:
+        self.required = required
+        self.available = available
+        super().__init__(
+            f"insufficient credits: {required} required, {available} available",
+            required=required,
+            available=available,
+        )
+
+
+class HoldNotPending(CreditsError):
+    reason = "HOLD_NOT_PENDING"
+    default_message = "the hold is no longer pending"
+
+
+class RefundExceedsDebit(CreditsError):
+    reason = "REFUND_EXCEEDS_DEBIT"
+    default_message = "the refund is larger than what is left of the transaction"
+
+
+class GenerationNotCancellable(CreditsError):
+    reason = "GENERATION_NOT_CANCELLABLE"
+    default_message = "the generation is already final"
+
+
+class IdempotencyKeyReused(CreditsError):
+    reason = "IDEMPOTENCY_KEY_REUSED"
+    default_message = "the idempotency key was already used with different parameters"
+
+
+class BackendUnavailable(CreditsError):
+    reason = "BACKEND_UNAVAILABLE"
+    default_message = "the database is unavailable; retry later"
+
+    def __init__(self, message: str | None = None, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class ServiceCredentialsRejected(CreditsError):
+    reason = "SERVICE_CREDENTIALS_REJECTED"
+    default_message = (
+        "the database rejected the service credentials and there is no user context to fall back to"
+    )
+
