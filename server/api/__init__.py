@@ -1,0 +1,1 @@
+"""The gRPC edge: servicers, proto conversion and the one error table."""
