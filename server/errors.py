@@ -135,4 +135,3 @@ class ServiceCredentialsRejected(CreditsError):
     default_message = (
         "the database rejected the service credentials and there is no user context to fall back to"
     )
-

@@ -54,10 +54,10 @@ def _pack(message: object) -> any_pb2.Any:
 
 def _extra_details(error: errors.CreditsError) -> list[any_pb2.Any]:
     if isinstance(error, errors.InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
+                violation(field=v.field, description=v.description) for v in error.violations
             ]
         )
         return [_pack(bad)]
@@ -89,4 +89,3 @@ def to_status(error: errors.CreditsError) -> grpc.Status:
         details=[_pack(info), *_extra_details(error)],
     )
     return rpc_status.to_status(status)
-
