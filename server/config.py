@@ -51,14 +51,14 @@ class Settings:
         if not signup.isdigit():
             raise ValueError("CREDITS_SIGNUP_CREDITS must be a whole number >= 0")
         return cls(
-            listen=get("CREDITS_LISTEN") or cls.listen,
+            listen=get("CREDITS_LISTEN") or "127.0.0.1:50051",
             database_url=get("DATABASE_URL"),
             supabase_url=supabase_url,
             supabase_anon_key=get("SUPABASE_ANON_KEY"),
             supabase_service_role_key=get("SUPABASE_SERVICE_ROLE_KEY"),
             jwt_secret=get("SUPABASE_JWT_SECRET"),
             jwks_url=jwks_url,
-            jwt_audience=get("CREDITS_JWT_AUDIENCE") or cls.jwt_audience,
+            jwt_audience=get("CREDITS_JWT_AUDIENCE") or "authenticated",
             data_dir=Path(get("CREDITS_DATA_DIR") or ".data"),
             signup_credits=int(signup),
             metrics_listen=get("CREDITS_METRICS_LISTEN"),
