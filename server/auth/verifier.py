@@ -1,0 +1,181 @@
+"""Turns an `authorization` header into a Principal, by the rules of the public contract.
+
+Accepted: the configured service keys (constant-time comparison), HS256 tokens signed with the
+legacy Supabase secret, and ES256/RS256 tokens whose key the JWKS endpoint publishes. Errors are
+the domain's TokenMissing/TokenInvalid/TokenExpired; their messages never contain the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jwt
+
+from server import errors
+from server.auth.principal import Principal, ServicePrincipal, UserPrincipal
+from server.config import Settings
+
+HS256 = "HS256"
+# Algorithms taken from the JWKS. The key found by `kid` fixes which one verifies the token.
+ASYMMETRIC_ALGORITHMS = frozenset({"ES256", "RS256"})
+USER_ROLE = "authenticated"
+SERVICE_ROLE = "service_role"
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an `authorization: Bearer <token>` value; TokenMissing if malformed."""
+    parts = (authorization or "").split(" ")
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        raise errors.TokenMissing()
+    token = parts[1]
+    if not token or any(ch.isspace() for ch in token):
+        raise errors.TokenMissing()
+    return token
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against a fixed configuration (secret, JWKS, audience, keys)."""
+
+    def __init__(
+        self,
+        *,
+        hs256_secret: str | None = None,
+        jwks_url: str | None = None,
+        audience: str = "authenticated",
+        service_keys: Iterable[str] = (),
+        leeway: float = 10.0,
+        jwks_lifespan: float = 600.0,
+        jwks_timeout: float = 5.0,
+    ) -> None:
+        self._secret = hs256_secret.encode() if hs256_secret else None
+        self._audience = audience
+        self._service_keys = tuple(key.encode() for key in service_keys if key)
+        self._leeway = leeway
+        # No per-kid LRU (cache_keys): it never expires, so a revoked key would keep verifying.
+        # The JWK set itself is cached for `jwks_lifespan` seconds.
+        self._jwks = (
+            jwt.PyJWKClient(jwks_url, lifespan=jwks_lifespan, timeout=jwks_timeout)
+            if jwks_url
+            else None
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenVerifier:
+        """A verifier for the service's configuration.
+
+        The configured service-role key is accepted as a static key whatever its format (a
+        legacy JWT or the newer `sb_secret_...` key), so a JWKS-only project can still use it;
+        any other service_role JWT must carry a valid signature.
+        """
+        keys = (settings.service_api_key, settings.supabase_service_role_key)
+        return cls(
+            hs256_secret=settings.jwt_secret,
+            jwks_url=settings.jwks_url,
+            audience=settings.jwt_audience,
+            service_keys=[key for key in keys if key],
+        )
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal named by an `authorization` metadata value."""
+        return await self.verify(bearer_token(authorization))
+
+    async def verify(self, token: str) -> Principal:
+        """The principal a bare token stands for. JWKS lookups run in a thread."""
+        if self._is_service_key(token):
+            return ServicePrincipal()
+        alg, kid = self._read_header(token)
+        key: bytes | jwt.PyJWK
+        if alg == HS256 and self._secret is not None:
+            key = self._secret
+        else:
+            key = await asyncio.to_thread(self._jwks_key, alg, kid)
+        return self._principal(token, self._decode(token, key, alg))
+
+    def _is_service_key(self, token: str) -> bool:
+        # Compare against every key, without stopping early, so timing shows no match position.
+        candidate = token.encode()
+        matched = False
+        for key in self._service_keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    def _read_header(self, token: str) -> tuple[str, str | None]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise errors.TokenInvalid("the access token is not a well-formed JWT") from None
+        alg, kid = header.get("alg"), header.get("kid")
+        allowed = alg == HS256 and self._secret is not None
+        allowed |= alg in ASYMMETRIC_ALGORITHMS and self._jwks is not None
+        if not allowed or not isinstance(alg, str):
+            raise errors.TokenInvalid("the token's signing algorithm is not allowed")
+        return alg, kid if isinstance(kid, str) else None
+
+    def _jwks_key(self, alg: str, kid: str | None) -> jwt.PyJWK:
+        if self._jwks is None or kid is None:
+            raise errors.TokenInvalid("the token names no signing key (kid)")
+        try:
+            key = self._jwks.get_signing_key(kid)
+        except jwt.PyJWKClientConnectionError:
+            raise errors.BackendUnavailable("the signing keys could not be fetched") from None
+        except jwt.PyJWTError:
+            raise errors.TokenInvalid("no known signing key matches the token") from None
+        if key.algorithm_name != alg:
+            raise errors.TokenInvalid("the token's algorithm does not match its signing key")
+        return key
+
+    def _decode(self, token: str, key: bytes | jwt.PyJWK, alg: str) -> dict[str, Any]:
+        try:
+            return jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                # aud is checked per role below: service-role keys carry none.
+                options={"require": ["exp"], "verify_aud": False},
+                leeway=self._leeway,
+            )
+        except jwt.ExpiredSignatureError:
+            raise errors.TokenExpired() from None
+        except jwt.ImmatureSignatureError:
+            raise errors.TokenInvalid("the access token is not valid yet") from None
+        except jwt.InvalidSignatureError:
+            raise errors.TokenInvalid("the token's signature does not verify") from None
+        except jwt.MissingRequiredClaimError as err:
+            raise errors.TokenInvalid(f"the token lacks the {err.claim!r} claim") from None
+        except jwt.PyJWTError:
+            raise errors.TokenInvalid() from None
+
+    def _principal(self, token: str, claims: Mapping[str, Any]) -> Principal:
+        role = claims.get("role")
+        if role == SERVICE_ROLE:
+            return ServicePrincipal()
+        if role != USER_ROLE:
+            raise errors.TokenInvalid("the token's role may not use this service")
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if self._audience not in audiences:
+            raise errors.TokenInvalid("the token is meant for another audience")
+        email = claims.get("email")
+        return UserPrincipal(
+            user_id=_user_id(claims.get("sub")),
+            email=email if isinstance(email, str) else "",
+            token=token,
+            claims=claims,
+        )
+
+
+def _user_id(sub: object) -> uuid.UUID:
+    """The `sub` claim as a UUID, accepted only in its canonical text form."""
+    if isinstance(sub, str):
+        try:
+            user_id = uuid.UUID(sub)
+        except ValueError:
+            pass
+        else:
+            if str(user_id) == sub.lower():
+                return user_id
+    raise errors.TokenInvalid("the token's subject is not a user id")
