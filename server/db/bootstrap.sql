@@ -2,17 +2,24 @@
 -- with auth.users, and auth.uid()/auth.role()/auth.jwt() as Supabase defines them (reading the
 -- claims PostgREST puts in `request.jwt.claims`). Idempotent; never run against Supabase itself.
 
+-- Roles belong to the whole server, not to one database, so two databases bootstrapped at once
+-- may race to create them: the loser's duplicate is fine.
 do $$
 begin
-  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'anon') then
-    create role anon nologin noinherit;
-  end if;
-  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'authenticated') then
-    create role authenticated nologin noinherit;
-  end if;
-  if not exists (select 1 from pg_catalog.pg_roles where rolname = 'service_role') then
-    create role service_role nologin noinherit bypassrls;
-  end if;
+  create role anon nologin noinherit;
+exception when duplicate_object or unique_violation then null;
+end
+$$;
+do $$
+begin
+  create role authenticated nologin noinherit;
+exception when duplicate_object or unique_violation then null;
+end
+$$;
+do $$
+begin
+  create role service_role nologin noinherit bypassrls;
+exception when duplicate_object or unique_violation then null;
 end
 $$;
 
