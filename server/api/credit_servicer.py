@@ -1,0 +1,107 @@
+"""CreditService over gRPC: requests to domain calls, results to responses, nothing else.
+
+Errors travel as domain exceptions to the error interceptor, which owns the status mapping.
+Reserve, Capture, Release and Refund answer UNIMPLEMENTED (the generated base) for now.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from credits.v1 import credit_service_pb2 as pb
+from credits.v1 import credit_service_pb2_grpc
+
+from server.api import convert
+from server.api.unimplemented import unimplemented
+from server.auth.principal import current_principal
+from server.credit.ledger import CreditLedger
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
+    def __init__(self, ledger: CreditLedger) -> None:
+        self._ledger = ledger
+
+    async def GetBalance(
+        self, request: pb.GetBalanceRequest, context: Context
+    ) -> pb.GetBalanceResponse:
+        profile = await self._ledger.get_profile(current_principal(), request.user_id)
+        return pb.GetBalanceResponse(
+            user_id=str(profile.user_id),
+            balance=profile.balance,
+            held=profile.held,
+            available=profile.available,
+        )
+
+    async def GetProfile(
+        self, request: pb.GetProfileRequest, context: Context
+    ) -> pb.GetProfileResponse:
+        profile = await self._ledger.get_profile(current_principal(), request.user_id)
+        return pb.GetProfileResponse(profile=convert.profile(profile))
+
+    async def CheckCredits(
+        self, request: pb.CheckCreditsRequest, context: Context
+    ) -> pb.CheckCreditsResponse:
+        check = await self._ledger.check(current_principal(), request.user_id, request.amount)
+        return pb.CheckCreditsResponse(
+            sufficient=check.sufficient, available=check.available, shortfall=check.shortfall
+        )
+
+    async def DebitCredits(
+        self, request: pb.DebitCreditsRequest, context: Context
+    ) -> pb.DebitCreditsResponse:
+        result = await self._ledger.debit(
+            current_principal(),
+            request.user_id,
+            amount=request.amount,
+            idempotency_key=request.idempotency_key,
+            description=request.description,
+            metadata=request.metadata,
+        )
+        return pb.DebitCreditsResponse(
+            transaction=convert.transaction(result.transaction),
+            balance=result.balance,
+            replayed=result.replayed,
+        )
+
+    async def GrantCredits(
+        self, request: pb.GrantCreditsRequest, context: Context
+    ) -> pb.GrantCreditsResponse:
+        result = await self._ledger.grant(
+            current_principal(),
+            request.user_id,
+            amount=request.amount,
+            idempotency_key=request.idempotency_key,
+            description=request.description,
+            metadata=request.metadata,
+        )
+        return pb.GrantCreditsResponse(
+            transaction=convert.transaction(result.transaction),
+            balance=result.balance,
+            replayed=result.replayed,
+        )
+
+    async def ListTransactions(
+        self, request: pb.ListTransactionsRequest, context: Context
+    ) -> pb.ListTransactionsResponse:
+        page = await self._ledger.list_transactions(
+            current_principal(), request.user_id, request.page_size, request.page_token
+        )
+        return pb.ListTransactionsResponse(
+            transactions=[convert.transaction(t) for t in page.transactions],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ReserveCredits(self, request: pb.ReserveCreditsRequest, context: Context) -> Any:
+        await unimplemented(context, "ReserveCredits")
+
+    async def CaptureCredits(self, request: pb.CaptureCreditsRequest, context: Context) -> Any:
+        await unimplemented(context, "CaptureCredits")
+
+    async def ReleaseCredits(self, request: pb.ReleaseCreditsRequest, context: Context) -> Any:
+        await unimplemented(context, "ReleaseCredits")
+
+    async def RefundCredits(self, request: pb.RefundCreditsRequest, context: Context) -> Any:
+        await unimplemented(context, "RefundCredits")

@@ -1,0 +1,68 @@
+"""The `credits` command: `serve` runs the service, `token` prints a signed token for trying it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import uuid
+from datetime import timedelta
+
+from server import app
+from server.auth.tokens import mint_service_token, mint_user_token
+from server.config import Settings
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(app.serve(settings))
+    return 0
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    settings = app.resolve(settings)
+    if not settings.jwt_secret:
+        raise app.ConfigurationError("`credits token` needs SUPABASE_JWT_SECRET (or embedded mode)")
+    ttl = timedelta(minutes=args.ttl_minutes)
+    if args.service:
+        print(mint_service_token(settings.jwt_secret, ttl=ttl))
+        return 0
+    user = args.user
+    if user is None:
+        user = uuid.uuid4()
+        print(f"user id: {user}", file=sys.stderr)
+    token = mint_user_token(
+        settings.jwt_secret, user, email=args.email, ttl=ttl, audience=settings.jwt_audience
+    )
+    print(token)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="credits", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC service")
+    serve.set_defaults(run=_serve)
+    token = commands.add_parser(
+        "token", help="print a token signed with the service's JWT secret (for local use)"
+    )
+    who = token.add_mutually_exclusive_group()
+    who.add_argument("--user", type=uuid.UUID, help="the user's id (default: a new one)")
+    who.add_argument("--service", action="store_true", help="a service_role token")
+    token.add_argument("--email", default=None, help="the user's email claim")
+    token.add_argument("--ttl-minutes", type=int, default=60, help="lifetime (default 60)")
+    token.set_defaults(run=_token)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        code: int = args.run(Settings.from_env(), args)
+    except (app.ConfigurationError, ValueError) as error:
+        print(f"credits: {error}", file=sys.stderr)
+        return 2
+    return code

@@ -1,0 +1,1 @@
+"""The credit ledger's domain: balances, transactions and who may move them."""

@@ -1,0 +1,30 @@
+"""Who may act on which user's credits (the contract's principal rules)."""
+
+from __future__ import annotations
+
+import uuid
+
+from server.auth.principal import Principal, ServicePrincipal, UserPrincipal
+from server.credit.validation import parse_uuid
+from server.errors import InvalidArgument, PermissionDenied
+
+
+def target_user(principal: Principal, user_id: str) -> uuid.UUID:
+    """The user a request acts on: a user's own id (empty means "me"), or any id a service
+    names (a service must name one)."""
+    if isinstance(principal, UserPrincipal):
+        if not user_id:
+            return principal.user_id
+        requested = parse_uuid("user_id", user_id)
+        if requested != principal.user_id:
+            raise PermissionDenied("a user may act only on their own credits")
+        return requested
+    if not user_id:
+        raise InvalidArgument.one("user_id", "is required when a service calls")
+    return parse_uuid("user_id", user_id)
+
+
+def require_service(principal: Principal) -> None:
+    """Refuses anyone but a trusted service."""
+    if not isinstance(principal, ServicePrincipal):
+        raise PermissionDenied("only a service may call this")

@@ -1,0 +1,71 @@
+"""Plain values of the credit domain."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+
+class TransactionKind(StrEnum):
+    DEBIT = "debit"
+    GRANT = "grant"
+    REFUND = "refund"
+    CAPTURE = "capture"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A user's credit account; `held` and `available` are counted as of the read."""
+
+    user_id: uuid.UUID
+    email: str
+    balance: int
+    held: int
+    available: int
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """One append-only ledger entry."""
+
+    transaction_id: uuid.UUID
+    user_id: uuid.UUID
+    kind: TransactionKind
+    amount: int
+    balance_after: int
+    idempotency_key: str
+    description: str
+    metadata: Mapping[str, str]
+    create_time: datetime
+    refunded_transaction_id: uuid.UUID | None
+    hold_id: uuid.UUID | None
+    # Position in the ledger's total order; only paging uses it.
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerResult:
+    """What a money movement returns: the entry, the balance after it, and whether it is a
+    replay of an earlier call with the same idempotency key."""
+
+    transaction: Transaction
+    balance: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CreditCheck:
+    sufficient: bool
+    available: int
+    shortfall: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionPage:
+    transactions: Sequence[Transaction]
+    next_page_token: str

@@ -1,0 +1,63 @@
+"""Checks of request arguments, each failure naming its field (BadRequest)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+
+from server.errors import InvalidArgument
+
+MAX_KEY_LENGTH = 255
+MAX_DESCRIPTION_LENGTH = 1000
+MAX_METADATA_ENTRIES = 50
+MAX_METADATA_KEY_LENGTH = 64
+MAX_METADATA_VALUE_LENGTH = 500
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+def parse_uuid(field: str, value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument.one(field, "must be a UUID") from None
+
+
+def positive_amount(amount: int, field: str = "amount") -> int:
+    if amount <= 0:
+        raise InvalidArgument.one(field, "must be a positive whole number of credits")
+    return amount
+
+
+def idempotency_key(key: str, field: str = "idempotency_key") -> str:
+    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+        raise InvalidArgument.one(field, f"must be 1 to {MAX_KEY_LENGTH} printable characters")
+    return key
+
+
+def description(text: str) -> str:
+    if len(text) > MAX_DESCRIPTION_LENGTH:
+        raise InvalidArgument.one(
+            "description", f"must be at most {MAX_DESCRIPTION_LENGTH} characters"
+        )
+    return text
+
+
+def metadata(entries: Mapping[str, str]) -> dict[str, str]:
+    if len(entries) > MAX_METADATA_ENTRIES:
+        raise InvalidArgument.one("metadata", f"at most {MAX_METADATA_ENTRIES} entries")
+    for key, value in entries.items():
+        if not 1 <= len(key) <= MAX_METADATA_KEY_LENGTH or len(value) > MAX_METADATA_VALUE_LENGTH:
+            raise InvalidArgument.one(
+                "metadata",
+                f"keys must be 1 to {MAX_METADATA_KEY_LENGTH} characters and values at most "
+                f"{MAX_METADATA_VALUE_LENGTH}",
+            )
+    return dict(entries)
+
+
+def page_size(size: int) -> int:
+    """The page size to use: 0 means the default, larger than the maximum is capped."""
+    if size < 0:
+        raise InvalidArgument.one("page_size", "must not be negative")
+    return min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)

@@ -1,0 +1,31 @@
+"""The SQL functions of supabase/migrations, the only way the service reads or moves credits.
+
+Both transports call these by name: PostgREST as `rpc(name, params)`, PostgreSQL directly with
+named arguments. Names and parameters are constants here, never built from input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SqlFunction:
+    name: str
+    params: tuple[str, ...]
+
+
+CONFIGURE = SqlFunction("credit_configure", ("p_signup_credits",))
+PROVISION_PROFILE = SqlFunction("credit_provision_profile", ("p_user_id", "p_email"))
+GET_PROFILE = SqlFunction("credit_get_profile", ("p_user_id",))
+LIST_TRANSACTIONS = SqlFunction(
+    "credit_list_transactions", ("p_user_id", "p_limit", "p_before_seq")
+)
+DEBIT = SqlFunction(
+    "credit_debit",
+    ("p_user_id", "p_amount", "p_idempotency_key", "p_description", "p_metadata"),
+)
+GRANT = SqlFunction(
+    "credit_grant",
+    ("p_user_id", "p_amount", "p_idempotency_key", "p_description", "p_metadata"),
+)

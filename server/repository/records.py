@@ -1,0 +1,51 @@
+"""Decoding the SQL functions' JSON results into domain values."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from server.credit.models import LedgerResult, Profile, Transaction, TransactionKind
+
+
+def _uuid_or_none(value: Any) -> uuid.UUID | None:
+    return uuid.UUID(value) if value else None
+
+
+def profile(row: Mapping[str, Any]) -> Profile:
+    return Profile(
+        user_id=uuid.UUID(row["user_id"]),
+        email=row["email"],
+        balance=row["balance"],
+        held=row["held"],
+        available=row["available"],
+        create_time=datetime.fromisoformat(row["create_time"]),
+        update_time=datetime.fromisoformat(row["update_time"]),
+    )
+
+
+def transaction(row: Mapping[str, Any]) -> Transaction:
+    return Transaction(
+        transaction_id=uuid.UUID(row["transaction_id"]),
+        user_id=uuid.UUID(row["user_id"]),
+        kind=TransactionKind(row["kind"]),
+        amount=row["amount"],
+        balance_after=row["balance_after"],
+        idempotency_key=row["idempotency_key"],
+        description=row["description"],
+        metadata=row["metadata"],
+        create_time=datetime.fromisoformat(row["create_time"]),
+        refunded_transaction_id=_uuid_or_none(row["refunded_transaction_id"]),
+        hold_id=_uuid_or_none(row["hold_id"]),
+        seq=row["seq"],
+    )
+
+
+def ledger_result(row: Mapping[str, Any]) -> LedgerResult:
+    return LedgerResult(
+        transaction=transaction(row["transaction"]),
+        balance=row["balance"],
+        replayed=row["replayed"],
+    )

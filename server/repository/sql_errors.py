@@ -1,0 +1,47 @@
+"""The errors the SQL functions raise on purpose, as domain errors (shared by all transports).
+
+See the header of supabase/migrations/*_credits_ledger.sql for the SQLSTATEs.
+"""
+
+from __future__ import annotations
+
+import json
+
+from server import errors
+
+# PostgreSQL's insufficient_privilege: a row-level policy or a grant refused the caller.
+INSUFFICIENT_PRIVILEGE = "42501"
+
+
+def _details(detail: str | None) -> dict[str, object]:
+    try:
+        parsed = json.loads(detail or "{}")
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def domain_error(sqlstate: str, message: str, detail: str | None) -> errors.CreditsError | None:
+    """The domain error for a SQLSTATE raised by our functions, or None if it is not one."""
+    if sqlstate == "CR001":
+        fields = _details(detail)
+        return errors.InsufficientCredits(
+            required=int(str(fields.get("required", 0))),
+            available=int(str(fields.get("available", 0))),
+        )
+    if sqlstate == "CR008":
+        fields = _details(detail)
+        return errors.InvalidArgument.one(
+            str(fields.get("field", "")), str(fields.get("description", message))
+        )
+    simple: dict[str, type[errors.CreditsError]] = {
+        "CR002": errors.IdempotencyKeyReused,
+        "CR003": errors.ProfileNotFound,
+        "CR004": errors.HoldNotFound,
+        "CR005": errors.HoldNotPending,
+        "CR006": errors.TransactionNotFound,
+        "CR007": errors.RefundExceedsDebit,
+        INSUFFICIENT_PRIVILEGE: errors.AccessDeniedByPolicy,
+    }
+    cls = simple.get(sqlstate)
+    return cls() if cls else None

@@ -1,0 +1,1 @@
+"""Ways to reach the database: PostgreSQL directly, or a Supabase project's REST API."""
