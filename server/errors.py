@@ -25,7 +25,7 @@ class CreditsError(Exception):
 
 class TokenMissing(CreditsError):
     reason = "TOKEN_MISSING"
-    default_message = "missing or malformed authorization header; expected 'Bearer <token>'"
+    default_message = "missing or malformed authorization metadata; expected 'Bearer' and a token"
 
 
 class TokenInvalid(CreditsError):
