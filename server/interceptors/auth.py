@@ -7,11 +7,8 @@ with a proper UNAUTHENTICATED status and `grpc-status-details-bin` too (the grpc
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 import grpc.aio
@@ -20,16 +17,13 @@ from server import errors
 from server.api import error_table
 from server.auth.principal import Principal, reset_principal, set_principal
 from server.auth.verifier import TokenVerifier
+from server.interceptors.handlers import Behaviour, Context, Handler, rebuild, wrap
 
 PUBLIC_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
-
-# The grpc stubs make RpcMethodHandler generic; at runtime it is not, hence the string.
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Behaviour = Callable[..., Any]
 
 _log = logging.getLogger(__name__)
 
@@ -54,12 +48,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             principal = await self._verifier.authenticate(authorization)
         except errors.CreditsError as err:
             _log.info("rejected %s: %s", method, err.reason)
-            return _rebuild(handler, _rejection(err), serializers=False)
+            return rebuild(handler, _rejection(err), serializers=False)
         except Exception:
             # A bug or an unexpected library error: report INTERNAL without its text.
             _log.exception("authentication of %s failed unexpectedly", method)
-            return _rebuild(handler, _rejection(errors.CreditsError()), serializers=False)
-        return _rebuild(handler, _bind(_behaviour(handler), principal), serializers=True)
+            return rebuild(handler, _rejection(errors.CreditsError()), serializers=False)
+        return wrap(handler, lambda context: _bound(principal))
 
 
 def _authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -70,100 +64,24 @@ def _authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | 
     return values[0]
 
 
-def _behaviour(handler: Handler) -> Behaviour:
-    behaviour = (
-        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
-    )
-    if behaviour is None:
-        raise TypeError("method handler has no behaviour")
-    return behaviour
-
-
-def _rebuild(handler: Handler, behaviour: Behaviour, *, serializers: bool) -> Handler:
-    """A handler of `handler`'s kind running `behaviour`.
-
-    A rejection gets no (de)serializers: an unauthenticated request is never parsed.
-    """
-    deserializer = handler.request_deserializer if serializers else None
-    serializer = handler.response_serializer if serializers else None
-    match handler.request_streaming, handler.response_streaming:
-        case False, False:
-            factory = grpc.unary_unary_rpc_method_handler
-        case False, True:
-            factory = grpc.unary_stream_rpc_method_handler
-        case True, False:
-            factory = grpc.stream_unary_rpc_method_handler
-        case _:
-            factory = grpc.stream_stream_rpc_method_handler
-    return factory(behaviour, request_deserializer=deserializer, response_serializer=serializer)
-
-
 def _rejection(err: errors.CreditsError) -> Behaviour:
     """A behaviour that ends the call with `err`'s status (a coroutine fits all four kinds)."""
     status = error_table.to_status(err)
 
-    async def reject(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def reject(request: object, context: Context) -> None:
         await context.abort_with_status(status)
 
     return reject
 
 
-def _bind(behaviour: Behaviour, principal: Principal) -> Behaviour:
-    """`behaviour` with `principal` bound while it runs, of the same sync/async kind.
-
-    The server picks how to run a behaviour by inspecting it, so the wrapper must look alike:
-    coroutine, async generator, or plain function (run in the server's thread pool).
-    """
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            token = set_principal(principal)
-            try:
-                async for response in behaviour(request, context):
-                    yield response
-            finally:
-                _reset(token)
-
-        return stream
-
-    if inspect.iscoroutinefunction(behaviour):
-
-        async def call(request: Any, context: Any) -> Any:
-            token = set_principal(principal)
-            try:
-                return await behaviour(request, context)
-            finally:
-                _reset(token)
-
-        return call
-
-    def sync_call(request: Any, context: Any) -> Any:
-        token = set_principal(principal)
-        try:
-            result = behaviour(request, context)
-        finally:
-            _reset(token)
-        # A sync streaming behaviour returns an iterator the server steps through in its pool.
-        return _bound_steps(result, principal) if isinstance(result, Iterator) else result
-
-    return sync_call
-
-
-def _bound_steps(responses: Iterator[Any], principal: Principal) -> Iterator[Any]:
-    """Steps `responses` with `principal` bound during each step (steps may run on any thread)."""
-    while True:
-        token = set_principal(principal)
-        try:
-            response = next(responses)
-        except StopIteration:
-            return
-        finally:
-            _reset(token)
-        yield response
-
-
-def _reset(token: contextvars.Token[Principal | None]) -> None:
-    # An abandoned async generator is closed later from another context, where the principal
-    # was never set: nothing to undo there.
-    with contextlib.suppress(ValueError):
-        reset_principal(token)
+@contextlib.asynccontextmanager
+async def _bound(principal: Principal) -> AsyncIterator[None]:
+    """`principal` bound to the call's context while the handler runs."""
+    token = set_principal(principal)
+    try:
+        yield
+    finally:
+        # An abandoned async generator is closed later from another context, where the
+        # principal was never set: nothing to undo there.
+        with contextlib.suppress(ValueError):
+            reset_principal(token)

@@ -37,6 +37,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_status import rpc_status
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from server.api.generation_servicer import GenerationServicer
 from server.auth.principal import UserPrincipal, current_principal
 from server.auth.tokens import mint_service_token, mint_user_token
 from server.auth.verifier import TokenVerifier
@@ -106,18 +107,11 @@ async def _chat(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[b
         yield _caller()
 
 
-def _countdown(request: bytes, context: Any) -> Iterator[bytes]:
-    """Server-streaming, sync generator (run in the server's thread pool)."""
-    for _ in range(3):
-        yield _caller()
-
-
 # Raw-bytes methods (no serializers) covering the handler kinds the protos lack.
 RAW_SERVICE = grpc.method_handlers_generic_handler(
     "test.Raw",
     {
         "Chat": grpc.stream_stream_rpc_method_handler(_chat),
-        "Countdown": grpc.unary_stream_rpc_method_handler(_countdown),
     },
 )
 
@@ -136,7 +130,7 @@ async def channel(keys: Keys) -> AsyncIterator[grpc.aio.Channel]:
     server = grpc.aio.server(interceptors=[AuthInterceptor(verifier)])
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(EchoCredits(), server)  # type: ignore[abstract]
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-        generation_service_pb2_grpc.GenerationServiceServicer(),  # type: ignore[abstract]
+        GenerationServicer(),
         server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
@@ -304,13 +298,6 @@ async def test_principal_is_bound_in_async_generator_handlers(channel: grpc.aio.
         assert await call.read() == str(USER_ID).encode()
     await call.done_writing()
     assert await call.code() == grpc.StatusCode.OK
-
-
-async def test_principal_is_bound_in_sync_generator_handlers(channel: grpc.aio.Channel) -> None:
-    countdown: grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
-    countdown = channel.unary_stream("/test.Raw/Countdown")
-    replies = [r async for r in countdown(b"", metadata=bearer(API_KEY))]
-    assert replies == [b"service"] * 3
 
 
 async def test_principal_does_not_leak_between_concurrent_calls(
