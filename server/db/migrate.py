@@ -83,12 +83,13 @@ async def migrate(
     """Bring the database up to date; return the versions applied by this call, in order.
 
     With `bootstrap`, first create what Supabase provides and plain PostgreSQL lacks (roles,
-    `auth` schema); never bootstrap a real Supabase project. Each migration runs in its own
-    transaction with its record; a failure rolls back that migration only and raises.
+    `auth` schema); a real Supabase database is recognised and never bootstrapped. Each
+    migration runs in its own transaction with its record; a failure rolls back that migration
+    only and raises.
     """
     migrations = discover(migrations_dir)
     async with _connection(conn_or_url) as conn, _advisory_lock(conn):
-        if bootstrap:
+        if bootstrap and not await is_supabase(conn):
             await conn.execute(BOOTSTRAP_SQL.read_text(encoding="utf-8"))
         for statement in _CREATE_HISTORY:
             await conn.execute(statement)
@@ -110,6 +111,14 @@ async def pending(
     async with _connection(conn_or_url) as conn:
         done = await _applied(conn)
     return [m.version for m in migrations if m.version not in done]
+
+
+async def is_supabase(conn: asyncpg.Connection) -> bool:
+    """True on a Supabase project's database, which has its own auth schema and roles."""
+    found: bool = await conn.fetchval(
+        "select exists (select 1 from pg_catalog.pg_roles where rolname = 'supabase_auth_admin')"
+    )
+    return found
 
 
 async def _apply(conn: asyncpg.Connection, migration: Migration) -> None:

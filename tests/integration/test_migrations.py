@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from server.db.migrate import MIGRATIONS_DIR, MigrationError, migrate, pending
+from server.db.migrate import MIGRATIONS_DIR, MigrationError, is_supabase, migrate, pending
 from tests.fixtures.database import database_of
 
 V1, V2, V3 = "20250101000000", "20250102000000", "20250103000000"
@@ -183,5 +183,36 @@ async def test_session_database_has_every_migration(database_url: str) -> None:
         if migrations is not None:
             assert await pending(conn, migrations_dir=migrations) == []
         assert await conn.fetchval("select current_database()") == database_of(database_url)
+    finally:
+        await conn.close()
+
+
+async def test_a_supabase_database_is_never_bootstrapped(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    # Supabase's own auth.uid() must survive: simulate a project that has its auth admin role
+    # and its own auth functions, then migrate with bootstrap requested.
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        role_existed = await conn.fetchval(
+            "select exists (select 1 from pg_roles where rolname = 'supabase_auth_admin')"
+        )
+        if not role_existed:
+            await conn.execute("create role supabase_auth_admin nologin")
+        try:
+            await conn.execute("create schema auth")
+            await conn.execute(
+                "create function auth.uid() returns uuid language sql"
+                " as $$ select '00000000-0000-0000-0000-00000000beef'::uuid $$"
+            )
+            assert await is_supabase(conn)
+            await migrate(conn, migrations_dir=tmp_path, bootstrap=True)
+            assert await conn.fetchval("select auth.uid()::text") == (
+                "00000000-0000-0000-0000-00000000beef"
+            )
+        finally:
+            await conn.execute("drop schema auth cascade")
+            if not role_existed:
+                await conn.execute("drop role supabase_auth_admin")
     finally:
         await conn.close()
