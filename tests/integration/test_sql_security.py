@@ -1,0 +1,671 @@
+"""Row-level security, grants and constraints protect the money, tested in SQL on the real schema.
+
+Each test acts as the roles a Supabase project has, the way PostgREST does: inside a transaction,
+`set_config('role', ..., true)` and `set_config('request.jwt.claims', ..., true)`. Data is set up
+as the owner (the superuser connection, no role set) through the schema's own functions. The
+session's database is shared, so every test works on fresh user ids; statements that could
+destroy shared rows if they wrongly succeeded run in transactions that are always rolled back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, TypeAlias
+
+import asyncpg
+import pytest
+from asyncpg.pool import PoolConnectionProxy
+
+Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+Role: TypeAlias = Literal["anon", "authenticated", "service_role"]
+
+TABLES = ("credit_profiles", "credit_transactions", "credit_holds", "credit_generations")
+INSUFFICIENT_PRIVILEGE = "42501"
+CHECK_VIOLATION = "23514"
+INSUFFICIENT_CREDITS = "CR001"
+KEY_REUSED = "CR002"
+PROFILE_NOT_FOUND = "CR003"
+LEDGER_SUM = """
+    select coalesce(sum(case when kind in ('grant', 'refund') then amount else -amount end), 0)
+      from public.credit_transactions where user_id = $1
+"""
+
+
+def claims_for(user_id: uuid.UUID, **extra: str) -> dict[str, str]:
+    """The JWT claims of a signed-in user's own session."""
+    return {"sub": str(user_id), "role": "authenticated", **extra}
+
+
+ANON_CLAIMS = {"role": "anon"}
+SERVICE_CLAIMS = {"role": "service_role"}
+
+
+@asynccontextmanager
+async def as_role(conn: Conn, role: Role, claims: Mapping[str, object]) -> AsyncIterator[Conn]:
+    """A transaction on `conn` acting as `role` with JWT `claims`, as PostgREST sets it up."""
+    async with conn.transaction():
+        await conn.execute(
+            "select set_config('role', $1, true), set_config('request.jwt.claims', $2, true)",
+            role,
+            json.dumps(claims),
+        )
+        yield conn
+
+
+@asynccontextmanager
+async def rolled_back(conn: Conn) -> AsyncIterator[Conn]:
+    """A transaction on `conn` that is rolled back however the block ends."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        yield conn
+    finally:
+        await transaction.rollback()
+
+
+async def expect_sqlstate(conn: Conn, sqlstate: str, query: str, *args: object) -> Any:
+    """Run `query` in a savepoint and return its error; fails unless it fails with `sqlstate`.
+
+    The savepoint keeps an enclosing transaction usable after the expected error.
+    """
+    with pytest.raises(asyncpg.PostgresError) as caught:
+        async with conn.transaction():
+            await conn.execute(query, *args)
+    assert caught.value.sqlstate == sqlstate, f"{query!r}: {caught.value!r}"
+    return caught.value
+
+
+async def call(conn: Conn, query: str, *args: object) -> Any:
+    """The jsonb a credit function returns (asyncpg hands jsonb over as text), decoded."""
+    value = await conn.fetchval(query, *args)
+    assert isinstance(value, str)
+    return json.loads(value)
+
+
+async def provision(conn: Conn, user_id: uuid.UUID, *, grant: int = 100, debit: int = 5) -> None:
+    """As the owner: a profile with a grant ('k1') and, if `debit`, a debit ('k2') on it."""
+    await conn.execute("select public.credit_provision_profile($1::uuid, 'a@example.com')", user_id)
+    await conn.execute(
+        "select public.credit_grant($1, $2, 'k1', 'seed', '{}'::jsonb)", user_id, grant
+    )
+    if debit:
+        await conn.execute(
+            "select public.credit_debit($1, $2, 'k2', '', '{}'::jsonb)", user_id, debit
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a user's money looks like, read as the owner."""
+
+    balance: int
+    held: int
+    email: str
+    ledger: list[tuple[object, ...]]
+    holds: list[tuple[object, ...]]
+    generations: list[tuple[object, ...]]
+
+
+async def snapshot(conn: Conn, user_id: uuid.UUID) -> Snapshot:
+    profile = await conn.fetchrow(
+        "select balance, held, email from public.credit_profiles where user_id = $1", user_id
+    )
+    assert profile is not None
+
+    async def rows(query: str) -> list[tuple[object, ...]]:
+        return [tuple(r) for r in await conn.fetch(query, user_id)]
+
+    return Snapshot(
+        balance=profile["balance"],
+        held=profile["held"],
+        email=profile["email"],
+        ledger=await rows(
+            "select transaction_id, kind, amount, balance_after from public.credit_transactions"
+            " where user_id = $1 order by seq"
+        ),
+        holds=await rows(
+            "select hold_id, state, amount from public.credit_holds where user_id = $1"
+            " order by hold_id"
+        ),
+        generations=await rows(
+            "select generation_id, state, cost from public.credit_generations where user_id = $1"
+            " order by generation_id"
+        ),
+    )
+
+
+@pytest.fixture
+async def owner(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection as the schema's owner (a superuser, like Supabase's `postgres`)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def seeded_user(owner: asyncpg.Connection) -> uuid.UUID:
+    """A fresh user with balance 95 (grant 100, debit 5), one released hold and one generation.
+
+    No function in the schema makes holds or generations yet, so the owner inserts them; the hold
+    is released, so `held` stays 0.
+    """
+    user_id = uuid.uuid4()
+    await provision(owner, user_id)
+    await owner.execute(
+        "insert into public.credit_holds (user_id, amount, state, idempotency_key, fingerprint,"
+        " expires_at) values ($1, 3, 'released', 'h1', 'fp', now() + interval '1 hour')",
+        user_id,
+    )
+    await owner.execute(
+        "insert into public.credit_generations (user_id, model, prompt, cost, request_id,"
+        " fingerprint) values ($1, 'm', 'p', 0, 'r1', 'fp')",
+        user_id,
+    )
+    return user_id
+
+
+@pytest.fixture
+async def alice(owner: asyncpg.Connection) -> uuid.UUID:
+    return await seeded_user(owner)
+
+
+@pytest.fixture
+async def bob(owner: asyncpg.Connection) -> uuid.UUID:
+    return await seeded_user(owner)
+
+
+# 0. The harness acts as each role, with the claims given.
+
+SOMEONE = uuid.UUID("00000000-0000-4000-8000-000000000001")
+
+
+@pytest.mark.parametrize(
+    ("role", "claims", "uid"),
+    [
+        ("anon", ANON_CLAIMS, None),
+        ("authenticated", claims_for(SOMEONE), str(SOMEONE)),
+        ("service_role", SERVICE_CLAIMS, None),
+    ],
+)
+async def test_as_role_acts_as_postgrest_does(
+    owner: asyncpg.Connection, role: Role, claims: dict[str, str], uid: str | None
+) -> None:
+    async with as_role(owner, role, claims) as conn:
+        row = await conn.fetchrow("select current_user, auth.uid()::text as uid")
+    assert row is not None
+    assert (row["current_user"], row["uid"]) == (role, uid)
+    assert await owner.fetchval("select current_user") != role
+
+
+# 1. A user's own session reads its own rows and nobody else's.
+
+
+@pytest.mark.parametrize("table", TABLES)
+async def test_user_reads_own_rows_only(
+    owner: asyncpg.Connection, alice: uuid.UUID, bob: uuid.UUID, table: str
+) -> None:
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        own = await conn.fetch(f"select user_id from public.{table} where user_id = $1", alice)
+        other = await conn.fetch(f"select user_id from public.{table} where user_id = $1", bob)
+        everything = await conn.fetch(f"select user_id from public.{table}")
+    assert len(own) >= 1
+    assert other == []
+    assert everything, "the user sees none of its own rows"
+    assert {r["user_id"] for r in everything} == {alice}
+
+
+async def test_user_sees_own_balance(owner: asyncpg.Connection, alice: uuid.UUID) -> None:
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        profile = await conn.fetchrow("select balance, held from public.credit_profiles")
+        ledger = await conn.fetch(
+            "select kind, amount, balance_after from public.credit_transactions order by seq"
+        )
+    assert profile is not None
+    assert (profile["balance"], profile["held"]) == (95, 0)
+    assert [tuple(r) for r in ledger] == [("grant", 100, 100), ("debit", 5, 95)]
+
+
+# 2. A user's session cannot change anything, its own rows or another's.
+
+WRITES_BY_USERS = [
+    "update public.credit_profiles set balance = 1000000 where user_id = $1",
+    "update public.credit_profiles set held = 0 where user_id = $1",
+    "update public.credit_profiles set email = 'evil@example.com' where user_id = $1",
+    "insert into public.credit_profiles (user_id, balance) values ($1, 1000000)",
+    "delete from public.credit_profiles where user_id = $1",
+    "insert into public.credit_transactions (user_id, kind, amount, balance_after, fingerprint)"
+    " values ($1, 'grant', 1000000, 1000000, 'fp')",
+    "update public.credit_transactions set amount = 1 where user_id = $1",
+    "delete from public.credit_transactions where user_id = $1",
+    "insert into public.credit_holds (user_id, amount, idempotency_key, fingerprint, expires_at)"
+    " values ($1, 1, 'evil', 'fp', now())",
+    "update public.credit_holds set state = 'pending' where user_id = $1",
+    "delete from public.credit_holds where user_id = $1",
+    "insert into public.credit_generations (user_id, model, prompt, cost, request_id, fingerprint)"
+    " values ($1, 'm', 'p', 0, 'evil', 'fp')",
+    "update public.credit_generations set cost = 0, state = 'succeeded' where user_id = $1",
+    "delete from public.credit_generations where user_id = $1",
+]
+TRUNCATES = [f"truncate public.{table} cascade" for table in TABLES]
+
+
+@pytest.mark.parametrize("whose", ["own", "other"])
+@pytest.mark.parametrize("statement", WRITES_BY_USERS)
+async def test_user_cannot_write(
+    owner: asyncpg.Connection, alice: uuid.UUID, bob: uuid.UUID, statement: str, whose: str
+) -> None:
+    before = await snapshot(owner, alice)
+    acting_as = alice if whose == "own" else bob
+    claims = claims_for(acting_as)
+    async with rolled_back(owner), as_role(owner, "authenticated", claims) as conn:
+        await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, statement, alice)
+    assert await snapshot(owner, alice) == before
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated", "service_role"])
+@pytest.mark.parametrize("statement", TRUNCATES)
+async def test_api_roles_cannot_truncate(
+    owner: asyncpg.Connection, alice: uuid.UUID, statement: str, role: Role
+) -> None:
+    before = await snapshot(owner, alice)
+    claims = {
+        "anon": ANON_CLAIMS,
+        "authenticated": claims_for(alice),
+        "service_role": SERVICE_CLAIMS,
+    }
+    async with rolled_back(owner), as_role(owner, role, claims[role]) as conn:
+        await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, statement)
+    assert await snapshot(owner, alice) == before
+
+
+async def test_user_cannot_read_private_settings(
+    owner: asyncpg.Connection, alice: uuid.UUID
+) -> None:
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        await expect_sqlstate(
+            conn, INSUFFICIENT_PRIVILEGE, "select * from credits_private.settings"
+        )
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        await expect_sqlstate(
+            conn,
+            INSUFFICIENT_PRIVILEGE,
+            "select credits_private.append($1, 'grant', 1000000, 'evil', 'fp', '', '{}')",
+            alice,
+        )
+
+
+# 3. The anonymous role reads nothing and calls nothing.
+
+
+@pytest.mark.parametrize("table", TABLES)
+async def test_anon_cannot_select(owner: asyncpg.Connection, table: str) -> None:
+    async with as_role(owner, "anon", ANON_CLAIMS) as conn:
+        await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, f"select * from public.{table}")
+
+
+async def credit_functions(conn: Conn) -> list[asyncpg.Record]:
+    """Every public.credit_% function, its attributes, and a call of it with typed nulls."""
+    return await conn.fetch(
+        r"""
+        select p.oid, p.proname, p.prosecdef, p.proconfig, p.proacl, p.proowner,
+               format('select public.%I(%s)', p.proname,
+                      (select coalesce(string_agg(format('null::%s', format_type(t, null)), ', '
+                                                  order by i), '')
+                         from unnest(p.proargtypes::oid[]) with ordinality a (t, i))) as call
+          from pg_proc p
+         where p.pronamespace = 'public'::regnamespace and p.proname like 'credit\_%'
+         order by p.proname
+        """
+    )
+
+
+async def test_anon_cannot_execute_any_credit_function(owner: asyncpg.Connection) -> None:
+    functions = await credit_functions(owner)
+    names = {f["proname"] for f in functions}
+    assert names >= {
+        "credit_configure",
+        "credit_provision_profile",
+        "credit_get_profile",
+        "credit_list_transactions",
+        "credit_debit",
+        "credit_grant",
+    }
+    for function in functions:
+        async with as_role(owner, "anon", ANON_CLAIMS) as conn:
+            await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, function["call"])
+
+
+# 4. A user's session may use the user-facing functions for itself only.
+
+
+async def test_user_functions_for_itself(owner: asyncpg.Connection, alice: uuid.UUID) -> None:
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        provisioned = await call(conn, "select public.credit_provision_profile($1, 'x')", alice)
+        debited = await call(
+            conn, "select public.credit_debit($1, 2, 'k-self', 'mine', '{}'::jsonb)", alice
+        )
+        profile = await call(conn, "select public.credit_get_profile($1)", alice)
+        ledger = await call(conn, "select public.credit_list_transactions($1, 10)", alice)
+    assert provisioned == {"created": False}
+    assert debited["replayed"] is False
+    assert debited["balance"] == 93
+    assert debited["transaction"]["kind"] == "debit"
+    assert (profile["user_id"], profile["balance"], profile["available"]) == (str(alice), 93, 93)
+    assert [(t["kind"], t["amount"]) for t in ledger] == [
+        ("debit", 2),
+        ("debit", 5),
+        ("grant", 100),
+    ]
+    assert (await snapshot(owner, alice)).balance == 93
+
+
+async def test_user_provisions_itself_with_email_from_its_token(
+    owner: asyncpg.Connection,
+) -> None:
+    carol = uuid.uuid4()
+    claims = claims_for(carol, email="carol@example.com")
+    async with as_role(owner, "authenticated", claims) as conn:
+        created = await call(
+            conn, "select public.credit_provision_profile($1, 'spoof@example.com')", carol
+        )
+    assert created == {"created": True}
+    assert (
+        await owner.fetchval("select email from public.credit_profiles where user_id = $1", carol)
+        == "carol@example.com"
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "sqlstate"),
+    [
+        ("select public.credit_debit($1, 1, 'k-other', '', '{}'::jsonb)", INSUFFICIENT_PRIVILEGE),
+        ("select public.credit_provision_profile($1, 'x')", INSUFFICIENT_PRIVILEGE),
+        ("select public.credit_get_profile($1)", PROFILE_NOT_FOUND),
+        ("select public.credit_list_transactions($1, 10)", PROFILE_NOT_FOUND),
+        ("select public.credit_grant($1, 1000, 'k-evil', '', '{}'::jsonb)", INSUFFICIENT_PRIVILEGE),
+    ],
+)
+async def test_user_functions_for_another_user(
+    owner: asyncpg.Connection, alice: uuid.UUID, bob: uuid.UUID, query: str, sqlstate: str
+) -> None:
+    before = await snapshot(owner, bob)
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        await expect_sqlstate(conn, sqlstate, query, bob)
+    assert await snapshot(owner, bob) == before
+
+
+async def test_user_cannot_provision_a_stranger(
+    owner: asyncpg.Connection, alice: uuid.UUID
+) -> None:
+    stranger = uuid.uuid4()
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        await expect_sqlstate(
+            conn,
+            INSUFFICIENT_PRIVILEGE,
+            "select public.credit_provision_profile($1, 'x')",
+            stranger,
+        )
+    assert (
+        await owner.fetchval(
+            "select count(*) from public.credit_profiles where user_id = $1", stranger
+        )
+        == 0
+    )
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "select public.credit_grant($1, 1000, 'k-self-grant', '', '{}'::jsonb)",
+        "select public.credit_configure(1000000)",
+    ],
+)
+async def test_user_cannot_call_service_functions(
+    owner: asyncpg.Connection, alice: uuid.UUID, query: str
+) -> None:
+    before = await snapshot(owner, alice)
+    signup = await owner.fetchval("select signup_credits from credits_private.settings")
+    args = (alice,) if "$1" in query else ()
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, query, *args)
+    assert await snapshot(owner, alice) == before
+    assert await owner.fetchval("select signup_credits from credits_private.settings") == signup
+
+
+# 5. The service role reads everyone and moves money only through the functions.
+
+
+async def test_service_reads_every_user_and_grants(
+    owner: asyncpg.Connection, alice: uuid.UUID, bob: uuid.UUID
+) -> None:
+    async with as_role(owner, "service_role", SERVICE_CLAIMS) as conn:
+        for table in TABLES:
+            seen = await conn.fetch(
+                f"select distinct user_id from public.{table} where user_id = any($1::uuid[])",
+                [alice, bob],
+            )
+            assert {r["user_id"] for r in seen} == {alice, bob}, table
+        granted = await call(
+            conn, "select public.credit_grant($1, 10, 'k-service', 'bonus', '{}'::jsonb)", alice
+        )
+        other = await call(conn, "select public.credit_get_profile($1)", bob)
+    assert (granted["replayed"], granted["balance"]) == (False, 105)
+    assert other["balance"] == 95
+    assert (await snapshot(owner, alice)).balance == 105
+
+
+WRITES_BY_SERVICE = [
+    "update public.credit_profiles set balance = 1000000 where user_id = $1",
+    "update public.credit_profiles set held = 0 where user_id = $1",
+    "insert into public.credit_profiles (user_id) values ($1)",
+    "delete from public.credit_profiles where user_id = $1",
+    "insert into public.credit_transactions (user_id, kind, amount, balance_after, fingerprint)"
+    " values ($1, 'grant', 1000000, 1000000, 'fp')",
+    "update public.credit_transactions set amount = 1 where user_id = $1",
+    "delete from public.credit_transactions where user_id = $1",
+    "update public.credit_holds set state = 'pending' where user_id = $1",
+    "update public.credit_generations set cost = 0 where user_id = $1",
+]
+
+
+@pytest.mark.parametrize("statement", WRITES_BY_SERVICE)
+async def test_service_cannot_write_tables(
+    owner: asyncpg.Connection, alice: uuid.UUID, statement: str
+) -> None:
+    before = await snapshot(owner, alice)
+    async with rolled_back(owner), as_role(owner, "service_role", SERVICE_CLAIMS) as conn:
+        await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, statement, alice)
+    assert await snapshot(owner, alice) == before
+
+
+# 6. The ledger is append-only, for the owner too.
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "update public.credit_transactions set amount = amount + 1000 where user_id = $1",
+        "update public.credit_transactions set description = 'edited' where user_id = $1",
+        "delete from public.credit_transactions where user_id = $1",
+        "truncate public.credit_transactions cascade",
+    ],
+)
+async def test_owner_cannot_rewrite_the_ledger(
+    owner: asyncpg.Connection, alice: uuid.UUID, statement: str
+) -> None:
+    before = await snapshot(owner, alice)
+    args = (alice,) if "$1" in statement else ()
+    async with rolled_back(owner):
+        error = await expect_sqlstate(owner, INSUFFICIENT_PRIVILEGE, statement, *args)
+    assert error.message == "the credit ledger is append-only"
+    assert await snapshot(owner, alice) == before
+
+
+async def test_owner_plain_truncate_of_the_ledger_fails(
+    owner: asyncpg.Connection, alice: uuid.UUID
+) -> None:
+    # Without CASCADE the foreign keys of credit_generations refuse it before the trigger fires.
+    before = await snapshot(owner, alice)
+    async with rolled_back(owner):
+        await expect_sqlstate(owner, "0A000", "truncate public.credit_transactions")
+    assert await snapshot(owner, alice) == before
+
+
+# 7. Check constraints hold the balance in bounds, for the owner too.
+
+
+@pytest.mark.parametrize(
+    "assignment", ["balance = -1", "held = balance + 1", "held = -1", "balance = held - 1"]
+)
+async def test_owner_cannot_break_balance_bounds(
+    owner: asyncpg.Connection, alice: uuid.UUID, assignment: str
+) -> None:
+    async with rolled_back(owner):
+        await expect_sqlstate(
+            owner,
+            CHECK_VIOLATION,
+            f"update public.credit_profiles set {assignment} where user_id = $1",
+            alice,
+        )
+    assert (await snapshot(owner, alice)).balance == 95
+
+
+# 8. Catalog-wide rules, so a new table or function cannot quietly skip them.
+
+
+async def test_every_public_table_has_row_level_security(owner: asyncpg.Connection) -> None:
+    tables = await owner.fetch(
+        "select relname, relrowsecurity from pg_class"
+        " where relnamespace = 'public'::regnamespace and relkind in ('r', 'p')"
+    )
+    assert {t["relname"] for t in tables} >= set(TABLES)
+    assert [t["relname"] for t in tables if not t["relrowsecurity"]] == []
+
+
+async def test_security_definer_functions_pin_search_path(owner: asyncpg.Connection) -> None:
+    functions = await credit_functions(owner)
+    definers = [f for f in functions if f["prosecdef"]]
+    assert {f["proname"] for f in definers} >= {"credit_debit", "credit_grant"}
+    unpinned = [f["proname"] for f in definers if 'search_path=""' not in (f["proconfig"] or [])]
+    assert unpinned == []
+
+
+async def test_no_credit_function_is_executable_by_public_or_anon(
+    owner: asyncpg.Connection,
+) -> None:
+    rows = await owner.fetch(
+        r"""
+        select p.proname,
+               has_function_privilege('anon', p.oid, 'execute') as anon,
+               exists (select 1 from aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                        where a.grantee = 0 and a.privilege_type = 'EXECUTE') as public
+          from pg_proc p
+         where p.pronamespace in ('public'::regnamespace, 'credits_private'::regnamespace)
+           and (p.proname like 'credit\_%' or p.pronamespace = 'credits_private'::regnamespace)
+        """
+    )
+    assert rows
+    assert [r["proname"] for r in rows if r["anon"] or r["public"]] == []
+
+
+# 9. The balance is the ledger's sum, for every profile.
+
+
+async def test_balance_equals_ledger_sum_for_every_profile(
+    owner: asyncpg.Connection, alice: uuid.UUID, bob: uuid.UUID
+) -> None:
+    await owner.execute("select public.credit_debit($1, 7, 'k3', 'more', '{}'::jsonb)", alice)
+    await owner.execute("select public.credit_grant($1, 11, 'k3', 'more', '{}'::jsonb)", bob)
+    mismatches = await owner.fetch(
+        """
+        select p.user_id, p.balance, coalesce(l.total, 0) as ledger
+          from public.credit_profiles p
+          left join (
+            select user_id,
+                   sum(case when kind in ('grant', 'refund') then amount else -amount end) as total
+              from public.credit_transactions group by user_id
+          ) l using (user_id)
+         where p.balance <> coalesce(l.total, 0)
+        """
+    )
+    assert [tuple(m) for m in mismatches] == []
+    assert await owner.fetchval(LEDGER_SUM, alice) == 88
+    assert await owner.fetchval(LEDGER_SUM, bob) == 106
+
+
+# 10. Idempotency keys: a replay returns the first result, a different request is refused.
+
+
+async def test_same_key_same_request_replays(owner: asyncpg.Connection, alice: uuid.UUID) -> None:
+    before = await snapshot(owner, alice)
+    first_debit = before.ledger[1][0]
+    debit = await call(owner, "select public.credit_debit($1, 5, 'k2', '', '{}'::jsonb)", alice)
+    grant = await call(
+        owner, "select public.credit_grant($1, 100, 'k1', 'seed', '{}'::jsonb)", alice
+    )
+    assert (debit["replayed"], debit["balance"]) == (True, 95)
+    assert debit["transaction"]["transaction_id"] == str(first_debit)
+    assert (grant["replayed"], grant["balance"]) == (True, 100)
+    assert await snapshot(owner, alice) == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "select public.credit_debit($1, 6, 'k2', '', '{}'::jsonb)",
+        "select public.credit_debit($1, 5, 'k2', 'changed', '{}'::jsonb)",
+        """select public.credit_debit($1, 5, 'k2', '', '{"a": 1}'::jsonb)""",
+        "select public.credit_grant($1, 101, 'k1', 'seed', '{}'::jsonb)",
+        "select public.credit_debit($1, 100, 'k1', 'seed', '{}'::jsonb)",
+        "select public.credit_debit($1, 3, 'h1', '', '{}'::jsonb)",
+    ],
+)
+async def test_same_key_different_request_is_refused(
+    owner: asyncpg.Connection, alice: uuid.UUID, query: str
+) -> None:
+    before = await snapshot(owner, alice)
+    await expect_sqlstate(owner, KEY_REUSED, query, alice)
+    assert await snapshot(owner, alice) == before
+
+
+# 11. Concurrent debits never overdraw.
+
+
+async def test_concurrent_debits_never_overdraw(
+    owner: asyncpg.Connection, database_url: str
+) -> None:
+    user_id = uuid.uuid4()
+    await provision(owner, user_id, grant=20, debit=0)
+
+    async def debit(pool: asyncpg.Pool, i: int) -> Any:
+        async with (
+            pool.acquire() as conn,
+            as_role(conn, "authenticated", claims_for(user_id)) as acting,
+        ):
+            return await call(
+                acting,
+                "select public.credit_debit($1, 1, $2, '', '{}'::jsonb)",
+                user_id,
+                f"key-{i}",
+            )
+
+    async with asyncpg.create_pool(database_url, min_size=10, max_size=10) as pool:
+        results = await asyncio.gather(*(debit(pool, i) for i in range(50)), return_exceptions=True)
+
+    succeeded = [r for r in results if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, asyncpg.PostgresError)]
+    assert len(succeeded) + len(refused) == 50, [r for r in results if not isinstance(r, dict)]
+    assert len(succeeded) == 20
+    assert sorted(r["balance"] for r in succeeded) == list(range(20))
+    assert {r.sqlstate for r in refused} == {INSUFFICIENT_CREDITS}
+    assert all(json.loads(r.detail or "null") == {"required": 1, "available": 0} for r in refused)
+    final = await snapshot(owner, user_id)
+    assert (final.balance, final.held) == (0, 0)
+    assert await owner.fetchval(LEDGER_SUM, user_id) == 0
+    assert [row[1] for row in final.ledger].count("debit") == 20
