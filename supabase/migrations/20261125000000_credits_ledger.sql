@@ -170,8 +170,7 @@ begin
 end
 $$;
 
-create function credits_private.check_request(p_amount bigint, p_idempotency_key text)
-returns void
+create function credits_private.check_amount(p_amount bigint) returns void
 language plpgsql
 set search_path = ''
 as $$
@@ -179,6 +178,14 @@ begin
   if p_amount is null or p_amount <= 0 then
     perform credits_private.invalid('amount', 'must be a positive whole number of credits');
   end if;
+end
+$$;
+
+create function credits_private.check_key(p_idempotency_key text) returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
   if p_idempotency_key is null or pg_catalog.char_length(p_idempotency_key) not between 1 and 255
      or p_idempotency_key ~ '[[:cntrl:]]' then
     perform credits_private.invalid('idempotency_key', 'must be 1 to 255 printable characters');
@@ -441,7 +448,8 @@ declare
   v_tx public.credit_transactions;
 begin
   perform credits_private.assert_may_act_for(p_user_id);
-  perform credits_private.check_request(p_amount, p_idempotency_key);
+  perform credits_private.check_amount(p_amount);
+  perform credits_private.check_key(p_idempotency_key);
   v_profile := credits_private.lock_profile(p_user_id);
   v_tx := credits_private.replay(p_user_id, p_idempotency_key, v_fingerprint);
   if v_tx.transaction_id is not null then
@@ -472,7 +480,8 @@ declare
     'metadata', coalesce(p_metadata, '{}'::jsonb)));
   v_tx public.credit_transactions;
 begin
-  perform credits_private.check_request(p_amount, p_idempotency_key);
+  perform credits_private.check_amount(p_amount);
+  perform credits_private.check_key(p_idempotency_key);
   perform credits_private.lock_profile(p_user_id);
   v_tx := credits_private.replay(p_user_id, p_idempotency_key, v_fingerprint);
   if v_tx.transaction_id is not null then
