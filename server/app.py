@@ -9,22 +9,23 @@ import signal
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
 from credits.v1 import (
     credit_service_pb2,
     credit_service_pb2_grpc,
     generation_service_pb2,
     generation_service_pb2_grpc,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
-
 from server.api.credit_servicer import CreditServicer
 from server.api.generation_servicer import GenerationServicer
 from server.auth.secret_store import load_or_create_jwt_secret
 from server.auth.verifier import TokenVerifier
 from server.config import Settings
 from server.credit.ledger import CreditLedger
+from server.credit.sweeper import HoldSweeper
 from server.db import embedded, migrate
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.errors import ErrorInterceptor
@@ -55,11 +56,13 @@ class Application:
     health: HealthServicer
     transport: PostgresTransport
     database: embedded.EmbeddedPostgres | None
+    sweeper: HoldSweeper
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish, then close the database."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.sweeper.stop()
         await self.transport.close()
         if self.database is not None:
             await self.database.astop()
@@ -120,12 +123,14 @@ async def start(settings: Settings) -> Application:
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     port = server.add_insecure_port(settings.listen)
     await server.start()
-    app = Application(settings, server, port, health, transport, database)
+    sweeper = HoldSweeper(repository)
+    app = Application(settings, server, port, health, transport, database, sweeper)
     try:
         await repository.configure(signup_credits=settings.signup_credits)
     except BaseException:
         await app.stop(grace=0)
         raise
+    sweeper.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return app

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
-from credits.v1 import ledger_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from server.credit.models import Profile, Transaction, TransactionKind
+from credits.v1 import credit_service_pb2, ledger_pb2
+from server.credit.models import (
+    Hold,
+    HoldState,
+    Profile,
+    Transaction,
+    TransactionFilter,
+    TransactionKind,
+)
+from server.errors import InvalidArgument
 
 _KINDS = {
     TransactionKind.DEBIT: ledger_pb2.TRANSACTION_KIND_DEBIT,
     TransactionKind.GRANT: ledger_pb2.TRANSACTION_KIND_GRANT,
     TransactionKind.REFUND: ledger_pb2.TRANSACTION_KIND_REFUND,
     TransactionKind.CAPTURE: ledger_pb2.TRANSACTION_KIND_CAPTURE,
+}
+
+_KINDS_BY_NUMBER = {number: kind for kind, number in _KINDS.items()}
+_HOLD_STATES = {
+    HoldState.PENDING: ledger_pb2.HOLD_STATE_PENDING,
+    HoldState.CAPTURED: ledger_pb2.HOLD_STATE_CAPTURED,
+    HoldState.RELEASED: ledger_pb2.HOLD_STATE_RELEASED,
+    HoldState.EXPIRED: ledger_pb2.HOLD_STATE_EXPIRED,
 }
 
 
@@ -48,4 +64,32 @@ def transaction(value: Transaction) -> ledger_pb2.Transaction:
         create_time=timestamp(value.create_time),
         refunded_transaction_id=str(value.refunded_transaction_id or ""),
         hold_id=str(value.hold_id or ""),
+    )
+
+
+def hold(value: Hold) -> ledger_pb2.Hold:
+    return ledger_pb2.Hold(
+        hold_id=str(value.hold_id),
+        user_id=str(value.user_id),
+        amount=value.amount,
+        state=_HOLD_STATES[value.state],
+        expire_time=timestamp(value.expire_time),
+        create_time=timestamp(value.create_time),
+        idempotency_key=value.idempotency_key,
+        description=value.description,
+    )
+
+
+def transaction_filter(request: credit_service_pb2.ListTransactionsRequest) -> TransactionFilter:
+    """The listing's filter; an unknown or unspecified kind is INVALID_ARGUMENT."""
+    kinds = set()
+    for number in request.kinds:
+        kind = _KINDS_BY_NUMBER.get(number)
+        if kind is None:
+            raise InvalidArgument.one("kinds", "must name transaction kinds")
+        kinds.add(kind)
+    return TransactionFilter(
+        kinds=frozenset(kinds),
+        start=request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None,
+        end=request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
     )

@@ -1,7 +1,6 @@
 """CreditService over gRPC: requests to domain calls, results to responses, nothing else.
 
 Errors travel as domain exceptions to the error interceptor, which owns the status mapping.
-Reserve, Capture, Release and Refund answer UNIMPLEMENTED (the generated base) for now.
 """
 
 from __future__ import annotations
@@ -9,11 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from credits.v1 import credit_service_pb2 as pb
 from credits.v1 import credit_service_pb2_grpc
-
 from server.api import convert
-from server.api.unimplemented import unimplemented
 from server.auth.principal import current_principal
 from server.credit.ledger import CreditLedger
 
@@ -83,25 +81,75 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             replayed=result.replayed,
         )
 
+    async def RefundCredits(
+        self, request: pb.RefundCreditsRequest, context: Context
+    ) -> pb.RefundCreditsResponse:
+        result = await self._ledger.refund(
+            current_principal(),
+            request.user_id,
+            transaction_id=request.transaction_id,
+            amount=request.amount,
+            idempotency_key=request.idempotency_key,
+            description=request.description,
+        )
+        return pb.RefundCreditsResponse(
+            transaction=convert.transaction(result.transaction),
+            balance=result.balance,
+            replayed=result.replayed,
+        )
+
+    async def ReserveCredits(
+        self, request: pb.ReserveCreditsRequest, context: Context
+    ) -> pb.ReserveCreditsResponse:
+        reservation = await self._ledger.reserve(
+            current_principal(),
+            request.user_id,
+            amount=request.amount,
+            idempotency_key=request.idempotency_key,
+            ttl=request.ttl.ToTimedelta() if request.HasField("ttl") else None,
+            description=request.description,
+        )
+        return pb.ReserveCreditsResponse(
+            hold=convert.hold(reservation.hold),
+            available=reservation.available,
+            replayed=reservation.replayed,
+        )
+
+    async def CaptureCredits(
+        self, request: pb.CaptureCreditsRequest, context: Context
+    ) -> pb.CaptureCreditsResponse:
+        capture = await self._ledger.capture(
+            current_principal(),
+            request.hold_id,
+            amount=request.amount,
+            idempotency_key=request.idempotency_key,
+        )
+        return pb.CaptureCreditsResponse(
+            transaction=convert.transaction(capture.transaction),
+            hold=convert.hold(capture.hold),
+            balance=capture.balance,
+            replayed=capture.replayed,
+        )
+
+    async def ReleaseCredits(
+        self, request: pb.ReleaseCreditsRequest, context: Context
+    ) -> pb.ReleaseCreditsResponse:
+        release = await self._ledger.release(current_principal(), request.hold_id)
+        return pb.ReleaseCreditsResponse(
+            hold=convert.hold(release.hold), available=release.available
+        )
+
     async def ListTransactions(
         self, request: pb.ListTransactionsRequest, context: Context
     ) -> pb.ListTransactionsResponse:
         page = await self._ledger.list_transactions(
-            current_principal(), request.user_id, request.page_size, request.page_token
+            current_principal(),
+            request.user_id,
+            request.page_size,
+            request.page_token,
+            convert.transaction_filter(request),
         )
         return pb.ListTransactionsResponse(
             transactions=[convert.transaction(t) for t in page.transactions],
             next_page_token=page.next_page_token,
         )
-
-    async def ReserveCredits(self, request: pb.ReserveCreditsRequest, context: Context) -> Any:
-        await unimplemented(context, "ReserveCredits")
-
-    async def CaptureCredits(self, request: pb.CaptureCreditsRequest, context: Context) -> Any:
-        await unimplemented(context, "CaptureCredits")
-
-    async def ReleaseCredits(self, request: pb.ReleaseCreditsRequest, context: Context) -> Any:
-        await unimplemented(context, "ReleaseCredits")
-
-    async def RefundCredits(self, request: pb.RefundCreditsRequest, context: Context) -> Any:
-        await unimplemented(context, "RefundCredits")

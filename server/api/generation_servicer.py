@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
 from credits.v1 import generation_service_pb2 as pb
 from credits.v1 import generation_service_pb2_grpc
-
 from server.api.unimplemented import unimplemented
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
+from datetime import timedelta
 
-from server.auth.principal import Principal
+from server.auth.principal import Principal, UserPrincipal
 from server.credit import access, paging, validation
-from server.credit.models import CreditCheck, LedgerResult, Profile, TransactionPage
+from server.credit.models import (
+    Capture,
+    CreditCheck,
+    LedgerResult,
+    Profile,
+    Release,
+    Reservation,
+    TransactionFilter,
+    TransactionPage,
+)
 from server.repository.credits import CreditRepository
 
 
@@ -65,15 +76,84 @@ class CreditLedger:
             metadata=validation.metadata(metadata),
         )
 
+    async def refund(
+        self,
+        principal: Principal,
+        user_id: str,
+        *,
+        transaction_id: str,
+        amount: int,
+        idempotency_key: str,
+        description: str,
+    ) -> LedgerResult:
+        access.require_service(principal)
+        target = access.target_user(principal, user_id)
+        return await self._repository.refund(
+            principal,
+            target,
+            transaction_id=validation.parse_uuid("transaction_id", transaction_id),
+            amount=validation.amount_or_zero(amount, "what is left of the transaction"),
+            idempotency_key=validation.idempotency_key(idempotency_key),
+            description=validation.description(description),
+        )
+
+    async def reserve(
+        self,
+        principal: Principal,
+        user_id: str,
+        *,
+        amount: int,
+        idempotency_key: str,
+        ttl: timedelta | None,
+        description: str,
+    ) -> Reservation:
+        target = access.target_user(principal, user_id)
+        return await self._repository.reserve(
+            principal,
+            target,
+            amount=validation.positive_amount(amount),
+            idempotency_key=validation.idempotency_key(idempotency_key),
+            ttl_seconds=validation.hold_ttl_seconds(ttl),
+            description=validation.description(description),
+        )
+
+    async def capture(
+        self, principal: Principal, hold_id: str, *, amount: int, idempotency_key: str
+    ) -> Capture:
+        return await self._repository.capture(
+            principal,
+            validation.parse_uuid("hold_id", hold_id),
+            _owner(principal),
+            amount=validation.amount_or_zero(amount, "the whole hold"),
+            idempotency_key=validation.idempotency_key(idempotency_key),
+        )
+
+    async def release(self, principal: Principal, hold_id: str) -> Release:
+        return await self._repository.release(
+            principal, validation.parse_uuid("hold_id", hold_id), _owner(principal)
+        )
+
     async def list_transactions(
-        self, principal: Principal, user_id: str, page_size: int, page_token: str
+        self,
+        principal: Principal,
+        user_id: str,
+        page_size: int,
+        page_token: str,
+        where: TransactionFilter | None = None,
     ) -> TransactionPage:
+        where = where or TransactionFilter()
         target = access.target_user(principal, user_id)
         limit = validation.page_size(page_size)
-        before = paging.decode(page_token, target)
+        validation.time_range(where.start, where.end)
+        before = paging.decode(page_token, target, where)
         # One extra row tells whether another page follows.
-        rows = await self._repository.list_transactions(principal, target, limit + 1, before)
+        rows = await self._repository.list_transactions(principal, target, limit + 1, before, where)
         page = rows[:limit]
         more = len(rows) > limit
-        token = paging.encode(target, page[-1].seq) if more else ""
+        token = paging.encode(target, where, page[-1].seq) if more else ""
         return TransactionPage(page, token)
+
+
+def _owner(principal: Principal) -> uuid.UUID | None:
+    """Whose holds the caller may touch: a user their own, a service anyone's (None)."""
+    return principal.user_id if isinstance(principal, UserPrincipal) else None

@@ -16,6 +16,13 @@ class TransactionKind(StrEnum):
     CAPTURE = "capture"
 
 
+class HoldState(StrEnum):
+    PENDING = "pending"
+    CAPTURED = "captured"
+    RELEASED = "released"
+    EXPIRED = "expired"
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     """A user's credit account; `held` and `available` are counted as of the read."""
@@ -56,6 +63,55 @@ class LedgerResult:
     transaction: Transaction
     balance: int
     replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Credits set aside until captured, released or expired (a pending hold past its
+    expire_time is reported expired even before the sweeper marks it)."""
+
+    hold_id: uuid.UUID
+    user_id: uuid.UUID
+    amount: int
+    state: HoldState
+    expire_time: datetime
+    create_time: datetime
+    idempotency_key: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What ReserveCredits returns: the hold and the user's available credits after it."""
+
+    hold: Hold
+    available: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """What CaptureCredits returns: the CAPTURE entry and the hold it settled."""
+
+    transaction: Transaction
+    hold: Hold
+    balance: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    hold: Hold
+    available: int
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionFilter:
+    """Which ledger entries a listing shows: kinds (empty: all) created in [start, end)."""
+
+    kinds: frozenset[TransactionKind] = frozenset()
+    start: datetime | None = None
+    end: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 
 from server.errors import InvalidArgument
 
@@ -14,6 +16,8 @@ MAX_METADATA_KEY_LENGTH = 64
 MAX_METADATA_VALUE_LENGTH = 500
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+DEFAULT_HOLD_TTL = timedelta(minutes=15)
+MAX_HOLD_TTL = timedelta(hours=24)
 
 
 def parse_uuid(field: str, value: str) -> uuid.UUID:
@@ -27,6 +31,26 @@ def positive_amount(amount: int, field: str = "amount") -> int:
     if amount <= 0:
         raise InvalidArgument.one(field, "must be a positive whole number of credits")
     return amount
+
+
+def amount_or_zero(amount: int, meaning: str) -> int:
+    """An amount where 0 has a meaning (`meaning`: what 0 stands for)."""
+    if amount < 0:
+        raise InvalidArgument.one("amount", f"must be 0 ({meaning}) or positive")
+    return amount
+
+
+def hold_ttl_seconds(ttl: timedelta | None) -> int:
+    """Whole seconds a hold stays pending: the default when unset, fractions rounded up."""
+    ttl = DEFAULT_HOLD_TTL if ttl is None else ttl
+    if not timedelta(0) < ttl <= MAX_HOLD_TTL:
+        raise InvalidArgument.one("ttl", "must be more than 0 and at most 24 hours")
+    return math.ceil(ttl.total_seconds())
+
+
+def time_range(start: datetime | None, end: datetime | None) -> None:
+    if start is not None and end is not None and start >= end:
+        raise InvalidArgument.one("end_time", "must be after start_time")
 
 
 def idempotency_key(key: str, field: str = "idempotency_key") -> str:

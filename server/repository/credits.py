@@ -6,7 +6,15 @@ import uuid
 from collections.abc import Mapping, Sequence
 
 from server.auth.principal import Principal
-from server.credit.models import LedgerResult, Profile, Transaction
+from server.credit.models import (
+    Capture,
+    LedgerResult,
+    Profile,
+    Release,
+    Reservation,
+    Transaction,
+    TransactionFilter,
+)
 from server.repository import functions, records
 from server.repository.layered import LayeredRepository
 
@@ -25,12 +33,24 @@ class CreditRepository:
         return records.profile(row)
 
     async def list_transactions(
-        self, principal: Principal, user_id: uuid.UUID, limit: int, before_seq: int | None
+        self,
+        principal: Principal,
+        user_id: uuid.UUID,
+        limit: int,
+        before_seq: int | None,
+        where: TransactionFilter,
     ) -> Sequence[Transaction]:
         rows = await self._layers.call(
             principal,
             functions.LIST_TRANSACTIONS,
-            {"p_user_id": user_id, "p_limit": limit, "p_before_seq": before_seq},
+            {
+                "p_user_id": user_id,
+                "p_limit": limit,
+                "p_before_seq": before_seq,
+                "p_kinds": sorted(where.kinds) or None,
+                "p_start": where.start,
+                "p_end": where.end,
+            },
         )
         return [records.transaction(row) for row in rows]
 
@@ -61,6 +81,86 @@ class CreditRepository:
         return await self._move(
             functions.GRANT, principal, user_id, amount, idempotency_key, description, metadata
         )
+
+    async def reserve(
+        self,
+        principal: Principal,
+        user_id: uuid.UUID,
+        *,
+        amount: int,
+        idempotency_key: str,
+        ttl_seconds: int,
+        description: str,
+    ) -> Reservation:
+        row = await self._layers.call(
+            principal,
+            functions.RESERVE,
+            {
+                "p_user_id": user_id,
+                "p_amount": amount,
+                "p_idempotency_key": idempotency_key,
+                "p_ttl_seconds": ttl_seconds,
+                "p_description": description,
+            },
+        )
+        return records.reservation(row)
+
+    async def capture(
+        self,
+        principal: Principal,
+        hold_id: uuid.UUID,
+        owner: uuid.UUID | None,
+        *,
+        amount: int,
+        idempotency_key: str,
+    ) -> Capture:
+        row = await self._layers.call(
+            principal,
+            functions.CAPTURE,
+            {
+                "p_hold_id": hold_id,
+                "p_owner": owner,
+                "p_amount": amount,
+                "p_idempotency_key": idempotency_key,
+            },
+        )
+        return records.capture(row)
+
+    async def release(
+        self, principal: Principal, hold_id: uuid.UUID, owner: uuid.UUID | None
+    ) -> Release:
+        row = await self._layers.call(
+            principal, functions.RELEASE, {"p_hold_id": hold_id, "p_owner": owner}
+        )
+        return records.release(row)
+
+    async def refund(
+        self,
+        principal: Principal,
+        user_id: uuid.UUID,
+        *,
+        transaction_id: uuid.UUID,
+        amount: int,
+        idempotency_key: str,
+        description: str,
+    ) -> LedgerResult:
+        row = await self._layers.call(
+            principal,
+            functions.REFUND,
+            {
+                "p_user_id": user_id,
+                "p_transaction_id": transaction_id,
+                "p_amount": amount,
+                "p_idempotency_key": idempotency_key,
+                "p_description": description,
+            },
+        )
+        return records.ledger_result(row)
+
+    async def expire_holds(self, users: int) -> int:
+        """Marks overdue holds expired for up to `users` users (bookkeeping; service role)."""
+        swept: int = await self._layers.call_as_service(functions.EXPIRE_HOLDS, {"p_users": users})
+        return swept
 
     async def _move(
         self,

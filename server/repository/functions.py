@@ -19,7 +19,8 @@ CONFIGURE = SqlFunction("credit_configure", ("p_signup_credits",))
 PROVISION_PROFILE = SqlFunction("credit_provision_profile", ("p_user_id", "p_email"))
 GET_PROFILE = SqlFunction("credit_get_profile", ("p_user_id",))
 LIST_TRANSACTIONS = SqlFunction(
-    "credit_list_transactions", ("p_user_id", "p_limit", "p_before_seq")
+    "credit_list_transactions",
+    ("p_user_id", "p_limit", "p_before_seq", "p_kinds", "p_start", "p_end"),
 )
 DEBIT = SqlFunction(
     "credit_debit",
@@ -29,3 +30,14 @@ GRANT = SqlFunction(
     "credit_grant",
     ("p_user_id", "p_amount", "p_idempotency_key", "p_description", "p_metadata"),
 )
+RESERVE = SqlFunction(
+    "credit_reserve",
+    ("p_user_id", "p_amount", "p_idempotency_key", "p_ttl_seconds", "p_description"),
+)
+CAPTURE = SqlFunction("credit_capture", ("p_hold_id", "p_owner", "p_amount", "p_idempotency_key"))
+RELEASE = SqlFunction("credit_release", ("p_hold_id", "p_owner"))
+REFUND = SqlFunction(
+    "credit_refund",
+    ("p_user_id", "p_transaction_id", "p_amount", "p_idempotency_key", "p_description"),
+)
+EXPIRE_HOLDS = SqlFunction("credit_expire_holds", ("p_users",))

@@ -7,7 +7,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from server.credit.models import LedgerResult, Profile, Transaction, TransactionKind
+from server.credit.models import (
+    Capture,
+    Hold,
+    HoldState,
+    LedgerResult,
+    Profile,
+    Release,
+    Reservation,
+    Transaction,
+    TransactionKind,
+)
 
 
 def _uuid_or_none(value: Any) -> uuid.UUID | None:
@@ -49,3 +59,33 @@ def ledger_result(row: Mapping[str, Any]) -> LedgerResult:
         balance=row["balance"],
         replayed=row["replayed"],
     )
+
+
+def hold(row: Mapping[str, Any]) -> Hold:
+    return Hold(
+        hold_id=uuid.UUID(row["hold_id"]),
+        user_id=uuid.UUID(row["user_id"]),
+        amount=row["amount"],
+        state=HoldState(row["state"]),
+        expire_time=datetime.fromisoformat(row["expire_time"]),
+        create_time=datetime.fromisoformat(row["create_time"]),
+        idempotency_key=row["idempotency_key"],
+        description=row["description"],
+    )
+
+
+def reservation(row: Mapping[str, Any]) -> Reservation:
+    return Reservation(hold=hold(row["hold"]), available=row["available"], replayed=row["replayed"])
+
+
+def capture(row: Mapping[str, Any]) -> Capture:
+    return Capture(
+        transaction=transaction(row["transaction"]),
+        hold=hold(row["hold"]),
+        balance=row["balance"],
+        replayed=row["replayed"],
+    )
+
+
+def release(row: Mapping[str, Any]) -> Release:
+    return Release(hold=hold(row["hold"]), available=row["available"])

@@ -8,6 +8,7 @@ from credits.v1 import ledger_pb2 as _ledger_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -416,7 +417,9 @@ class ReserveCreditsResponse(_message.Message):
     """The user's available credits right after the reservation."""
     replayed: _builtins.bool
     @_builtins.property
-    def hold(self) -> _ledger_pb2.Hold: ...
+    def hold(self) -> _ledger_pb2.Hold:
+        """On a replay: the same hold, in its current state."""
+
     def __init__(
         self,
         *,
@@ -441,7 +444,7 @@ class CaptureCreditsRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     hold_id: _builtins.str
     amount: _builtins.int
-    """0 captures the whole hold."""
+    """0 captures the whole hold; less captures part of it and releases the rest."""
     idempotency_key: _builtins.str
     def __init__(
         self,
@@ -537,21 +540,39 @@ class ListTransactionsRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     page_size: _builtins.int
     """Default 50, at most 500."""
     page_token: _builtins.str
-    """From a previous response's next_page_token; empty for the first page."""
+    """From a previous response's next_page_token; empty for the first page. A token is valid
+    only with the same user_id and filters it was issued for.
+    """
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[_ledger_pb2.TransactionKind.ValueType]:
+        """Only these kinds; empty for all."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only transactions created at or after start_time and before end_time; each optional."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        kinds: _abc.Iterable[_ledger_pb2.TransactionKind.ValueType] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,57 @@
+"""Marks overdue pending holds expired, in the background.
+
+Bookkeeping only: every SQL function already decides a hold's expiry by time, so a late or
+stopped sweeper never lets an expired hold count or be captured. Several processes may sweep at
+once; the SQL skips users another transaction holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from server.errors import CreditsError
+from server.repository.credits import CreditRepository
+
+log = logging.getLogger(__name__)
+
+
+class HoldSweeper:
+    def __init__(
+        self, repository: CreditRepository, interval: float = 30.0, batch: int = 100
+    ) -> None:
+        self._repository = repository
+        self._interval = interval
+        self._batch = batch
+        self._task: asyncio.Task[None] | None = None
+
+    async def sweep(self) -> int:
+        """Expire every overdue hold now; returns how many users' holds were swept."""
+        total = 0
+        while True:
+            swept = await self._repository.expire_holds(self._batch)
+            total += swept
+            if swept < self._batch:
+                return total
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="hold-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                swept = await self.sweep()
+                if swept:
+                    log.info("expired overdue holds of %d users", swept)
+            except CreditsError as error:
+                # The database is down or refuses us; the next round tries again.
+                log.warning("hold sweep failed: %s", error.reason)
+            await asyncio.sleep(self._interval)
