@@ -23,12 +23,6 @@ import grpc.aio
 import jwt
 import pytest
 import pytest_asyncio
-from credits.v1 import (
-    credit_service_pb2,
-    credit_service_pb2_grpc,
-    generation_service_pb2,
-    generation_service_pb2_grpc,
-)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from google.rpc import error_details_pb2
@@ -37,6 +31,12 @@ from grpc_health.v1._async import HealthServicer
 from grpc_status import rpc_status
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from credits.v1 import (
+    credit_service_pb2,
+    credit_service_pb2_grpc,
+    generation_service_pb2,
+    generation_service_pb2_grpc,
+)
 from server.api.generation_servicer import GenerationServicer
 from server.auth.principal import UserPrincipal, current_principal
 from server.auth.tokens import mint_service_token, mint_user_token

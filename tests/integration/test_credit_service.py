@@ -10,10 +10,10 @@ import asyncpg
 import grpc
 import grpc.aio
 import pytest
-from credits.v1 import credit_service_pb2 as pb
-from credits.v1 import credit_service_pb2_grpc, ledger_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from credits.v1 import credit_service_pb2 as pb
+from credits.v1 import credit_service_pb2_grpc, ledger_pb2
 from server import app as application
 from server.config import Settings
 from tests.fixtures.errors import failure
