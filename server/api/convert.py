@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -10,6 +11,7 @@ from credits.v1 import credit_service_pb2, ledger_pb2
 from server.credit.models import (
     Hold,
     HoldState,
+    LedgerResult,
     Profile,
     Transaction,
     TransactionFilter,
@@ -65,6 +67,15 @@ def transaction(value: Transaction) -> ledger_pb2.Transaction:
         refunded_transaction_id=str(value.refunded_transaction_id or ""),
         hold_id=str(value.hold_id or ""),
     )
+
+
+def ledger_result(value: LedgerResult) -> dict[str, Any]:
+    """The fields every money-moving response shares (Debit, Grant, Refund)."""
+    return {
+        "transaction": transaction(value.transaction),
+        "balance": value.balance,
+        "replayed": value.replayed,
+    }
 
 
 def hold(value: Hold) -> ledger_pb2.Hold:

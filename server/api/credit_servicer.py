@@ -58,11 +58,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             description=request.description,
             metadata=request.metadata,
         )
-        return pb.DebitCreditsResponse(
-            transaction=convert.transaction(result.transaction),
-            balance=result.balance,
-            replayed=result.replayed,
-        )
+        return pb.DebitCreditsResponse(**convert.ledger_result(result))
 
     async def GrantCredits(
         self, request: pb.GrantCreditsRequest, context: Context
@@ -75,11 +71,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             description=request.description,
             metadata=request.metadata,
         )
-        return pb.GrantCreditsResponse(
-            transaction=convert.transaction(result.transaction),
-            balance=result.balance,
-            replayed=result.replayed,
-        )
+        return pb.GrantCreditsResponse(**convert.ledger_result(result))
 
     async def RefundCredits(
         self, request: pb.RefundCreditsRequest, context: Context
@@ -92,11 +84,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             idempotency_key=request.idempotency_key,
             description=request.description,
         )
-        return pb.RefundCreditsResponse(
-            transaction=convert.transaction(result.transaction),
-            balance=result.balance,
-            replayed=result.replayed,
-        )
+        return pb.RefundCreditsResponse(**convert.ledger_result(result))
 
     async def ReserveCredits(
         self, request: pb.ReserveCreditsRequest, context: Context

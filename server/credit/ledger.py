@@ -46,14 +46,8 @@ class CreditLedger:
         metadata: Mapping[str, str],
     ) -> LedgerResult:
         target = access.target_user(principal, user_id)
-        return await self._repository.debit(
-            principal,
-            target,
-            amount=validation.positive_amount(amount),
-            idempotency_key=validation.idempotency_key(idempotency_key),
-            description=validation.description(description),
-            metadata=validation.metadata(metadata),
-        )
+        movement = validation.movement(amount, idempotency_key, description, metadata)
+        return await self._repository.debit(principal, target, movement)
 
     async def grant(
         self,
@@ -67,14 +61,8 @@ class CreditLedger:
     ) -> LedgerResult:
         access.require_service(principal)
         target = access.target_user(principal, user_id)
-        return await self._repository.grant(
-            principal,
-            target,
-            amount=validation.positive_amount(amount),
-            idempotency_key=validation.idempotency_key(idempotency_key),
-            description=validation.description(description),
-            metadata=validation.metadata(metadata),
-        )
+        movement = validation.movement(amount, idempotency_key, description, metadata)
+        return await self._repository.grant(principal, target, movement)
 
     async def refund(
         self,

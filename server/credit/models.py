@@ -56,6 +56,16 @@ class Transaction:
 
 
 @dataclass(frozen=True, slots=True)
+class Movement:
+    """A validated request to debit or grant credits."""
+
+    amount: int
+    idempotency_key: str
+    description: str
+    metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerResult:
     """What a money movement returns: the entry, the balance after it, and whether it is a
     replay of an earlier call with the same idempotency key."""

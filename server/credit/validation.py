@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
+from server.credit.models import Movement
 from server.errors import InvalidArgument
 
 MAX_KEY_LENGTH = 255
@@ -78,6 +79,12 @@ def metadata(entries: Mapping[str, str]) -> dict[str, str]:
                 f"{MAX_METADATA_VALUE_LENGTH}",
             )
     return dict(entries)
+
+
+def movement(amount: int, key: str, text: str, entries: Mapping[str, str]) -> Movement:
+    return Movement(
+        positive_amount(amount), idempotency_key(key), description(text), metadata(entries)
+    )
 
 
 def page_size(size: int) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from server.auth.principal import Principal
 from server.credit.models import (
     Capture,
     LedgerResult,
+    Movement,
     Profile,
     Release,
     Reservation,
@@ -55,32 +56,14 @@ class CreditRepository:
         return [records.transaction(row) for row in rows]
 
     async def debit(
-        self,
-        principal: Principal,
-        user_id: uuid.UUID,
-        *,
-        amount: int,
-        idempotency_key: str,
-        description: str,
-        metadata: Mapping[str, str],
+        self, principal: Principal, user_id: uuid.UUID, movement: Movement
     ) -> LedgerResult:
-        return await self._move(
-            functions.DEBIT, principal, user_id, amount, idempotency_key, description, metadata
-        )
+        return await self._move(functions.DEBIT, principal, user_id, movement)
 
     async def grant(
-        self,
-        principal: Principal,
-        user_id: uuid.UUID,
-        *,
-        amount: int,
-        idempotency_key: str,
-        description: str,
-        metadata: Mapping[str, str],
+        self, principal: Principal, user_id: uuid.UUID, movement: Movement
     ) -> LedgerResult:
-        return await self._move(
-            functions.GRANT, principal, user_id, amount, idempotency_key, description, metadata
-        )
+        return await self._move(functions.GRANT, principal, user_id, movement)
 
     async def reserve(
         self,
@@ -167,20 +150,17 @@ class CreditRepository:
         function: functions.SqlFunction,
         principal: Principal,
         user_id: uuid.UUID,
-        amount: int,
-        idempotency_key: str,
-        description: str,
-        metadata: Mapping[str, str],
+        movement: Movement,
     ) -> LedgerResult:
         row = await self._layers.call(
             principal,
             function,
             {
                 "p_user_id": user_id,
-                "p_amount": amount,
-                "p_idempotency_key": idempotency_key,
-                "p_description": description,
-                "p_metadata": dict(metadata),
+                "p_amount": movement.amount,
+                "p_idempotency_key": movement.idempotency_key,
+                "p_description": movement.description,
+                "p_metadata": dict(movement.metadata),
             },
         )
         return records.ledger_result(row)

@@ -170,6 +170,31 @@ begin
 end
 $$;
 
+create function credits_private.key_reused() returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  raise exception using errcode = 'CR002',
+    message = 'the idempotency key was already used with different parameters';
+end
+$$;
+
+-- Refuses `p_required` credits when only `p_available` are available.
+create function credits_private.require_available(p_required bigint, p_available bigint)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+begin
+  if p_available < p_required then
+    raise exception using errcode = 'CR001', message = 'insufficient credits',
+      detail = pg_catalog.jsonb_build_object(
+        'required', p_required, 'available', p_available)::text;
+  end if;
+end
+$$;
+
 create function credits_private.check_amount(p_amount bigint) returns void
 language plpgsql
 set search_path = ''
@@ -261,8 +286,7 @@ begin
   if (found and v_tx.fingerprint <> p_fingerprint)
      or exists (select 1 from public.credit_holds
                  where user_id = p_user_id and idempotency_key = p_idempotency_key) then
-    raise exception using errcode = 'CR002',
-      message = 'the idempotency key was already used with different parameters';
+    perform credits_private.key_reused();
   end if;
   return v_tx;
 end
@@ -408,10 +432,12 @@ begin
 end
 $$;
 
--- One page of the user's ledger, newest first, after `p_before_seq` (null: from the newest).
+-- One page of the user's ledger, newest first, after `p_before_seq` (null: from the newest),
+-- of the kinds `p_kinds` (null: all) created in [p_start, p_end) (each null: unbounded).
 -- CR003 when the profile is missing or hidden; runs with the caller's rights.
 create function public.credit_list_transactions(
-  p_user_id uuid, p_limit integer, p_before_seq bigint default null
+  p_user_id uuid, p_limit integer, p_before_seq bigint default null,
+  p_kinds text[] default null, p_start timestamptz default null, p_end timestamptz default null
 ) returns jsonb
 language plpgsql stable
 set search_path = ''
@@ -425,9 +451,45 @@ begin
              pg_catalog.jsonb_agg(credits_private.transaction_json(t) order by t.seq desc),
              '[]'::jsonb)
       from (select * from public.credit_transactions
-             where user_id = p_user_id and (p_before_seq is null or seq < p_before_seq)
+             where user_id = p_user_id
+               and (p_before_seq is null or seq < p_before_seq)
+               and (p_kinds is null or kind = any (p_kinds))
+               and (p_start is null or created_at >= p_start)
+               and (p_end is null or created_at < p_end)
              order by seq desc
              limit p_limit) t);
+end
+$$;
+
+-- A debit (negative) or grant (positive) of `p_amount`, idempotent by key. The caller has
+-- checked who may do it.
+create function credits_private.move(
+  p_kind text, p_user_id uuid, p_amount bigint, p_idempotency_key text, p_description text,
+  p_metadata jsonb
+) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_fingerprint text := credits_private.fingerprint(p_kind, pg_catalog.jsonb_build_object(
+    'amount', p_amount, 'description', coalesce(p_description, ''),
+    'metadata', coalesce(p_metadata, '{}'::jsonb)));
+  v_profile public.credit_profiles;
+  v_tx public.credit_transactions;
+begin
+  perform credits_private.check_amount(p_amount);
+  perform credits_private.check_key(p_idempotency_key);
+  v_profile := credits_private.lock_profile(p_user_id);
+  v_tx := credits_private.replay(p_user_id, p_idempotency_key, v_fingerprint);
+  if v_tx.transaction_id is not null then
+    return credits_private.replayed(v_tx);
+  end if;
+  if p_kind = 'debit' then
+    perform credits_private.require_available(p_amount, v_profile.balance - v_profile.held);
+  end if;
+  return credits_private.append(
+    p_user_id, p_kind, case when p_kind = 'debit' then -p_amount else p_amount end,
+    p_idempotency_key, v_fingerprint, p_description, p_metadata);
 end
 $$;
 
@@ -440,28 +502,10 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
-declare
-  v_fingerprint text := credits_private.fingerprint('debit', pg_catalog.jsonb_build_object(
-    'amount', p_amount, 'description', coalesce(p_description, ''),
-    'metadata', coalesce(p_metadata, '{}'::jsonb)));
-  v_profile public.credit_profiles;
-  v_tx public.credit_transactions;
 begin
   perform credits_private.assert_may_act_for(p_user_id);
-  perform credits_private.check_amount(p_amount);
-  perform credits_private.check_key(p_idempotency_key);
-  v_profile := credits_private.lock_profile(p_user_id);
-  v_tx := credits_private.replay(p_user_id, p_idempotency_key, v_fingerprint);
-  if v_tx.transaction_id is not null then
-    return credits_private.replayed(v_tx);
-  end if;
-  if v_profile.balance - v_profile.held < p_amount then
-    raise exception using errcode = 'CR001', message = 'insufficient credits',
-      detail = pg_catalog.jsonb_build_object(
-        'required', p_amount, 'available', v_profile.balance - v_profile.held)::text;
-  end if;
-  return credits_private.append(
-    p_user_id, 'debit', -p_amount, p_idempotency_key, v_fingerprint, p_description, p_metadata);
+  return credits_private.move(
+    'debit', p_user_id, p_amount, p_idempotency_key, p_description, p_metadata);
 end
 $$;
 
@@ -474,21 +518,9 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
-declare
-  v_fingerprint text := credits_private.fingerprint('grant', pg_catalog.jsonb_build_object(
-    'amount', p_amount, 'description', coalesce(p_description, ''),
-    'metadata', coalesce(p_metadata, '{}'::jsonb)));
-  v_tx public.credit_transactions;
 begin
-  perform credits_private.check_amount(p_amount);
-  perform credits_private.check_key(p_idempotency_key);
-  perform credits_private.lock_profile(p_user_id);
-  v_tx := credits_private.replay(p_user_id, p_idempotency_key, v_fingerprint);
-  if v_tx.transaction_id is not null then
-    return credits_private.replayed(v_tx);
-  end if;
-  return credits_private.append(
-    p_user_id, 'grant', p_amount, p_idempotency_key, v_fingerprint, p_description, p_metadata);
+  return credits_private.move(
+    'grant', p_user_id, p_amount, p_idempotency_key, p_description, p_metadata);
 end
 $$;
 
@@ -498,7 +530,7 @@ revoke execute on function
   public.credit_configure(bigint),
   public.credit_provision_profile(uuid, text),
   public.credit_get_profile(uuid),
-  public.credit_list_transactions(uuid, integer, bigint),
+  public.credit_list_transactions(uuid, integer, bigint, text[], timestamptz, timestamptz),
   public.credit_debit(uuid, bigint, text, text, jsonb),
   public.credit_grant(uuid, bigint, text, text, jsonb)
   from public, anon, authenticated;
@@ -508,7 +540,7 @@ grant execute on function credits_private.transaction_json(public.credit_transac
 grant execute on function
   public.credit_provision_profile(uuid, text),
   public.credit_get_profile(uuid),
-  public.credit_list_transactions(uuid, integer, bigint),
+  public.credit_list_transactions(uuid, integer, bigint, text[], timestamptz, timestamptz),
   public.credit_debit(uuid, bigint, text, text, jsonb)
   to authenticated, service_role;
 grant execute on function

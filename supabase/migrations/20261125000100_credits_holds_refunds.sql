@@ -1,4 +1,4 @@
--- Two-phase holds (reserve, capture, release, expiry), refunds, and ledger filters.
+-- Two-phase holds (reserve, capture, release, expiry) and refunds.
 --
 -- A hold's expiry is decided by time: a pending hold past `expires_at` counts nowhere and cannot
 -- be captured, whether or not anything has marked it expired yet. `credit_expire_holds` (the
@@ -81,8 +81,7 @@ begin
    where user_id = p_user_id and idempotency_key = p_idempotency_key;
   if found then
     if v_hold.fingerprint <> v_fingerprint then
-      raise exception using errcode = 'CR002',
-        message = 'the idempotency key was already used with different parameters';
+      perform credits_private.key_reused();
     end if;
     return pg_catalog.jsonb_build_object(
       'hold', credits_private.hold_json(v_hold),
@@ -90,14 +89,9 @@ begin
   end if;
   if exists (select 1 from public.credit_transactions
               where user_id = p_user_id and idempotency_key = p_idempotency_key) then
-    raise exception using errcode = 'CR002',
-      message = 'the idempotency key was already used with different parameters';
+    perform credits_private.key_reused();
   end if;
-  if v_profile.balance - v_profile.held < p_amount then
-    raise exception using errcode = 'CR001', message = 'insufficient credits',
-      detail = pg_catalog.jsonb_build_object(
-        'required', p_amount, 'available', v_profile.balance - v_profile.held)::text;
-  end if;
+  perform credits_private.require_available(p_amount, v_profile.balance - v_profile.held);
   insert into public.credit_holds (
     user_id, amount, idempotency_key, fingerprint, description, expires_at)
   values (
@@ -266,34 +260,6 @@ begin
 end
 $$;
 
--- The ledger listing gains filters: kinds (null: all) and a creation-time range [start, end).
-drop function public.credit_list_transactions(uuid, integer, bigint);
-create function public.credit_list_transactions(
-  p_user_id uuid, p_limit integer, p_before_seq bigint default null,
-  p_kinds text[] default null, p_start timestamptz default null, p_end timestamptz default null
-) returns jsonb
-language plpgsql stable
-set search_path = ''
-as $$
-begin
-  if not exists (select 1 from public.credit_profiles where user_id = p_user_id) then
-    raise exception using errcode = 'CR003', message = 'no credit profile for this user';
-  end if;
-  return (
-    select coalesce(
-             pg_catalog.jsonb_agg(credits_private.transaction_json(t) order by t.seq desc),
-             '[]'::jsonb)
-      from (select * from public.credit_transactions
-             where user_id = p_user_id
-               and (p_before_seq is null or seq < p_before_seq)
-               and (p_kinds is null or kind = any (p_kinds))
-               and (p_start is null or created_at >= p_start)
-               and (p_end is null or created_at < p_end)
-             order by seq desc
-             limit p_limit) t);
-end
-$$;
-
 -- New functions are executable by PUBLIC by default: take that back here too.
 revoke execute on all functions in schema credits_private from public;
 revoke execute on function
@@ -301,14 +267,12 @@ revoke execute on function
   public.credit_capture(uuid, uuid, bigint, text),
   public.credit_release(uuid, uuid),
   public.credit_refund(uuid, uuid, bigint, text, text),
-  public.credit_expire_holds(integer),
-  public.credit_list_transactions(uuid, integer, bigint, text[], timestamptz, timestamptz)
+  public.credit_expire_holds(integer)
   from public, anon, authenticated;
 grant execute on function
   public.credit_reserve(uuid, bigint, text, integer, text),
   public.credit_capture(uuid, uuid, bigint, text),
-  public.credit_release(uuid, uuid),
-  public.credit_list_transactions(uuid, integer, bigint, text[], timestamptz, timestamptz)
+  public.credit_release(uuid, uuid)
   to authenticated, service_role;
 grant execute on function
   public.credit_refund(uuid, uuid, bigint, text, text),
