@@ -30,6 +30,7 @@ CHECK_VIOLATION = "23514"
 INSUFFICIENT_CREDITS = "CR001"
 KEY_REUSED = "CR002"
 PROFILE_NOT_FOUND = "CR003"
+HOLD_NOT_FOUND = "CR004"
 LEDGER_SUM = """
     select coalesce(sum(case when kind in ('grant', 'refund') then amount else -amount end), 0)
       from public.credit_transactions where user_id = $1
@@ -314,6 +315,7 @@ async def credit_functions(conn: Conn) -> list[asyncpg.Record]:
     return await conn.fetch(
         r"""
         select p.oid, p.proname, p.prosecdef, p.proconfig, p.proacl, p.proowner,
+               format('%s(%s)', p.proname, oidvectortypes(p.proargtypes)) as signature,
                format('select public.%I(%s)', p.proname,
                       (select coalesce(string_agg(format('null::%s', format_type(t, null)), ', '
                                                   order by i), '')
@@ -669,3 +671,314 @@ async def test_concurrent_debits_never_overdraw(
     assert (final.balance, final.held) == (0, 0)
     assert await owner.fetchval(LEDGER_SUM, user_id) == 0
     assert [row[1] for row in final.ledger].count("debit") == 20
+
+
+# 12. Every credit function, for every role: exactly the allowed calls succeed.
+#
+# The target is always alice, who has a pending hold of 10 besides her seeded money. "own" acts
+# with alice's claims, "other" with bob's. Arguments are named: alice, bob (their ids), hold
+# (alice's pending hold), debit (alice's debit 'k2') and signup (the current signup credits, so
+# that a permitted credit_configure changes nothing the other tests see).
+
+Actor: TypeAlias = Literal["anon", "own", "other", "service"]
+ACTORS: tuple[Actor, ...] = ("anon", "own", "other", "service")
+OK = "00000"  # successful_completion
+DENIED = INSUFFICIENT_PRIVILEGE
+
+
+def session(actor: Actor, alice: uuid.UUID, bob: uuid.UUID) -> tuple[Role, dict[str, str]]:
+    """The role and JWT claims `actor` acts with."""
+    sessions: dict[Actor, tuple[Role, dict[str, str]]] = {
+        "anon": ("anon", ANON_CLAIMS),
+        "own": ("authenticated", claims_for(alice)),
+        "other": ("authenticated", claims_for(bob)),
+        "service": ("service_role", SERVICE_CLAIMS),
+    }
+    return sessions[actor]
+
+
+@dataclass(frozen=True)
+class Effect:
+    """What a permitted call does to alice's money, and (a part of) what it returns."""
+
+    returns: object = None
+    balance: int = 0
+    held: int = 0
+    ledger: tuple[tuple[str, int], ...] = ()
+    holds: tuple[str, ...] = ("pending", "released")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A call of one credit function, and its outcome (a SQLSTATE, or OK) for each actor."""
+
+    function: str  # name(argument types), as pg_proc spells them
+    call: str
+    args: tuple[str, ...]
+    outcomes: Mapping[Actor, str]
+    effect: Effect = Effect()
+    variant: str = ""
+    overdue: bool = False  # alice's pending hold is past its expiry before the call
+
+
+def outcomes(own: str, other: str, service: str, anon: str = DENIED) -> dict[Actor, str]:
+    return {"anon": anon, "own": own, "other": other, "service": service}
+
+
+SERVICE_ONLY = outcomes(own=DENIED, other=DENIED, service=OK)
+USER_WRITE = outcomes(own=OK, other=DENIED, service=OK)
+USER_READ = outcomes(own=OK, other=PROFILE_NOT_FOUND, service=OK)
+CAPTURED = Effect(
+    returns={"balance": 85, "hold": {"state": "captured", "amount": 10}},
+    balance=-10,
+    held=-10,
+    ledger=(("capture", 10),),
+    holds=("captured", "released"),
+)
+RELEASED = Effect(
+    returns={"available": 95, "hold": {"state": "released", "amount": 10}},
+    held=-10,
+    holds=("released", "released"),
+)
+
+# How p_owner is passed to capture and release: null, the hold owner's id, or bob's id. Under a
+# user session the functions check auth.uid() whatever p_owner says, and another user's hold is
+# CR004 exactly like an unknown one; a service acting for bob does not find alice's hold either.
+P_OWNERS: list[tuple[str, tuple[str, ...], dict[Actor, str]]] = [
+    ("null", (), outcomes(own=OK, other=HOLD_NOT_FOUND, service=OK)),
+    ("alice", ("alice",), outcomes(own=OK, other=HOLD_NOT_FOUND, service=OK)),
+    ("bob", ("bob",), outcomes(own=HOLD_NOT_FOUND, other=HOLD_NOT_FOUND, service=HOLD_NOT_FOUND)),
+]
+
+
+def hold_entries(function: str, call: str, effect: Effect) -> list[Entry]:
+    """`call` of a hold function, `{owner}` standing for p_owner, for each way of passing it."""
+    return [
+        Entry(
+            function,
+            call.format(owner="$2" if owner else "null"),
+            ("hold", *owner),
+            expected,
+            effect,
+            variant=f"p_owner={name}",
+        )
+        for name, owner, expected in P_OWNERS
+    ]
+
+
+FUNCTION_MATRIX = [
+    Entry(
+        "credit_configure(bigint)", "select public.credit_configure($1)", ("signup",), SERVICE_ONLY
+    ),
+    Entry(
+        "credit_provision_profile(uuid, text)",
+        "select public.credit_provision_profile($1, 'x')",
+        ("alice",),
+        USER_WRITE,
+        Effect(returns={"created": False}),
+    ),
+    Entry(
+        "credit_get_profile(uuid)",
+        "select public.credit_get_profile($1)",
+        ("alice",),
+        USER_READ,
+        Effect(returns={"balance": 95, "held": 10, "available": 85}),
+    ),
+    Entry(
+        "credit_list_transactions(uuid, integer, bigint, text[], timestamp with time zone,"
+        " timestamp with time zone)",
+        "select public.credit_list_transactions($1, 10, null, array['debit'],"
+        " now() - interval '1 hour', now() + interval '1 hour')",
+        ("alice",),
+        USER_READ,
+        Effect(returns=[{"kind": "debit", "amount": 5}]),
+    ),
+    Entry(
+        "credit_debit(uuid, bigint, text, text, jsonb)",
+        "select public.credit_debit($1, 1, 'matrix-debit', '', '{}'::jsonb)",
+        ("alice",),
+        USER_WRITE,
+        Effect(returns={"balance": 94, "replayed": False}, balance=-1, ledger=(("debit", 1),)),
+    ),
+    Entry(
+        "credit_grant(uuid, bigint, text, text, jsonb)",
+        "select public.credit_grant($1, 7, 'matrix-grant', '', '{}'::jsonb)",
+        ("alice",),
+        SERVICE_ONLY,
+        Effect(returns={"balance": 102, "replayed": False}, balance=7, ledger=(("grant", 7),)),
+    ),
+    Entry(
+        "credit_reserve(uuid, bigint, text, integer, text)",
+        "select public.credit_reserve($1, 3, 'matrix-reserve', 60, 'job')",
+        ("alice",),
+        USER_WRITE,
+        Effect(
+            returns={"available": 82, "replayed": False, "hold": {"state": "pending", "amount": 3}},
+            held=3,
+            holds=("pending", "pending", "released"),
+        ),
+    ),
+    *hold_entries(
+        "credit_capture(uuid, uuid, bigint, text)",
+        "select public.credit_capture($1, {owner}, 0, 'matrix-capture')",
+        CAPTURED,
+    ),
+    *hold_entries(
+        "credit_release(uuid, uuid)", "select public.credit_release($1, {owner})", RELEASED
+    ),
+    Entry(
+        "credit_refund(uuid, uuid, bigint, text, text)",
+        "select public.credit_refund($1, $2, 2, 'matrix-refund', 'oops')",
+        ("alice", "debit"),
+        SERVICE_ONLY,
+        Effect(returns={"balance": 97, "replayed": False}, balance=2, ledger=(("refund", 2),)),
+    ),
+    Entry(
+        "credit_expire_holds(integer)",
+        "select public.credit_expire_holds(1000000)",
+        (),
+        SERVICE_ONLY,
+        Effect(held=-10, holds=("expired", "released")),
+        overdue=True,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Alice's money as the matrix finds it: her pending hold of 10 and her debit 'k2'."""
+
+    hold: uuid.UUID
+    debit: uuid.UUID
+
+
+@pytest.fixture
+async def target(owner: asyncpg.Connection, alice: uuid.UUID) -> Target:
+    reserved = await call(
+        owner, "select public.credit_reserve($1, 10, 'pending-hold', 3600, 'job')", alice
+    )
+    debit = await owner.fetchval(
+        "select transaction_id from public.credit_transactions"
+        " where user_id = $1 and idempotency_key = 'k2'",
+        alice,
+    )
+    return Target(hold=uuid.UUID(reserved["hold"]["hold_id"]), debit=debit)
+
+
+def matches(actual: object, expected: object) -> bool:
+    """Whether `actual` has `expected`'s values: dicts by the keys `expected` names."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and all(
+            key in actual and matches(actual[key], value) for key, value in expected.items()
+        )
+    if isinstance(expected, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(expected)
+            and all(matches(a, e) for a, e in zip(actual, expected, strict=True))
+        )
+    return actual == expected
+
+
+@pytest.mark.parametrize("actor", ACTORS)
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param(e, id=f"{e.function.split('(')[0]}{'-' + e.variant if e.variant else ''}")
+        for e in FUNCTION_MATRIX
+    ],
+)
+async def test_function_matrix(
+    owner: asyncpg.Connection,
+    alice: uuid.UUID,
+    bob: uuid.UUID,
+    target: Target,
+    entry: Entry,
+    actor: Actor,
+) -> None:
+    if entry.overdue:
+        await owner.execute(
+            "update public.credit_holds set expires_at = now() - interval '1 second'"
+            " where hold_id = $1",
+            target.hold,
+        )
+    signup = await owner.fetchval("select signup_credits from credits_private.settings")
+    values = {
+        "alice": alice,
+        "bob": bob,
+        "hold": target.hold,
+        "debit": target.debit,
+        "signup": signup,
+    }
+    args = [values[name] for name in entry.args]
+    before, bystander = await snapshot(owner, alice), await snapshot(owner, bob)
+    expected = entry.outcomes[actor]
+    role, claims = session(actor, alice, bob)
+
+    returned: object = None
+    async with as_role(owner, role, claims) as conn:
+        if expected == OK:
+            value = await conn.fetchval(entry.call, *args)
+            returned = json.loads(value) if isinstance(value, str) else value
+        else:
+            error = await expect_sqlstate(conn, expected, entry.call, *args)
+        if expected == HOLD_NOT_FOUND:
+            # Another user's hold looks exactly like one that does not exist.
+            unknown = [uuid.uuid4() if name == "hold" else values[name] for name in entry.args]
+            like = await expect_sqlstate(conn, expected, entry.call, *unknown)
+            assert (error.message, error.detail) == (like.message, like.detail)
+    after = await snapshot(owner, alice)
+
+    assert await snapshot(owner, bob) == bystander
+    assert await owner.fetchval("select signup_credits from credits_private.settings") == signup
+    if expected != OK:
+        assert after == before
+        return
+    effect = entry.effect
+    assert effect.returns is None or matches(returned, effect.returns), returned
+    assert (after.balance - before.balance, after.held - before.held) == (
+        effect.balance,
+        effect.held,
+    )
+    assert after.ledger[: len(before.ledger)] == before.ledger
+    assert [(row[1], row[2]) for row in after.ledger[len(before.ledger) :]] == list(effect.ledger)
+    assert tuple(sorted(str(row[1]) for row in after.holds)) == effect.holds
+    assert (after.email, after.generations) == (before.email, before.generations)
+
+
+async def test_function_matrix_covers_every_credit_function(owner: asyncpg.Connection) -> None:
+    in_catalog = {f["signature"] for f in await credit_functions(owner)}
+    covered = {(e.function, actor) for e in FUNCTION_MATRIX for actor in e.outcomes}
+    assert {function for function, _ in covered} == in_catalog
+    assert {(function, actor) for function in in_catalog for actor in ACTORS} == covered
+    for entry in FUNCTION_MATRIX:
+        assert entry.call.startswith(f"select public.{entry.function.split('(')[0]}("), entry
+
+
+# 13. Holds change only through the functions: no session captures or releases one directly.
+
+HOLD_WRITES = [
+    "update public.credit_holds set state = 'captured' where hold_id = $1",
+    "update public.credit_holds set state = 'released' where hold_id = $1",
+    "update public.credit_holds set expires_at = now() where hold_id = $1",
+    "update public.credit_holds set amount = 1 where hold_id = $1",
+    "delete from public.credit_holds where hold_id = $1",
+]
+
+
+@pytest.mark.parametrize("actor", ACTORS)
+@pytest.mark.parametrize("statement", HOLD_WRITES)
+async def test_no_session_changes_a_hold_directly(
+    owner: asyncpg.Connection,
+    alice: uuid.UUID,
+    bob: uuid.UUID,
+    target: Target,
+    statement: str,
+    actor: Actor,
+) -> None:
+    before = await snapshot(owner, alice)
+    assert (target.hold, "pending", 10) in before.holds
+    role, claims = session(actor, alice, bob)
+    async with rolled_back(owner), as_role(owner, role, claims) as conn:
+        await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, statement, target.hold)
+    assert await snapshot(owner, alice) == before
