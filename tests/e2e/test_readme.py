@@ -2,7 +2,8 @@
 
 The section's ```sh blocks run in order through bash, at the repository root (so the README's
 `.venv/bin/...` paths resolve), against a fresh embedded-mode server on a free port. Blocks that
-are followed by no output block set up variables (the tokens); every other block is a command
+are followed by no output block set up variables (the tokens, a hold id) for the blocks after
+them; every other block is a command
 whose stdout (or, when it fails, the stderr grpcurl writes `-format-error` output to) must equal
 the output block after it. Only what legitimately varies is normalised: ids the server made
 (any UUID the README's commands do not themselves contain) become <id-1>, <id-2>, ... in order of
@@ -49,16 +50,21 @@ DESCRIBE = re.compile(r"`describe\s+([\w.]+)`")
 
 @dataclass(frozen=True)
 class Step:
-    """A command block of the README and the output block documented after it."""
+    """A command block of the README and the output block documented after it (None for a
+    setup block, which only sets variables)."""
 
     command: str
-    expected: str
+    expected: str | None
+
+    @property
+    def is_setup(self) -> bool:
+        return self.expected is None
 
     @property
     def expected_exit(self) -> int:
         """0, or 64 + code when the documented output is a `-format-error` status."""
         try:
-            doc = json.loads(self.expected)
+            doc = json.loads(self.expected or "")
         except ValueError:
             return 0
         if isinstance(doc, dict) and isinstance(doc.get("code"), int) and "message" in doc:
@@ -69,17 +75,19 @@ class Step:
 
 @dataclass(frozen=True)
 class Session:
-    """The section, split into setup blocks, command steps and the prose's describe symbols."""
+    """The section's blocks in order, and the prose's describe symbols."""
 
-    setup: list[str]
     steps: list[Step]
     describe: list[str]
 
     @property
+    def commands(self) -> list[Step]:
+        return [step for step in self.steps if not step.is_setup]
+
+    @property
     def typed_uuids(self) -> set[str]:
         """UUIDs the reader types (in the commands): kept as they are when comparing."""
-        blocks = [*self.setup, *(step.command for step in self.steps)]
-        return {m.group(0).lower() for block in blocks for m in UUID.finditer(block)}
+        return {m.group(0).lower() for step in self.steps for m in UUID.finditer(step.command)}
 
 
 def parse_readme(text: str) -> Session:
@@ -90,7 +98,6 @@ def parse_readme(text: str) -> Session:
     section = text[start : end if end >= 0 else len(text)]
 
     blocks = list(FENCE.finditer(section))
-    setup: list[str] = []
     steps: list[Step] = []
     for i, block in enumerate(blocks):
         if block.group(1) != "sh":
@@ -108,9 +115,9 @@ def parse_readme(text: str) -> Session:
             assert ASSIGNMENT.search(block.group(2)), (
                 f"a ```sh block with no output block after it that sets nothing:\n{block.group(2)}"
             )
-            setup.append(block.group(2).strip())
+            steps.append(Step(block.group(2).strip(), None))
     describe = DESCRIBE.findall(section[blocks[-1].end() :] if blocks else "")
-    return Session(setup, steps, describe)
+    return Session(steps, describe)
 
 
 class Normaliser:
@@ -200,8 +207,11 @@ def _run_setup(block: str, env: dict[str, str], address: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def session() -> Session:
     parsed = parse_readme(README.read_text(encoding="utf-8"))
-    assert parsed.setup, "no setup block (USER_TOKEN=..., SERVICE_TOKEN=...) in the section"
-    assert len(parsed.steps) >= 5, f"only {len(parsed.steps)} commands found in the section"
+    assert parsed.steps, "no ```sh blocks in the section"
+    assert parsed.steps[0].is_setup, (
+        "the section does not start with a setup block (USER_TOKEN=..., SERVICE_TOKEN=...)"
+    )
+    assert len(parsed.commands) >= 5, f"only {len(parsed.commands)} commands found in the section"
     return parsed
 
 
@@ -210,10 +220,11 @@ def run(session: Session) -> Iterator[Run]:
     """A fresh server, and every command of the session run against it in order."""
     with scratch_dir("credits-e2e-readme-") as workdir, serving(workdir) as proc:
         env = dict(proc.env)
-        for block in session.setup:
-            env.update(_run_setup(block, env, proc.address))
         results = []
         for step in session.steps:
+            if step.is_setup:
+                env.update(_run_setup(step.command, env, proc.address))
+                continue
             done = _bash(_local(step.command, proc.address), env, strict=False)
             results.append(Result(step, done.returncode, done.stdout, done.stderr))
         yield Run(session, proc, env, results)
@@ -229,7 +240,7 @@ def _transcript(blocks: list[tuple[str, int, str]], kept: set[str]) -> str:
 def test_readme_session_matches_a_real_server(run: Run) -> None:
     kept = run.session.typed_uuids
     expected = _transcript(
-        [(s.command, s.expected_exit, s.expected) for s in run.session.steps], kept
+        [(s.command, s.expected_exit, s.expected or "") for s in run.session.commands], kept
     )
     actual = _transcript([(r.step.command, r.returncode, r.output) for r in run.results], kept)
     if expected != actual:
@@ -252,7 +263,7 @@ def test_readme_session_matches_a_real_server(run: Run) -> None:
 def test_reflection_lists_both_credit_services(run: Run) -> None:
     listing = [r for r in run.results if r.step.command.rstrip().endswith(" list")]
     assert listing, "the README session has no `grpcurl ... list` command"
-    documented = listing[0].step.expected.splitlines()
+    documented = (listing[0].step.expected or "").splitlines()
     served = listing[0].stdout.splitlines()
     assert listing[0].returncode == 0, listing[0].stderr
     for name in SERVICE_NAMES:
