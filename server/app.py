@@ -27,12 +27,15 @@ from server.config import Settings
 from server.credit.ledger import CreditLedger
 from server.credit.sweeper import HoldSweeper
 from server.db import embedded, migrate
+from server.errors import ServiceCredentialsRejected
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.errors import ErrorInterceptor
 from server.repository.breaker import CredentialBreaker
 from server.repository.credits import CreditRepository
 from server.repository.layered import LayeredRepository
+from server.repository.transport import Transport
 from server.transports.postgres import PostgresTransport
+from server.transports.supabase import SupabaseTransport
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class Application:
     server: grpc.aio.Server
     port: int
     health: HealthServicer
-    transport: PostgresTransport
+    transport: Transport
     database: embedded.EmbeddedPostgres | None
     sweeper: HoldSweeper
 
@@ -69,12 +72,19 @@ class Application:
 
 
 def resolve(settings: Settings) -> Settings:
-    """Settings completed for embedded mode (its JWT secret lives in the data dir)."""
-    if settings.supabase_url and not settings.database_url:
-        raise ConfigurationError(
-            "SUPABASE_URL is set, but the Supabase transport is not available yet; "
-            "set DATABASE_URL to the project's PostgreSQL connection string instead"
-        )
+    """Settings checked, and completed for embedded mode (its JWT secret lives in the data
+    dir)."""
+    if settings.uses_supabase_api:
+        missing = [
+            name
+            for name, value in (
+                ("SUPABASE_ANON_KEY", settings.supabase_anon_key),
+                ("SUPABASE_SERVICE_ROLE_KEY", settings.supabase_service_role_key),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigurationError(f"SUPABASE_URL is set: set {' and '.join(missing)} too")
     if settings.embedded and not settings.jwt_secret:
         secret = load_or_create_jwt_secret(settings.data_dir)
         return dataclasses.replace(settings, jwt_secret=secret)
@@ -85,21 +95,41 @@ def resolve(settings: Settings) -> Settings:
     return settings
 
 
-async def start(settings: Settings) -> Application:
-    """Start the database side, then serve; health turns SERVING once everything is ready."""
-    settings = resolve(settings)
+async def open_store(settings: Settings) -> tuple[Transport, embedded.EmbeddedPostgres | None]:
+    """The transport the settings name, and the embedded PostgreSQL if this process runs one.
+
+    On PostgreSQL (embedded or DATABASE_URL) the service applies the migrations itself; on a
+    Supabase project they are applied with the Supabase CLI (see the README).
+    """
+    if settings.uses_supabase_api:
+        # resolve() made sure these are set.
+        assert settings.supabase_url is not None
+        assert settings.supabase_anon_key is not None
+        assert settings.supabase_service_role_key is not None
+        transport = SupabaseTransport.connect(
+            settings.supabase_url,
+            anon_key=settings.supabase_anon_key,
+            service_key=settings.supabase_service_role_key,
+        )
+        return transport, None
     database = await embedded.start(settings.data_dir) if settings.embedded else None
     url = database.uri if database is not None else settings.database_url
     assert url is not None
     try:
         await migrate.migrate(url)
-        transport = await PostgresTransport.connect(url)
+        return await PostgresTransport.connect(url), database
     except BaseException:
         if database is not None:
             await database.astop()
         raise
 
-    repository = CreditRepository(LayeredRepository(transport, CredentialBreaker()))
+
+async def start(settings: Settings) -> Application:
+    """Start the database side, then serve; health turns SERVING once everything is ready."""
+    settings = resolve(settings)
+    transport, database = await open_store(settings)
+    breaker = CredentialBreaker(cooldown=settings.breaker_seconds)
+    repository = CreditRepository(LayeredRepository(transport, breaker))
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(TokenVerifier.from_settings(settings)), ErrorInterceptor()]
     )
@@ -127,6 +157,9 @@ async def start(settings: Settings) -> Application:
     app = Application(settings, server, port, health, transport, database, sweeper)
     try:
         await repository.configure(signup_credits=settings.signup_credits)
+    except ServiceCredentialsRejected:
+        # Users are still served through their own JWTs; the breaker has said why, loudly.
+        log.error("CREDITS_SIGNUP_CREDITS not applied: the service credentials were rejected")
     except BaseException:
         await app.stop(grace=0)
         raise
@@ -140,7 +173,10 @@ async def serve(settings: Settings, grace: float = 10.0) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     app = await start(settings)
     host = settings.listen.rsplit(":", 1)[0]
-    where = f"embedded PostgreSQL in {app.database.pgdata}" if app.database else "DATABASE_URL"
+    if app.database is not None:
+        where = f"embedded PostgreSQL in {app.database.pgdata}"
+    else:
+        where = "Supabase API" if settings.uses_supabase_api else "DATABASE_URL"
     log.info("credits serving on %s:%d (%s)", host, app.port, where)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

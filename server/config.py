@@ -25,15 +25,23 @@ class Settings:
     metrics_listen: str | None = None
     # The secret API key a trusted service may send as its bearer instead of a JWT.
     service_api_key: str | None = None
+    # How long a rejected service credential keeps calls on the user layer before a retry.
+    breaker_seconds: float = 30.0
 
     def __repr__(self) -> str:
-        mode = "embedded" if self.embedded else "configured"
+        mode = "embedded" if self.embedded else "supabase" if self.uses_supabase_api else "postgres"
         return f"Settings(listen={self.listen!r}, database={mode}, data_dir={self.data_dir!s})"
 
     @property
     def embedded(self) -> bool:
         """True when the service runs its own PostgreSQL (no database configured)."""
         return not self.database_url and not self.supabase_url
+
+    @property
+    def uses_supabase_api(self) -> bool:
+        """True when data goes through the Supabase REST API (DATABASE_URL, if also set, wins:
+        it is the shorter path; SUPABASE_URL then still names the JWKS)."""
+        return bool(self.supabase_url) and not self.database_url
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,6 +58,11 @@ class Settings:
         signup = get("CREDITS_SIGNUP_CREDITS") or "0"
         if not signup.isdigit():
             raise ValueError("CREDITS_SIGNUP_CREDITS must be a whole number >= 0")
+        breaker = get("CREDITS_BREAKER_SECONDS") or "30"
+        try:
+            breaker_seconds = float(breaker)
+        except ValueError:
+            raise ValueError("CREDITS_BREAKER_SECONDS must be a number of seconds") from None
         return cls(
             listen=get("CREDITS_LISTEN") or "127.0.0.1:50051",
             database_url=get("DATABASE_URL"),
@@ -63,4 +76,5 @@ class Settings:
             signup_credits=int(signup),
             metrics_listen=get("CREDITS_METRICS_LISTEN"),
             service_api_key=get("CREDITS_SERVICE_API_KEY"),
+            breaker_seconds=breaker_seconds,
         )
