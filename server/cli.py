@@ -1,4 +1,5 @@
-"""The `credits` command: `serve` runs the service, `token` prints a signed token for trying it."""
+"""The `credits` command: `serve` runs the service, `token` prints a signed token for trying it,
+`check-config` checks a deployment's configuration."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 import uuid
 from datetime import timedelta
 
-from server import app
+from server import app, checks
 from server.auth.tokens import mint_service_token, mint_user_token
 from server.config import Settings
 
@@ -38,6 +39,13 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_config(settings: Settings, args: argparse.Namespace) -> int:
+    results = asyncio.run(checks.run(app.resolve(settings), args.token))
+    for result in results:
+        print(result.line())
+    return 0 if all(result.ok for result in results) else 1
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="credits", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -52,6 +60,13 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--email", default=None, help="the user's email claim")
     token.add_argument("--ttl-minutes", type=int, default=60, help="lifetime (default 60)")
     token.set_defaults(run=_token)
+    check = commands.add_parser(
+        "check-config", help="check the configuration a deployment will use; exit 1 on a failure"
+    )
+    check.add_argument(
+        "--token", help="also check that this token (one the project issued) verifies"
+    )
+    check.set_defaults(run=_check_config)
     return root
 
 

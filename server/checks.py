@@ -1,0 +1,235 @@
+"""`credits check-config`: checks the configuration a deployment will use, one line per check.
+
+Every check says OK or FAIL with a hint, so a misconfigured service key or a missing migration
+is found before the first user is refused, not by the first refusal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Awaitable, Callable
+
+import httpx
+import jwt
+from postgrest import AsyncPostgrestClient
+from postgrest.exceptions import APIError
+
+from server import errors
+from server.auth.principal import ServicePrincipal
+from server.auth.verifier import TokenVerifier
+from server.config import Settings
+from server.db import migrate
+from server.repository import functions
+from server.repository.transport import CredentialsRejected, Transport
+from server.transports.postgres import PostgresTransport
+from server.transports.supabase import SupabaseTransport
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+
+    def line(self) -> str:
+        status = "OK  " if self.ok else "FAIL"
+        hint = f"\n       hint: {self.hint}" if self.hint and not self.ok else ""
+        return f"{status} {self.name}: {self.detail}{hint}"
+
+
+async def run(settings: Settings, token: str | None = None) -> list[Check]:
+    """All checks that apply to `settings` (resolved: embedded secret filled in)."""
+    results: list[Check] = []
+    if settings.uses_supabase_api:
+        results += await _supabase_checks(settings)
+    elif settings.database_url:
+        results += await _postgres_checks(settings.database_url)
+    else:
+        results.append(
+            Check(
+                "database",
+                True,
+                f"embedded PostgreSQL in {settings.data_dir}, started and migrated by "
+                "`credits serve`",
+            )
+        )
+    results.append(await _jwks_check(settings))
+    if token is not None:
+        results.append(await _token_check(settings, token))
+    return results
+
+
+async def _postgres_checks(url: str) -> list[Check]:
+    try:
+        transport = await PostgresTransport.connect(url, min_size=1, max_size=1)
+    except (errors.CreditsError, CredentialsRejected) as error:
+        return [
+            Check(
+                "database reachable",
+                False,
+                f"cannot connect ({error})",
+                "check DATABASE_URL; the role needs membership in service_role and authenticated",
+            )
+        ]
+    try:
+        results = [Check("database reachable", True, "connected as service_role")]
+        waiting = await migrate.pending(url)
+        results.append(
+            Check(
+                "migrations applied",
+                not waiting,
+                "all applied" if not waiting else f"pending: {', '.join(waiting)}",
+                "start `credits serve` once: it applies them",
+            )
+        )
+        results.append(await _service_probe(transport, "service role accepted"))
+        return results
+    finally:
+        await transport.close()
+
+
+async def _supabase_checks(settings: Settings) -> list[Check]:
+    assert settings.supabase_url is not None
+    assert settings.supabase_anon_key is not None
+    assert settings.supabase_service_role_key is not None
+    transport = SupabaseTransport.connect(
+        settings.supabase_url,
+        anon_key=settings.supabase_anon_key,
+        service_key=settings.supabase_service_role_key,
+    )
+    try:
+        return [
+            await _service_probe(transport, "service key accepted"),
+            await _migration_probe(transport),
+            await _anon_probe(settings.supabase_url, settings.supabase_anon_key),
+        ]
+    finally:
+        await transport.close()
+
+
+async def _service_probe(transport: Transport, name: str) -> Check:
+    """The service layer can call a read-only ledger function (for an unknown user)."""
+
+    async def probe() -> object:
+        return await transport.service().call(functions.GET_PROFILE, {"p_user_id": uuid.uuid4()})
+
+    outcome = await _attempt(probe)
+    if isinstance(outcome, errors.ProfileNotFound):
+        return Check(name, True, "the ledger functions answer the service role")
+    if isinstance(outcome, CredentialsRejected):
+        return Check(
+            name,
+            False,
+            f"rejected ({outcome})",
+            "set SUPABASE_SERVICE_ROLE_KEY to the project's service_role or secret key; until "
+            "then the service falls back to users' own tokens and refuses service-only calls",
+        )
+    return Check(name, False, _describe(outcome), "is the database reachable and migrated?")
+
+
+async def _migration_probe(transport: SupabaseTransport) -> Check:
+    """The newest migration's function exists (called so that it changes nothing)."""
+
+    async def probe() -> object:
+        return await transport.service().call(functions.EXPIRE_HOLDS, {"p_users": 0})
+
+    outcome = await _attempt(probe)
+    ok = outcome == 0
+    return Check(
+        "migrations applied",
+        ok,
+        "the newest ledger functions exist" if ok else _describe(outcome),
+        "apply supabase/migrations with the Supabase CLI: `supabase db push`",
+    )
+
+
+async def _anon_probe(url: str, anon_key: str) -> Check:
+    """The gateway accepts the anon key (PostgREST then refuses the anon role, as it should)."""
+    client = AsyncPostgrestClient(
+        url.rstrip("/") + "/rest/v1",
+        headers={"apiKey": anon_key, "Authorization": f"Bearer {anon_key}"},
+    )
+    try:
+        await client.rpc("credit_get_profile", {"p_user_id": str(uuid.uuid4())}).execute()
+        return Check(
+            "anon key accepted",
+            False,
+            "the anon role could call a ledger function",
+            "revoke execute on public.credit_* from anon (see the migrations)",
+        )
+    except APIError as error:
+        if error.code == "42501":
+            return Check(
+                "anon key accepted", True, "accepted; the anon role is refused, as it should be"
+            )
+        return Check(
+            "anon key accepted",
+            False,
+            f"refused ({error.code or error.message})",
+            "set SUPABASE_ANON_KEY to the project's anon or publishable key",
+        )
+    except httpx.TransportError as error:
+        return Check(
+            "anon key accepted",
+            False,
+            f"unreachable ({type(error).__name__})",
+            "check SUPABASE_URL",
+        )
+    finally:
+        await client.aclose()
+
+
+async def _jwks_check(settings: Settings) -> Check:
+    if not settings.jwks_url:
+        return Check(
+            "token keys",
+            bool(settings.jwt_secret),
+            "HS256 with the JWT secret" if settings.jwt_secret else "none configured",
+            "set SUPABASE_JWT_SECRET or CREDITS_JWKS_URL",
+        )
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            response = await http.get(settings.jwks_url)
+        response.raise_for_status()
+        keys = jwt.PyJWKSet.from_dict(response.json()).keys
+    except (httpx.HTTPError, ValueError, jwt.PyJWTError) as error:
+        return Check(
+            "JWKS reachable",
+            False,
+            f"{settings.jwks_url}: {type(error).__name__}",
+            "set CREDITS_JWKS_URL, or SUPABASE_URL for the project's default",
+        )
+    algorithms = sorted({str(key.algorithm_name) for key in keys})
+    return Check("JWKS reachable", True, f"{len(keys)} key(s): {', '.join(algorithms)}")
+
+
+async def _token_check(settings: Settings, token: str) -> Check:
+    try:
+        principal = await TokenVerifier.from_settings(settings).verify(token)
+    except errors.CreditsError as error:
+        return Check(
+            "token verifies",
+            False,
+            error.reason,
+            "is SUPABASE_JWT_SECRET (or the JWKS) the project's, and the audience right?",
+        )
+    who = "the service" if isinstance(principal, ServicePrincipal) else f"user {principal.user_id}"
+    return Check("token verifies", True, f"as {who}")
+
+
+async def _attempt(call: Callable[[], Awaitable[object]]) -> object:
+    """The call's result, or the error it raised (checks report errors, they do not raise)."""
+    try:
+        return await call()
+    except (errors.CreditsError, CredentialsRejected, APIError) as error:
+        return error
+
+
+def _describe(outcome: object) -> str:
+    if isinstance(outcome, errors.CreditsError):
+        return f"{outcome.reason}: {outcome.message}"
+    if isinstance(outcome, APIError):
+        return f"{outcome.code}: {outcome.message}"
+    return repr(outcome)
