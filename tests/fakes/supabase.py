@@ -573,13 +573,15 @@ class FakeSupabase:
 
     @classmethod
     async def start(
-        cls, database_url: str, *, jwt_secret: str, connect_timeout: float = 5.0
+        cls, database_url: str, *, jwt_secret: str, connect_timeout: float = 5.0, port: int = 0
     ) -> FakeSupabase:
-        """Start a fake in front of `database_url` (a role that may switch to the API roles)."""
+        """Start a fake in front of `database_url` (a role that may switch to the API roles),
+        on `port` (0: any free one)."""
         pool = await asyncpg.create_pool(
             database_url, min_size=0, max_size=10, timeout=connect_timeout
         )
         fake = cls(pool, jwt_secret=jwt_secret)
+        fake._port = port
         try:
             await fake._listen()
         except BaseException:
