@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request of the Supabase transport at INFO: noise, not events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         code: int = args.run(Settings.from_env(), args)
     except (app.ConfigurationError, ValueError) as error:

@@ -13,6 +13,7 @@ kinds, reasons, messages, key order and exit codes are compared exactly.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import re
@@ -28,6 +29,9 @@ from tests.fixtures.process import (
     GRPCURL,
     REPO_ROOT,
     ServeProcess,
+    embedded_env,
+    fake_supabase,
+    free_port,
     scratch_dir,
     serving,
 )
@@ -215,10 +219,14 @@ def session() -> Session:
     return parsed
 
 
-@pytest.fixture(scope="module")
-def run(session: Session) -> Iterator[Run]:
-    """A fresh server, and every command of the session run against it in order."""
-    with scratch_dir("credits-e2e-readme-") as workdir, serving(workdir) as proc:
+@pytest.fixture(scope="module", params=["embedded", "supabase"])
+def run(request: pytest.FixtureRequest, session: Session) -> Iterator[Run]:
+    """A fresh server, and every command of the session run against it in order: on its
+    embedded PostgreSQL, or on the Supabase stand-in as the README's Supabase section says."""
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(scratch_dir("credits-e2e-readme-"))
+        exports = stack.enter_context(fake_supabase()) if request.param == "supabase" else {}
+        proc = stack.enter_context(serving(workdir, extra_env=exports))
         env = dict(proc.env)
         results = []
         for step in session.steps:
@@ -299,3 +307,26 @@ def test_normaliser_keeps_typed_ids_and_maps_made_ones_consistently() -> None:
     assert normalise(f"{made[1]} {made[0]} {made[1]} 2026-01-02T03:04:05+01:00") == (
         "<id-2> <id-1> <id-2> <time>"
     )
+
+
+def test_readme_check_config_output_is_what_the_stand_in_gives() -> None:
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Running on a Supabase project") :]
+    documented = re.search(
+        r"credits check-config\n\s*```\n\s*```\n(.*?)\n\s*```", section, re.DOTALL
+    )
+    assert documented, "the Supabase section shows no check-config output"
+    expected = [line.strip() for line in documented.group(1).splitlines()]
+    with fake_supabase() as exports:
+        env = embedded_env(REPO_ROOT / ".data-unused", free_port(), exports)
+        done = subprocess.run(
+            [str(BIN_DIR / "credits"), "check-config"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == expected
