@@ -256,3 +256,31 @@ async def test_check_config_command_exits_non_zero_on_a_failure(deployment: Depl
     assert code == 1, output
     assert "FAIL service key accepted" in output
     assert fake.service_role_key not in output
+
+
+async def test_the_new_key_formats_work_like_the_legacy_ones(database_url: str) -> None:
+    fake = await FakeSupabase.start(database_url, jwt_secret=TEST_JWT_SECRET)
+    settings = dataclasses.replace(
+        settings_for("supabase", database_url, fake),
+        supabase_anon_key=fake.publishable_key,
+        supabase_service_role_key=fake.secret_key,
+    )
+    app = await application.start(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            credits = Stub(channel)
+            user = await funded(credits, 7)
+            # The secret key itself is also accepted as a service's bearer.
+            as_key = (("authorization", f"Bearer {fake.secret_key}"),)
+            reply = await credits.GetBalance(
+                pb.GetBalanceRequest(user_id=user.user_id), metadata=as_key
+            )
+            assert reply.balance == 7
+            fake.reject_service_key("gateway")
+            fake.reset_counts()
+            mine = await credits.GetBalance(pb.GetBalanceRequest(), metadata=user.metadata)
+            assert mine.balance == 7
+            assert user_calls(fake) == 1, "the publishable key carries the user layer"
+    finally:
+        await app.stop(grace=1)
+        await fake.stop()
