@@ -9,6 +9,7 @@
 --   CR003 profile not found          CR004 hold not found
 --   CR005 hold not pending           CR006 transaction not found
 --   CR007 refund exceeds debit       CR008 invalid argument (detail: {"field": .., "description": ..})
+--   CR009 generation not found       CR010 generation not cancellable (already final)
 --   42501 the caller may not act on this user (row-level policy)
 
 create schema if not exists credits_private;
@@ -206,14 +207,16 @@ begin
 end
 $$;
 
-create function credits_private.check_key(p_idempotency_key text) returns void
+create function credits_private.check_key(
+  p_idempotency_key text, p_field text default 'idempotency_key'
+) returns void
 language plpgsql
 set search_path = ''
 as $$
 begin
   if p_idempotency_key is null or pg_catalog.char_length(p_idempotency_key) not between 1 and 255
      or p_idempotency_key ~ '[[:cntrl:]]' then
-    perform credits_private.invalid('idempotency_key', 'must be 1 to 255 printable characters');
+    perform credits_private.invalid(p_field, 'must be 1 to 255 printable characters');
   end if;
 end
 $$;

@@ -53,6 +53,51 @@ as $$
   select balance - held from public.credit_profiles where user_id = p_user_id
 $$;
 
+-- Captures `p_amount` of the pending hold `p_hold` (locked, its profile locked) and releases the
+-- rest: one CAPTURE entry naming the hold. Returns the capture's result with the settled hold.
+create function credits_private.settle_hold(
+  p_hold public.credit_holds, p_amount bigint, p_idempotency_key text, p_fingerprint text
+) returns jsonb
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_hold public.credit_holds;
+  v_result jsonb;
+begin
+  update public.credit_holds
+     set state = 'captured', updated_at = pg_catalog.now()
+   where hold_id = p_hold.hold_id
+  returning * into v_hold;
+  update public.credit_profiles set held = held - v_hold.amount where user_id = v_hold.user_id;
+  v_result := credits_private.append(
+    v_hold.user_id, 'capture', -p_amount, p_idempotency_key, p_fingerprint, v_hold.description,
+    '{}', p_hold_id => v_hold.hold_id);
+  return v_result || pg_catalog.jsonb_build_object('hold', credits_private.hold_json(v_hold));
+end
+$$;
+
+-- Releases the pending hold `p_hold_id` (its profile locked); returns it.
+create function credits_private.release_hold(p_hold_id uuid) returns public.credit_holds
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v_hold public.credit_holds;
+begin
+  update public.credit_holds
+     set state = 'released', updated_at = pg_catalog.now()
+   where hold_id = p_hold_id and state = 'pending'
+  returning * into v_hold;
+  if found then
+    update public.credit_profiles
+       set held = held - v_hold.amount, updated_at = pg_catalog.now()
+     where user_id = v_hold.user_id;
+  end if;
+  return v_hold;
+end
+$$;
+
 -- Sets credits aside for `p_ttl_seconds` if available (balance - held) covers them.
 -- Idempotent by key: a replay returns the same hold, as it is now.
 create function public.credit_reserve(
@@ -122,7 +167,6 @@ declare
     'hold_id', p_hold_id, 'amount', p_amount));
   v_tx public.credit_transactions;
   v_amount bigint;
-  v_result jsonb;
 begin
   if p_amount is null or p_amount < 0 then
     perform credits_private.invalid('amount', 'must be 0 (the whole hold) or positive');
@@ -142,15 +186,7 @@ begin
   if v_amount > v_hold.amount then
     perform credits_private.invalid('amount', 'must not exceed the hold');
   end if;
-  update public.credit_holds
-     set state = 'captured', updated_at = pg_catalog.now()
-   where hold_id = p_hold_id
-  returning * into v_hold;
-  update public.credit_profiles set held = held - v_hold.amount where user_id = v_hold.user_id;
-  v_result := credits_private.append(
-    v_hold.user_id, 'capture', -v_amount, p_idempotency_key, v_fingerprint, v_hold.description,
-    '{}', p_hold_id => p_hold_id);
-  return v_result || pg_catalog.jsonb_build_object('hold', credits_private.hold_json(v_hold));
+  return credits_private.settle_hold(v_hold, v_amount, p_idempotency_key, v_fingerprint);
 end
 $$;
 
@@ -166,13 +202,7 @@ declare
 begin
   v_hold := credits_private.lock_hold(p_hold_id, p_owner);
   if v_hold.state = 'pending' then
-    update public.credit_holds
-       set state = 'released', updated_at = pg_catalog.now()
-     where hold_id = p_hold_id
-    returning * into v_hold;
-    update public.credit_profiles
-       set held = held - v_hold.amount, updated_at = pg_catalog.now()
-     where user_id = v_hold.user_id;
+    v_hold := credits_private.release_hold(p_hold_id);
   elsif v_hold.state <> 'released' then
     raise exception using errcode = 'CR005', message = 'the hold is no longer pending',
       detail = pg_catalog.jsonb_build_object('state', v_hold.state)::text;
