@@ -1,0 +1,1 @@
+"""Providers produce a generation's output; `registry.load` finds one by its catalogue name."""
