@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+from collections.abc import Mapping
 
 import grpc
 import grpc.aio
@@ -28,10 +29,16 @@ from server.credit.ledger import CreditLedger
 from server.credit.sweeper import HoldSweeper
 from server.db import embedded, migrate
 from server.errors import ServiceCredentialsRejected
+from server.generation import catalogue as catalogue_file
+from server.generation.events import ChangeFeed, PostgresChangeFeed
+from server.generation.lifecycle import Generations
+from server.generation.models import ModelSpec
+from server.generation.worker import Worker, WorkerPool, WorkerSettings, load_providers
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.errors import ErrorInterceptor
 from server.repository.breaker import CredentialBreaker
 from server.repository.credits import CreditRepository
+from server.repository.generations import GenerationRepository
 from server.repository.layered import LayeredRepository
 from server.repository.transport import Transport
 from server.transports.postgres import PostgresTransport
@@ -50,25 +57,45 @@ class ConfigurationError(Exception):
 
 
 @dataclasses.dataclass
+class Backend:
+    """What the API and the workers share: the database side, the repositories, the catalogue
+    and the change feed."""
+
+    settings: Settings
+    transport: Transport
+    database: embedded.EmbeddedPostgres | None
+    credits: CreditRepository
+    generations: GenerationRepository
+    catalogue: Mapping[str, ModelSpec]
+    feed: ChangeFeed
+
+    async def close(self) -> None:
+        if isinstance(self.feed, PostgresChangeFeed):
+            await self.feed.close()
+        await self.transport.close()
+        if self.database is not None:
+            await self.database.astop()
+
+
+@dataclasses.dataclass
 class Application:
-    """A started service: its gRPC server, health, database transport and embedded database."""
+    """A started service: its gRPC server, health, background jobs and backend."""
 
     settings: Settings
     server: grpc.aio.Server
     port: int
     health: HealthServicer
-    transport: Transport
-    database: embedded.EmbeddedPostgres | None
+    backend: Backend
     sweeper: HoldSweeper
+    workers: WorkerPool
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, let in-flight RPCs finish, then close the database."""
+        """Report NOT_SERVING, let in-flight RPCs finish, then stop the jobs and the database."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.workers.stop()
         await self.sweeper.stop()
-        await self.transport.close()
-        if self.database is not None:
-            await self.database.astop()
+        await self.backend.close()
 
 
 def resolve(settings: Settings) -> Settings:
@@ -95,8 +122,11 @@ def resolve(settings: Settings) -> Settings:
     return settings
 
 
-async def open_store(settings: Settings) -> tuple[Transport, embedded.EmbeddedPostgres | None]:
-    """The transport the settings name, and the embedded PostgreSQL if this process runs one.
+async def open_store(
+    settings: Settings,
+) -> tuple[Transport, embedded.EmbeddedPostgres | None, str | None]:
+    """The transport the settings name, the embedded PostgreSQL if this process runs one, and
+    the PostgreSQL URL when there is direct access (for LISTEN).
 
     On PostgreSQL (embedded or DATABASE_URL) the service applies the migrations itself; on a
     Supabase project they are applied with the Supabase CLI (see the README).
@@ -111,33 +141,75 @@ async def open_store(settings: Settings) -> tuple[Transport, embedded.EmbeddedPo
             anon_key=settings.supabase_anon_key,
             service_key=settings.supabase_service_role_key,
         )
-        return transport, None
+        return transport, None, None
     database = await embedded.start(settings.data_dir) if settings.embedded else None
     url = database.uri if database is not None else settings.database_url
     assert url is not None
     try:
         await migrate.migrate(url)
-        return await PostgresTransport.connect(url), database
+        return await PostgresTransport.connect(url), database, url
     except BaseException:
         if database is not None:
             await database.astop()
         raise
 
 
+async def open_backend(settings: Settings) -> Backend:
+    """Open the database side for `settings` (resolved) and bring its configuration up to date:
+    signup credits and the model catalogue."""
+    catalogue = catalogue_file.load(settings.models_path or catalogue_file.DEFAULT_CATALOGUE)
+    transport, database, url = await open_store(settings)
+    layers = LayeredRepository(transport, CredentialBreaker(cooldown=settings.breaker_seconds))
+    feed: ChangeFeed = PostgresChangeFeed(url) if url else ChangeFeed()
+    backend = Backend(
+        settings,
+        transport,
+        database,
+        CreditRepository(layers),
+        GenerationRepository(layers),
+        catalogue,
+        feed,
+    )
+    try:
+        if isinstance(feed, PostgresChangeFeed):
+            await feed.start()
+        await backend.credits.configure(signup_credits=settings.signup_credits)
+        await backend.generations.sync_models(list(catalogue.values()))
+    except ServiceCredentialsRejected:
+        # Users are still served through their own JWTs; the breaker has said why, loudly.
+        log.error("configuration not written: the service credentials were rejected")
+    except BaseException:
+        await backend.close()
+        raise
+    return backend
+
+
+def worker_pool(backend: Backend, count: int) -> WorkerPool:
+    providers = load_providers(backend.catalogue)
+    settings = WorkerSettings(lease_seconds=backend.settings.worker_lease_seconds)
+    return WorkerPool(
+        [
+            Worker(backend.generations, backend.catalogue, providers, backend.feed, settings)
+            for _ in range(count)
+        ]
+    )
+
+
 async def start(settings: Settings) -> Application:
     """Start the database side, then serve; health turns SERVING once everything is ready."""
     settings = resolve(settings)
-    transport, database = await open_store(settings)
-    breaker = CredentialBreaker(cooldown=settings.breaker_seconds)
-    repository = CreditRepository(LayeredRepository(transport, breaker))
+    backend = await open_backend(settings)
+    # Without LISTEN (the Supabase API), watchers re-read on a short timer instead.
+    recheck = 5.0 if isinstance(backend.feed, PostgresChangeFeed) else 0.5
+    generations = Generations(backend.generations, backend.catalogue, backend.feed, recheck)
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(TokenVerifier.from_settings(settings)), ErrorInterceptor()]
     )
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
-        CreditServicer(CreditLedger(repository)), server
+        CreditServicer(CreditLedger(backend.credits)), server
     )
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(), server
+        GenerationServicer(generations), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -151,38 +223,61 @@ async def start(settings: Settings) -> Application:
     )
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(settings.listen)
-    await server.start()
-    sweeper = HoldSweeper(repository)
-    app = Application(settings, server, port, health, transport, database, sweeper)
     try:
-        await repository.configure(signup_credits=settings.signup_credits)
-    except ServiceCredentialsRejected:
-        # Users are still served through their own JWTs; the breaker has said why, loudly.
-        log.error("CREDITS_SIGNUP_CREDITS not applied: the service credentials were rejected")
+        port = server.add_insecure_port(settings.listen)
+        await server.start()
     except BaseException:
-        await app.stop(grace=0)
+        await backend.close()
         raise
-    sweeper.start()
+    app = Application(
+        settings,
+        server,
+        port,
+        health,
+        backend,
+        HoldSweeper(backend.credits),
+        worker_pool(backend, settings.workers),
+    )
+    app.sweeper.start()
+    app.workers.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     return app
+
+
+async def _until_signalled() -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+
+
+async def run_workers(settings: Settings, count: int) -> None:
+    """`credits worker`: generation workers only, until SIGTERM or SIGINT."""
+    backend = await open_backend(resolve(settings))
+    pool = worker_pool(backend, count)
+    pool.start()
+    log.info("credits worker running %d workers", count)
+    try:
+        await _until_signalled()
+    finally:
+        await pool.stop()
+        await backend.close()
+    log.info("stopped")
 
 
 async def serve(settings: Settings, grace: float = 10.0) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     app = await start(settings)
     host = settings.listen.rsplit(":", 1)[0]
-    if app.database is not None:
-        where = f"embedded PostgreSQL in {app.database.pgdata}"
+    database = app.backend.database
+    if database is not None:
+        where = f"embedded PostgreSQL in {database.pgdata}"
     else:
         where = "Supabase API" if settings.uses_supabase_api else "DATABASE_URL"
     log.info("credits serving on %s:%d (%s)", host, app.port, where)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    await _until_signalled()
     log.info("shutting down")
     await app.stop(grace)
     log.info("stopped")

@@ -1,5 +1,5 @@
-"""The `credits` command: `serve` runs the service, `token` prints a signed token for trying it,
-`check-config` checks a deployment's configuration."""
+"""The `credits` command: `serve` runs the service, `worker` runs generation workers, `token`
+prints a signed token for trying it, `check-config` checks a deployment's configuration."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(app.run_workers(settings, args.count or settings.workers or 1))
+    return 0
+
+
 def _check_config(settings: Settings, args: argparse.Namespace) -> int:
     results = asyncio.run(checks.run(app.resolve(settings), args.token))
     for result in results:
@@ -60,6 +65,11 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--email", default=None, help="the user's email claim")
     token.add_argument("--ttl-minutes", type=int, default=60, help="lifetime (default 60)")
     token.set_defaults(run=_token)
+    worker = commands.add_parser(
+        "worker", help="run generation workers only (scale them apart from the API)"
+    )
+    worker.add_argument("--count", type=int, default=0, help="workers (default CREDITS_WORKERS)")
+    worker.set_defaults(run=_worker)
     check = commands.add_parser(
         "check-config", help="check the configuration a deployment will use; exit 1 on a failure"
     )

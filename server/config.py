@@ -27,6 +27,12 @@ class Settings:
     service_api_key: str | None = None
     # How long a rejected service credential keeps calls on the user layer before a retry.
     breaker_seconds: float = 30.0
+    # The model catalogue file; None for the one shipped with the service.
+    models_path: Path | None = None
+    # Generation workers inside `credits serve` (0: run them with `credits worker`).
+    workers: int = 2
+    # How long a worker's claim on a job lasts unless renewed (a dead worker's job waits this).
+    worker_lease_seconds: int = 30
 
     def __repr__(self) -> str:
         mode = "embedded" if self.embedded else "supabase" if self.uses_supabase_api else "postgres"
@@ -58,6 +64,12 @@ class Settings:
         signup = get("CREDITS_SIGNUP_CREDITS") or "0"
         if not signup.isdigit():
             raise ValueError("CREDITS_SIGNUP_CREDITS must be a whole number >= 0")
+        workers, lease = get("CREDITS_WORKERS") or "2", get("CREDITS_WORKER_LEASE_SECONDS") or "30"
+        if not workers.isdigit():
+            raise ValueError("CREDITS_WORKERS must be a whole number >= 0")
+        if not lease.isdigit() or int(lease) < 1:
+            raise ValueError("CREDITS_WORKER_LEASE_SECONDS must be a whole number >= 1")
+        models = get("CREDITS_MODELS")
         breaker = get("CREDITS_BREAKER_SECONDS") or "30"
         try:
             breaker_seconds = float(breaker)
@@ -77,4 +89,7 @@ class Settings:
             metrics_listen=get("CREDITS_METRICS_LISTEN"),
             service_api_key=get("CREDITS_SERVICE_API_KEY"),
             breaker_seconds=breaker_seconds,
+            models_path=Path(models) if models else None,
+            workers=int(workers),
+            worker_lease_seconds=int(lease),
         )

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from credits.v1 import credit_service_pb2, ledger_pb2
+from credits.v1 import credit_service_pb2, generation_pb2, ledger_pb2
 from server.credit.models import (
     Hold,
     HoldState,
@@ -18,6 +18,7 @@ from server.credit.models import (
     TransactionKind,
 )
 from server.errors import InvalidArgument
+from server.generation.models import Generation, GenerationState
 
 _KINDS = {
     TransactionKind.DEBIT: ledger_pb2.TRANSACTION_KIND_DEBIT,
@@ -32,6 +33,14 @@ _HOLD_STATES = {
     HoldState.CAPTURED: ledger_pb2.HOLD_STATE_CAPTURED,
     HoldState.RELEASED: ledger_pb2.HOLD_STATE_RELEASED,
     HoldState.EXPIRED: ledger_pb2.HOLD_STATE_EXPIRED,
+}
+
+_GENERATION_STATES = {
+    GenerationState.QUEUED: generation_pb2.GENERATION_STATE_QUEUED,
+    GenerationState.RUNNING: generation_pb2.GENERATION_STATE_RUNNING,
+    GenerationState.SUCCEEDED: generation_pb2.GENERATION_STATE_SUCCEEDED,
+    GenerationState.FAILED: generation_pb2.GENERATION_STATE_FAILED,
+    GenerationState.CANCELLED: generation_pb2.GENERATION_STATE_CANCELLED,
 }
 
 
@@ -103,4 +112,24 @@ def transaction_filter(request: credit_service_pb2.ListTransactionsRequest) -> T
         kinds=frozenset(kinds),
         start=request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None,
         end=request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
+    )
+
+
+def generation(value: Generation) -> generation_pb2.Generation:
+    return generation_pb2.Generation(
+        generation_id=str(value.generation_id),
+        user_id=str(value.user_id),
+        model=value.model,
+        prompt=value.prompt,
+        parameters=value.parameters,
+        state=_GENERATION_STATES[value.state],
+        cost=value.cost,
+        hold_id=str(value.hold_id or ""),
+        transaction_id=str(value.transaction_id or ""),
+        output=value.output,
+        output_mime_type=value.output_mime_type,
+        error_message=value.error_message,
+        attempts=value.attempts,
+        create_time=timestamp(value.create_time),
+        update_time=timestamp(value.update_time),
     )

@@ -6,8 +6,9 @@ import uuid
 from collections.abc import Mapping
 from datetime import timedelta
 
+from server import paging
 from server.auth.principal import Principal, UserPrincipal
-from server.credit import access, paging, validation
+from server.credit import access, validation
 from server.credit.models import (
     Capture,
     CreditCheck,
@@ -133,12 +134,13 @@ class CreditLedger:
         target = access.target_user(principal, user_id)
         limit = validation.page_size(page_size)
         validation.time_range(where.start, where.end)
-        before = paging.decode(page_token, target, where)
+        scope = paging.listing("transactions", sorted(where.kinds), where.start, where.end)
+        before = paging.decode(page_token, target, scope)
         # One extra row tells whether another page follows.
         rows = await self._repository.list_transactions(principal, target, limit + 1, before, where)
         page = rows[:limit]
         more = len(rows) > limit
-        token = paging.encode(target, where, page[-1].seq) if more else ""
+        token = paging.encode(target, scope, page[-1].seq) if more else ""
         return TransactionPage(page, token)
 
 

@@ -41,3 +41,23 @@ REFUND = SqlFunction(
     ("p_user_id", "p_transaction_id", "p_amount", "p_idempotency_key", "p_description"),
 )
 EXPIRE_HOLDS = SqlFunction("credit_expire_holds", ("p_users",))
+SYNC_MODELS = SqlFunction("credit_sync_models", ("p_models",))
+CREATE_GENERATION = SqlFunction(
+    "credit_create_generation",
+    ("p_user_id", "p_model", "p_prompt", "p_parameters", "p_request_id"),
+)
+GET_GENERATION = SqlFunction("credit_get_generation", ("p_generation_id", "p_owner"))
+LIST_GENERATIONS = SqlFunction("credit_list_generations", ("p_user_id", "p_limit", "p_before_seq"))
+CANCEL_GENERATION = SqlFunction("credit_cancel_generation", ("p_generation_id", "p_owner"))
+CLAIM_GENERATION = SqlFunction("credit_claim_generation", ("p_worker", "p_lease_seconds"))
+RENEW_GENERATION_LEASE = SqlFunction(
+    "credit_renew_generation_lease", ("p_generation_id", "p_worker", "p_lease_seconds")
+)
+COMPLETE_GENERATION = SqlFunction(
+    "credit_complete_generation",
+    ("p_generation_id", "p_worker", "p_output", "p_output_mime_type"),
+)
+FAIL_GENERATION = SqlFunction(
+    "credit_fail_generation",
+    ("p_generation_id", "p_worker", "p_error", "p_retryable", "p_retry_delay_seconds"),
+)

@@ -41,6 +41,8 @@ def domain_error(sqlstate: str, message: str, detail: str | None) -> errors.Cred
         "CR005": errors.HoldNotPending,
         "CR006": errors.TransactionNotFound,
         "CR007": errors.RefundExceedsDebit,
+        "CR009": errors.GenerationNotFound,
+        "CR010": errors.GenerationNotCancellable,
         INSUFFICIENT_PRIVILEGE: errors.AccessDeniedByPolicy,
     }
     cls = simple.get(sqlstate)

@@ -37,7 +37,6 @@ from credits.v1 import (
     generation_service_pb2,
     generation_service_pb2_grpc,
 )
-from server.api.generation_servicer import GenerationServicer
 from server.auth.principal import UserPrincipal, current_principal
 from server.auth.tokens import mint_service_token, mint_user_token
 from server.auth.verifier import TokenVerifier
@@ -95,6 +94,16 @@ class EchoCredits(credit_service_pb2_grpc.CreditServiceServicer):
         return credit_service_pb2.GetBalanceResponse(user_id=f"service:{principal.name}")
 
 
+class UnimplementedWatch(generation_service_pb2_grpc.GenerationServiceServicer):
+    """A server-streaming RPC that answers UNIMPLEMENTED once the caller got past auth."""
+
+    async def WatchGeneration(  # type: ignore[override]
+        self, request: generation_service_pb2.WatchGenerationRequest, context: Any
+    ) -> AsyncIterator[generation_service_pb2.WatchGenerationResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not served by this test server")
+        yield generation_service_pb2.WatchGenerationResponse()
+
+
 def _caller() -> bytes:
     principal = current_principal()
     name = principal.user_id if isinstance(principal, UserPrincipal) else principal.name
@@ -130,7 +139,7 @@ async def channel(keys: Keys) -> AsyncIterator[grpc.aio.Channel]:
     server = grpc.aio.server(interceptors=[AuthInterceptor(verifier)])
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(EchoCredits(), server)  # type: ignore[abstract]
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(),
+        UnimplementedWatch(),  # type: ignore[abstract]
         server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)

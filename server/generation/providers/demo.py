@@ -25,7 +25,7 @@ import hashlib
 import json
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,16 +49,12 @@ class _Plan:
 
 
 class DemoProvider:
-    """Draws a deterministic PNG from a job; settings may hold ``default_delay_ms``."""
+    """Draws a deterministic PNG from a job; settings may hold ``default_delay_ms`` and
+    ``default_size``."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
-        raw = settings.get("default_delay_ms", 0)
-        if isinstance(raw, bool) or not isinstance(raw, int | str):
-            raise ValueError("demo provider: default_delay_ms must be an integer")
-        try:
-            self._default_delay_ms = _parse_delay(str(raw))
-        except ProviderError as exc:
-            raise ValueError(f"demo provider setting default_delay_ms: {exc}") from None
+        self._default_delay_ms = _setting(settings, "default_delay_ms", 0, _parse_delay)
+        self._default_size = _setting(settings, "default_size", DEFAULT_SIZE, _parse_size)
 
     async def generate(self, job: Job) -> Output:
         """Sleep, fail or draw, as the job's parameters say."""
@@ -78,8 +74,21 @@ class DemoProvider:
         delay = params.get("delay_ms")
         delay_ms = self._default_delay_ms if delay is None else _parse_delay(delay)
         fails, retryable = _parse_fail(params.get("fail"), job.attempt)
-        size = _parse_size(params.get("size"))
+        size = self._default_size if "size" not in params else _parse_size(params["size"])
         return _Plan(delay_ms=delay_ms, fails=fails, retryable=retryable, size=size)
+
+
+def _setting(
+    settings: Mapping[str, Any], name: str, default: int, parse: Callable[[str], int]
+) -> int:
+    """A catalogue setting parsed like its parameter; a bad one is a configuration error."""
+    raw = settings.get(name, default)
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        raise ValueError(f"demo provider: {name} must be an integer")
+    try:
+        return parse(str(raw))
+    except ProviderError as exc:
+        raise ValueError(f"demo provider setting {name}: {exc}") from None
 
 
 def _parse_int(name: str, value: str, low: int, high: int) -> int:

@@ -1,0 +1,1 @@
+"""Paid AI generations: the model catalogue, the lifecycle, the queue's workers, providers."""

@@ -1,0 +1,129 @@
+"""The GenerationService operations of the contract: who may call, what is valid, then the
+repository. Watching follows the change feed and re-reads the generation at each change."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+from server import paging
+from server.auth.principal import Principal, UserPrincipal
+from server.credit import access, validation
+from server.errors import InvalidArgument
+from server.generation.events import ChangeFeed
+from server.generation.models import Generation, GenerationPage, ModelSpec
+from server.repository.generations import GenerationRepository
+
+MAX_PROMPT_LENGTH = 4000
+MAX_PARAMETERS = 16
+MAX_PARAMETER_KEY_LENGTH = 64
+MAX_PARAMETER_VALUE_LENGTH = 1000
+# A watcher re-reads at least this often, in case a notification was lost (feed reconnecting).
+WATCH_RECHECK_SECONDS = 5.0
+
+
+class Generations:
+    def __init__(
+        self,
+        repository: GenerationRepository,
+        catalogue: Mapping[str, ModelSpec],
+        feed: ChangeFeed,
+        recheck_seconds: float = WATCH_RECHECK_SECONDS,
+    ) -> None:
+        self._repository = repository
+        self._catalogue = catalogue
+        self._feed = feed
+        self._recheck_seconds = recheck_seconds
+
+    def models(self) -> Sequence[ModelSpec]:
+        return sorted(self._catalogue.values(), key=lambda m: (m.cost, m.model))
+
+    async def create(
+        self,
+        principal: Principal,
+        user_id: str,
+        *,
+        model: str,
+        prompt: str,
+        parameters: Mapping[str, str],
+        request_id: str,
+    ) -> Generation:
+        target = access.target_user(principal, user_id)
+        if model not in self._catalogue:
+            raise InvalidArgument.one("model", f"is not one of {sorted(self._catalogue)}")
+        return await self._repository.create(
+            principal,
+            target,
+            model=model,
+            prompt=_prompt(prompt),
+            parameters=_parameters(parameters),
+            request_id=validation.idempotency_key(request_id, "request_id"),
+        )
+
+    async def get(self, principal: Principal, generation_id: str) -> Generation:
+        return await self._repository.get(
+            principal, validation.parse_uuid("generation_id", generation_id), _owner(principal)
+        )
+
+    async def list(
+        self, principal: Principal, user_id: str, page_size: int, page_token: str
+    ) -> GenerationPage:
+        target = access.target_user(principal, user_id)
+        limit = validation.page_size(page_size)
+        scope = paging.listing("generations")
+        before = paging.decode(page_token, target, scope)
+        rows = await self._repository.list(principal, target, limit + 1, before)
+        page = rows[:limit]
+        token = paging.encode(target, scope, page[-1].seq) if len(rows) > limit else ""
+        return GenerationPage(page, token)
+
+    async def cancel(self, principal: Principal, generation_id: str) -> Generation:
+        return await self._repository.cancel(
+            principal, validation.parse_uuid("generation_id", generation_id), _owner(principal)
+        )
+
+    async def watch(self, principal: Principal, generation_id: str) -> AsyncIterator[Generation]:
+        """The generation now, then again at each state change, ending after a final state."""
+        target = validation.parse_uuid("generation_id", generation_id)
+        owner = _owner(principal)
+        async with self._feed.changes(target) as changes:
+            current = await self._repository.get(principal, target, owner)
+            yield current
+            while not current.state.final:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._recheck_seconds):
+                        await changes.get()
+                latest = await self._repository.get(principal, target, owner)
+                if latest.state != current.state:
+                    yield latest
+                current = latest
+
+
+def _owner(principal: Principal) -> uuid.UUID | None:
+    """Whose generations the caller may see: a user their own, a service anyone's (None)."""
+    return principal.user_id if isinstance(principal, UserPrincipal) else None
+
+
+def _prompt(prompt: str) -> str:
+    if not prompt.strip():
+        raise InvalidArgument.one("prompt", "must not be empty")
+    if len(prompt) > MAX_PROMPT_LENGTH:
+        raise InvalidArgument.one("prompt", f"must be at most {MAX_PROMPT_LENGTH} characters")
+    return prompt
+
+
+def _parameters(parameters: Mapping[str, str]) -> dict[str, str]:
+    if len(parameters) > MAX_PARAMETERS:
+        raise InvalidArgument.one("parameters", f"at most {MAX_PARAMETERS} entries")
+    for key, value in parameters.items():
+        if not 1 <= len(key) <= MAX_PARAMETER_KEY_LENGTH:
+            raise InvalidArgument.one(
+                "parameters", f"keys must be 1 to {MAX_PARAMETER_KEY_LENGTH} characters"
+            )
+        if len(value) > MAX_PARAMETER_VALUE_LENGTH:
+            raise InvalidArgument.one(
+                "parameters", f"values must be at most {MAX_PARAMETER_VALUE_LENGTH} characters"
+            )
+    return dict(parameters)
