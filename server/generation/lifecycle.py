@@ -53,7 +53,7 @@ class Generations:
         target = access.target_user(principal, user_id)
         if model not in self._catalogue:
             raise InvalidArgument.one("model", f"is not one of {sorted(self._catalogue)}")
-        return await self._repository.create(
+        generation = await self._repository.create(
             principal,
             target,
             model=model,
@@ -61,6 +61,9 @@ class Generations:
             parameters=_parameters(parameters),
             request_id=validation.idempotency_key(request_id, "request_id"),
         )
+        # Wakes this process's idle workers at once, also where no NOTIFY arrives (Supabase).
+        self._feed.publish(generation.generation_id, generation.state)
+        return generation
 
     async def get(self, principal: Principal, generation_id: str) -> Generation:
         return await self._repository.get(
