@@ -130,13 +130,17 @@ async def _service_probe(transport: Transport, name: str) -> Check:
 
 
 async def _migration_probe(transport: SupabaseTransport) -> Check:
-    """The newest migration's function exists (called so that it changes nothing)."""
+    """The newest migration's functions exist: renewing the lease of a job that does not exist
+    answers false and changes nothing."""
 
     async def probe() -> object:
-        return await transport.service().call(functions.EXPIRE_HOLDS, {"p_users": 0})
+        return await transport.service().call(
+            functions.RENEW_GENERATION_LEASE,
+            {"p_generation_id": uuid.uuid4(), "p_worker": "check-config", "p_lease_seconds": 1},
+        )
 
     outcome = await _attempt(probe)
-    ok = outcome == 0
+    ok = outcome is False
     return Check(
         "migrations applied",
         ok,
