@@ -165,6 +165,9 @@ declare
 begin
   perform credits_private.assert_may_act_for(p_user_id);
   perform credits_private.check_key(p_request_id, 'request_id');
+  if pg_catalog.jsonb_typeof(coalesce(p_parameters, '{}'::jsonb)) <> 'object' then
+    perform credits_private.invalid('parameters', 'must be an object of strings');
+  end if;
   select * into v_model from public.credit_models where model = p_model and active;
   if not found then
     perform credits_private.invalid('model', 'is not in the catalogue');
@@ -299,7 +302,7 @@ begin
       perform credits_private.expire_holds(v_generation.user_id);
       select state into v_hold_state from public.credit_holds
        where hold_id = v_generation.hold_id;
-      if v_hold_state <> 'pending' then
+      if v_hold_state is distinct from 'pending' then
         perform credits_private.end_uncharged(
           v_generation, 'failed', 'the reservation expired before the generation could run');
       elsif v_generation.attempts >= v_generation.max_attempts then
@@ -361,7 +364,7 @@ begin
       'generation', credits_private.generation_json(v_generation, false), 'charged', false);
   end if;
   select * into v_hold from public.credit_holds where hold_id = v_generation.hold_id for update;
-  if v_hold.state <> 'pending' then
+  if v_hold.state is distinct from 'pending' then
     v_generation := credits_private.end_uncharged(
       v_generation, 'failed', 'the reservation expired before the generation finished');
     return pg_catalog.jsonb_build_object(

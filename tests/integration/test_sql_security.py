@@ -13,7 +13,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -31,6 +31,7 @@ INSUFFICIENT_CREDITS = "CR001"
 KEY_REUSED = "CR002"
 PROFILE_NOT_FOUND = "CR003"
 HOLD_NOT_FOUND = "CR004"
+GENERATION_NOT_FOUND = "CR009"
 LEDGER_SUM = """
     select coalesce(sum(case when kind in ('grant', 'refund') then amount else -amount end), 0)
       from public.credit_transactions where user_id = $1
@@ -48,7 +49,11 @@ SERVICE_CLAIMS = {"role": "service_role"}
 
 @asynccontextmanager
 async def as_role(conn: Conn, role: Role, claims: Mapping[str, object]) -> AsyncIterator[Conn]:
-    """A transaction on `conn` acting as `role` with JWT `claims`, as PostgREST sets it up."""
+    """A transaction on `conn` acting as `role` with JWT `claims`, as PostgREST sets it up.
+
+    Inside an enclosing transaction it is a savepoint, whose release would keep the role until
+    the enclosing transaction ends: so the block ends by acting as the owner again.
+    """
     async with conn.transaction():
         await conn.execute(
             "select set_config('role', $1, true), set_config('request.jwt.claims', $2, true)",
@@ -56,6 +61,9 @@ async def as_role(conn: Conn, role: Role, claims: Mapping[str, object]) -> Async
             json.dumps(claims),
         )
         yield conn
+        await conn.execute(
+            "select set_config('role', 'none', true), set_config('request.jwt.claims', '', true)"
+        )
 
 
 @asynccontextmanager
@@ -153,8 +161,9 @@ async def owner(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 async def seeded_user(owner: asyncpg.Connection) -> uuid.UUID:
     """A fresh user with balance 95 (grant 100, debit 5), one released hold and one generation.
 
-    No function in the schema makes holds or generations yet, so the owner inserts them; the hold
-    is released, so `held` stays 0.
+    The owner inserts the hold and the generation directly (a queued one of cost 0, without a
+    hold, that no function would make); the hold is released, so `held` stays 0. The generation
+    is never due, so no worker on the shared queue (the server's, or a test's) ever claims it.
     """
     user_id = uuid.uuid4()
     await provision(owner, user_id)
@@ -165,7 +174,7 @@ async def seeded_user(owner: asyncpg.Connection) -> uuid.UUID:
     )
     await owner.execute(
         "insert into public.credit_generations (user_id, model, prompt, cost, request_id,"
-        " fingerprint) values ($1, 'm', 'p', 0, 'r1', 'fp')",
+        " fingerprint, next_attempt_at) values ($1, 'm', 'p', 0, 'r1', 'fp', 'infinity')",
         user_id,
     )
     return user_id
@@ -179,6 +188,78 @@ async def alice(owner: asyncpg.Connection) -> uuid.UUID:
 @pytest.fixture
 async def bob(owner: asyncpg.Connection) -> uuid.UUID:
     return await seeded_user(owner)
+
+
+# Generations need a model in the catalogue and a queue no other session's jobs get into. Both
+# live in the shared database: `credit_sync_models` deactivates every model it is not given, and
+# the server syncs its own catalogue into this database; `credit_claim_generation` takes the
+# oldest runnable job of anyone. So tests of generations run in a transaction that is always
+# rolled back, add their model to the active catalogue there, and park the jobs already queued.
+
+TEST_MODEL: dict[str, object] = {
+    "model": "test-model",
+    "cost": 5,
+    "description": "t",
+    "timeout_seconds": 30,
+    "max_attempts": 2,
+}
+ACTIVE_MODELS = """
+    select coalesce(jsonb_agg(jsonb_build_object(
+             'model', model, 'cost', cost, 'description', description,
+             'timeout_seconds', timeout_seconds, 'max_attempts', max_attempts) order by model),
+           '[]'::jsonb)
+      from public.credit_models where active
+"""
+
+
+async def active_models(conn: Conn) -> list[dict[str, object]]:
+    """The active catalogue, as `credit_sync_models` takes it, read as the owner."""
+    models = json.loads(await conn.fetchval(ACTIVE_MODELS))
+    assert isinstance(models, list)
+    return models
+
+
+async def add_test_model(conn: Conn) -> None:
+    """In the open (rolled-back) transaction: TEST_MODEL active, every active model kept."""
+    assert conn.is_in_transaction(), "the catalogue is shared: change it only in a rollback"
+    active = await active_models(conn)
+    wanted = sorted(
+        [m for m in active if m["model"] != TEST_MODEL["model"]] + [TEST_MODEL],
+        key=lambda m: str(m["model"]),
+    )
+    if wanted != active:
+        await conn.execute("select public.credit_sync_models($1::jsonb)", json.dumps(wanted))
+    assert await active_models(conn) == wanted
+
+
+async def park_queue(conn: Conn) -> None:
+    """In the open (rolled-back) transaction: no job queued or running so far can be claimed."""
+    assert conn.is_in_transaction(), "the queue is shared: park it only in a rollback"
+    await conn.execute(
+        "update public.credit_generations set next_attempt_at = 'infinity',"
+        " lease_expires_at = case when lease_expires_at is not null"
+        " then 'infinity'::timestamptz end"
+        " where state in ('queued', 'running')"
+    )
+
+
+async def create_generation(conn: Conn, user_id: uuid.UUID, request_id: str) -> uuid.UUID:
+    """A queued generation of TEST_MODEL for `user_id`, made by whoever `conn` acts as."""
+    created = await call(
+        conn,
+        "select public.credit_create_generation($1, 'test-model', 'a cat', '{}'::jsonb, $2)",
+        user_id,
+        request_id,
+    )
+    assert created["replayed"] is False
+    assert (created["generation"]["state"], created["generation"]["cost"]) == ("queued", 5)
+    return uuid.UUID(created["generation"]["generation_id"])
+
+
+async def claim(conn: Conn, worker: str) -> Any:
+    """The job `credit_claim_generation` hands `worker` (a lease of a minute), or None."""
+    value = await conn.fetchval("select public.credit_claim_generation($1, 60)", worker)
+    return None if value is None else json.loads(value)
 
 
 # 0. The harness acts as each role, with the claims given.
@@ -253,7 +334,7 @@ WRITES_BY_USERS = [
     "update public.credit_generations set cost = 0, state = 'succeeded' where user_id = $1",
     "delete from public.credit_generations where user_id = $1",
 ]
-TRUNCATES = [f"truncate public.{table} cascade" for table in TABLES]
+TRUNCATES = [f"truncate public.{table} cascade" for table in (*TABLES, "credit_models")]
 
 
 @pytest.mark.parametrize("whose", ["own", "other"])
@@ -473,6 +554,8 @@ WRITES_BY_SERVICE = [
     "delete from public.credit_transactions where user_id = $1",
     "update public.credit_holds set state = 'pending' where user_id = $1",
     "update public.credit_generations set cost = 0 where user_id = $1",
+    "update public.credit_generations set state = 'queued', lease_owner = 'evil',"
+    " next_attempt_at = now() where user_id = $1",
 ]
 
 
@@ -677,8 +760,12 @@ async def test_concurrent_debits_never_overdraw(
 #
 # The target is always alice, who has a pending hold of 10 besides her seeded money. "own" acts
 # with alice's claims, "other" with bob's. Arguments are named: alice, bob (their ids), hold
-# (alice's pending hold), debit (alice's debit 'k2') and signup (the current signup credits, so
-# that a permitted credit_configure changes nothing the other tests see).
+# (alice's pending hold), debit (alice's debit 'k2'), signup (the current signup credits, so
+# that a permitted credit_configure changes nothing the other tests see), models (the active
+# catalogue, so that a permitted credit_sync_models changes nothing either) and generation
+# (alice's job, for the entries that give her one: a generation of TEST_MODEL, cost 5, queued
+# or claimed by 'matrix-worker', with its pending hold). Every call runs in a transaction that
+# is rolled back, with TEST_MODEL in the catalogue and the shared queue parked.
 
 Actor: TypeAlias = Literal["anon", "own", "other", "service"]
 ACTORS: tuple[Actor, ...] = ("anon", "own", "other", "service")
@@ -706,6 +793,8 @@ class Effect:
     held: int = 0
     ledger: tuple[tuple[str, int], ...] = ()
     holds: tuple[str, ...] = ("pending", "released")
+    # alice's generations after the call as sorted (state, cost) pairs; None: left unchanged.
+    generations: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -719,6 +808,7 @@ class Entry:
     effect: Effect = Effect()
     variant: str = ""
     overdue: bool = False  # alice's pending hold is past its expiry before the call
+    job: Literal["", "queued", "running"] = ""  # alice's job before the call, if she has one
 
 
 def outcomes(own: str, other: str, service: str, anon: str = DENIED) -> dict[Actor, str]:
@@ -764,6 +854,32 @@ def hold_entries(function: str, call: str, effect: Effect) -> list[Entry]:
         )
         for name, owner, expected in P_OWNERS
     ]
+
+
+def generation_entries(function: str, call: str, effect: Effect) -> list[Entry]:
+    """`call` on alice's queued job, `{owner}` standing for p_owner, for each way of passing it.
+
+    The same rules as for holds: another user's generation is CR009 exactly like an unknown one.
+    """
+    not_found = {HOLD_NOT_FOUND: GENERATION_NOT_FOUND}
+    return [
+        Entry(
+            function,
+            call.format(owner="$2" if owner else "null"),
+            ("generation", *owner),
+            {actor: not_found.get(outcome, outcome) for actor, outcome in expected.items()},
+            effect,
+            variant=f"p_owner={name}",
+            job="queued",
+        )
+        for name, owner, expected in P_OWNERS
+    ]
+
+
+# alice's money and generations with her job: besides the pending hold of 10, the job's own of 5.
+WITH_JOB = ("pending", "pending", "released")
+QUEUED_JOB = (("queued", 0), ("queued", 5))
+RUNNING_JOB = (("queued", 0), ("running", 5))
 
 
 FUNCTION_MATRIX = [
@@ -841,6 +957,108 @@ FUNCTION_MATRIX = [
         Effect(held=-10, holds=("expired", "released")),
         overdue=True,
     ),
+    Entry(
+        "credit_sync_models(jsonb)",
+        "select public.credit_sync_models($1::jsonb)",
+        ("models",),
+        SERVICE_ONLY,
+    ),
+    Entry(
+        "credit_create_generation(uuid, text, text, jsonb, text)",
+        "select public.credit_create_generation($1, 'test-model', 'a cat', '{\"n\": 1}'::jsonb,"
+        " 'matrix-create')",
+        ("alice",),
+        USER_WRITE,
+        Effect(
+            returns={
+                "replayed": False,
+                "generation": {"model": "test-model", "state": "queued", "cost": 5, "attempts": 0},
+            },
+            held=5,
+            holds=WITH_JOB,
+            generations=QUEUED_JOB,
+        ),
+    ),
+    *generation_entries(
+        "credit_get_generation(uuid, uuid)",
+        "select public.credit_get_generation($1, {owner})",
+        Effect(
+            returns={"model": "test-model", "state": "queued", "cost": 5, "output": None},
+            holds=WITH_JOB,
+        ),
+    ),
+    Entry(
+        "credit_list_generations(uuid, integer, bigint)",
+        "select public.credit_list_generations($1, 10)",
+        ("alice",),
+        USER_READ,
+        Effect(
+            returns=[
+                {"model": "test-model", "state": "queued", "cost": 5, "output": None},
+                {"model": "m", "state": "queued", "cost": 0, "output": None},
+            ],
+            holds=WITH_JOB,
+        ),
+        job="queued",
+    ),
+    *generation_entries(
+        "credit_cancel_generation(uuid, uuid)",
+        "select public.credit_cancel_generation($1, {owner})",
+        Effect(
+            returns={"state": "cancelled", "cost": 5},
+            held=-5,
+            holds=("pending", "released", "released"),
+            generations=(("cancelled", 5), ("queued", 0)),
+        ),
+    ),
+    Entry(
+        "credit_claim_generation(text, integer)",
+        "select public.credit_claim_generation('matrix-worker', 60)",
+        (),
+        SERVICE_ONLY,
+        Effect(
+            returns={"model": "test-model", "prompt": "a cat", "attempt": 1},
+            holds=WITH_JOB,
+            generations=RUNNING_JOB,
+        ),
+        job="queued",
+    ),
+    Entry(
+        "credit_renew_generation_lease(uuid, text, integer)",
+        "select public.credit_renew_generation_lease($1, 'matrix-worker', 60)",
+        ("generation",),
+        SERVICE_ONLY,
+        Effect(returns=True, holds=WITH_JOB),
+        job="running",
+    ),
+    Entry(
+        "credit_complete_generation(uuid, text, text, text)",
+        "select public.credit_complete_generation($1, 'matrix-worker', 'aGk=', 'text/plain')",
+        ("generation",),
+        SERVICE_ONLY,
+        Effect(
+            returns={"charged": True, "generation": {"state": "succeeded", "cost": 5}},
+            balance=-5,
+            held=-5,
+            ledger=(("capture", 5),),
+            holds=("captured", "pending", "released"),
+            generations=(("queued", 0), ("succeeded", 5)),
+        ),
+        job="running",
+    ),
+    Entry(
+        "credit_fail_generation(uuid, text, text, boolean, integer)",
+        "select public.credit_fail_generation($1, 'matrix-worker', 'boom', false, 0)",
+        ("generation",),
+        SERVICE_ONLY,
+        Effect(
+            returns={"state": "failed", "error_message": "boom", "cost": 5},
+            held=-5,
+            holds=("pending", "released", "released"),
+            generations=(("failed", 5), ("queued", 0)),
+        ),
+        job="running",
+    ),
 ]
 
 
@@ -896,19 +1114,44 @@ async def test_function_matrix(
     entry: Entry,
     actor: Actor,
 ) -> None:
+    async with rolled_back(owner):
+        await add_test_model(owner)
+        await park_queue(owner)
+        await check_matrix_entry(owner, alice, bob, target, entry, actor)
+
+
+async def check_matrix_entry(
+    owner: asyncpg.Connection,
+    alice: uuid.UUID,
+    bob: uuid.UUID,
+    target: Target,
+    entry: Entry,
+    actor: Actor,
+) -> None:
     if entry.overdue:
         await owner.execute(
             "update public.credit_holds set expires_at = now() - interval '1 second'"
             " where hold_id = $1",
             target.hold,
         )
+    generation = None
+    if entry.job:
+        generation = await create_generation(owner, alice, "matrix-job")
+    if entry.job == "running":
+        async with as_role(owner, "service_role", SERVICE_CLAIMS) as conn:
+            job = await claim(conn, "matrix-worker")
+        assert job is not None
+        assert (job["generation_id"], job["attempt"]) == (str(generation), 1)
     signup = await owner.fetchval("select signup_credits from credits_private.settings")
+    models = await active_models(owner)
     values = {
         "alice": alice,
         "bob": bob,
         "hold": target.hold,
         "debit": target.debit,
         "signup": signup,
+        "models": json.dumps(models),
+        "generation": generation,
     }
     args = [values[name] for name in entry.args]
     before, bystander = await snapshot(owner, alice), await snapshot(owner, bob)
@@ -922,15 +1165,18 @@ async def test_function_matrix(
             returned = json.loads(value) if isinstance(value, str) else value
         else:
             error = await expect_sqlstate(conn, expected, entry.call, *args)
-        if expected == HOLD_NOT_FOUND:
-            # Another user's hold looks exactly like one that does not exist.
-            unknown = [uuid.uuid4() if name == "hold" else values[name] for name in entry.args]
+        not_found = {HOLD_NOT_FOUND: "hold", GENERATION_NOT_FOUND: "generation"}.get(expected)
+        if not_found:
+            # Another user's hold or generation looks exactly like one that does not exist.
+            unknown = [uuid.uuid4() if name == not_found else values[name] for name in entry.args]
             like = await expect_sqlstate(conn, expected, entry.call, *unknown)
             assert (error.message, error.detail) == (like.message, like.detail)
+    assert await owner.fetchval("select current_user") != role
     after = await snapshot(owner, alice)
 
     assert await snapshot(owner, bob) == bystander
     assert await owner.fetchval("select signup_credits from credits_private.settings") == signup
+    assert await active_models(owner) == models
     if expected != OK:
         assert after == before
         return
@@ -943,7 +1189,14 @@ async def test_function_matrix(
     assert after.ledger[: len(before.ledger)] == before.ledger
     assert [(row[1], row[2]) for row in after.ledger[len(before.ledger) :]] == list(effect.ledger)
     assert tuple(sorted(str(row[1]) for row in after.holds)) == effect.holds
-    assert (after.email, after.generations) == (before.email, before.generations)
+    assert after.email == before.email
+    if effect.generations is None:
+        assert after.generations == before.generations
+    else:
+        assert {row[0] for row in before.generations} <= {row[0] for row in after.generations}
+        assert tuple(sorted((str(row[1]), int(str(row[2]))) for row in after.generations)) == (
+            effect.generations
+        )
 
 
 async def test_function_matrix_covers_every_credit_function(owner: asyncpg.Connection) -> None:
@@ -982,3 +1235,255 @@ async def test_no_session_changes_a_hold_directly(
     async with rolled_back(owner), as_role(owner, role, claims) as conn:
         await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, statement, target.hold)
     assert await snapshot(owner, alice) == before
+
+
+# 14. The model catalogue: every session reads it but anon, and only credit_sync_models writes it.
+
+MODEL_WRITES = [
+    "insert into public.credit_models (model, cost, timeout_seconds, max_attempts)"
+    " values ('evil-model', 1, 1, 1)",
+    "update public.credit_models set cost = 1 where model = 'test-model'",
+    "update public.credit_models set active = false where model = 'test-model'",
+    "delete from public.credit_models where model = 'test-model'",
+]
+
+
+@pytest.mark.parametrize("actor", ["own", "service"])
+async def test_sessions_read_the_model_catalogue(
+    owner: asyncpg.Connection, alice: uuid.UUID, bob: uuid.UUID, actor: Actor
+) -> None:
+    role, claims = session(actor, alice, bob)
+    async with rolled_back(owner):
+        await add_test_model(owner)
+        async with as_role(owner, role, claims) as conn:
+            rows = await conn.fetch(
+                "select model, cost, timeout_seconds, max_attempts, active"
+                " from public.credit_models where model = 'test-model'"
+            )
+    assert [tuple(r) for r in rows] == [("test-model", 5, 30, 2, True)]
+
+
+async def test_anon_cannot_read_the_model_catalogue(owner: asyncpg.Connection) -> None:
+    async with as_role(owner, "anon", ANON_CLAIMS) as conn:
+        await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, "select * from public.credit_models")
+
+
+@pytest.mark.parametrize("actor", ACTORS)
+@pytest.mark.parametrize("statement", MODEL_WRITES)
+async def test_no_session_writes_the_model_catalogue(
+    owner: asyncpg.Connection, alice: uuid.UUID, bob: uuid.UUID, statement: str, actor: Actor
+) -> None:
+    role, claims = session(actor, alice, bob)
+    async with rolled_back(owner):
+        await add_test_model(owner)
+        before = await owner.fetch("select * from public.credit_models order by model")
+        async with as_role(owner, role, claims) as conn:
+            await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, statement)
+        assert await owner.fetch("select * from public.credit_models order by model") == before
+
+
+# 15. The worker's side, as the service: a generation is charged exactly once, on success only.
+#
+# Each test runs in a transaction that is rolled back, with TEST_MODEL in the catalogue and the
+# shared queue parked, so the jobs it creates are the only ones a claim can take and no other
+# session's worker ever sees them. (now() is the transaction's start throughout.)
+
+CAPTURES = """
+    select kind, amount, idempotency_key, transaction_id from public.credit_transactions
+     where user_id = $1 and kind = 'capture' order by seq
+"""
+GENERATION = """
+    select state, attempts, lease_owner, output, output_mime_type, error_message, transaction_id,
+           next_attempt_at > now() as deferred
+      from public.credit_generations where generation_id = $1
+"""
+
+
+@asynccontextmanager
+async def worker_queue(owner: asyncpg.Connection) -> AsyncIterator[asyncpg.Connection]:
+    async with rolled_back(owner):
+        await add_test_model(owner)
+        await park_queue(owner)
+        yield owner
+
+
+async def new_job(owner: asyncpg.Connection, alice: uuid.UUID, request_id: str) -> uuid.UUID:
+    """alice's queued generation of TEST_MODEL, created in her own session."""
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        generation = await create_generation(conn, alice, request_id)
+    money = await snapshot(owner, alice)
+    assert (money.balance, money.held) == (95, 5)
+    return generation
+
+
+def as_service(owner: asyncpg.Connection) -> AbstractAsyncContextManager[Conn]:
+    return as_role(owner, "service_role", SERVICE_CLAIMS)
+
+
+async def test_worker_completes_and_charges_once(
+    owner: asyncpg.Connection, alice: uuid.UUID
+) -> None:
+    async with worker_queue(owner):
+        generation = await new_job(owner, alice, "flow-complete")
+        async with as_service(owner) as conn:
+            job = await claim(conn, "worker-a")
+            assert job == {
+                "generation_id": str(generation),
+                "model": "test-model",
+                "prompt": "a cat",
+                "parameters": {},
+                "attempt": 1,
+            }
+            assert await claim(conn, "worker-b") is None
+            assert await conn.fetchval(
+                "select public.credit_renew_generation_lease($1, 'worker-a', 60)", generation
+            )
+            done = await call(
+                conn,
+                "select public.credit_complete_generation($1, 'worker-a', $2, 'text/plain')",
+                generation,
+                "aGVsbG8=",
+            )
+            again = await call(
+                conn,
+                "select public.credit_complete_generation($1, 'worker-a', $2, 'text/plain')",
+                generation,
+                "aGVsbG8=",
+            )
+        assert done["charged"] is True
+        assert done["generation"]["state"] == "succeeded"
+        assert again["charged"] is False
+        captures = await owner.fetch(CAPTURES, alice)
+        assert [tuple(c)[:3] for c in captures] == [("capture", 5, f"generation:{generation}")]
+        row = await owner.fetchrow(GENERATION, generation)
+        assert row is not None
+        assert (row["state"], row["attempts"], row["lease_owner"]) == ("succeeded", 1, None)
+        assert (bytes(row["output"]), row["output_mime_type"]) == (b"hello", "text/plain")
+        assert row["transaction_id"] == captures[0]["transaction_id"]
+        money = await snapshot(owner, alice)
+        assert (money.balance, money.held) == (90, 0)
+        assert await owner.fetchval(LEDGER_SUM, alice) == 90
+        async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+            seen = await call(conn, "select public.credit_get_generation($1, null)", generation)
+        assert (seen["state"], seen["output"], seen["cost"]) == ("succeeded", "aGVsbG8=", 5)
+
+
+async def test_worker_retries_then_fails_uncharged(
+    owner: asyncpg.Connection, alice: uuid.UUID
+) -> None:
+    async with worker_queue(owner):
+        generation = await new_job(owner, alice, "flow-fail")
+        async with as_service(owner) as conn:
+            first = await claim(conn, "worker-a")
+            assert (first["generation_id"], first["attempt"]) == (str(generation), 1)
+            retried = await call(
+                conn,
+                "select public.credit_fail_generation($1, 'worker-a', 'flaky', true, 60)",
+                generation,
+            )
+            assert (retried["state"], retried["error_message"]) == ("queued", "flaky")
+            assert await claim(conn, "worker-b") is None  # not due yet
+        row = await owner.fetchrow(GENERATION, generation)
+        assert row is not None
+        assert (row["state"], row["attempts"], row["lease_owner"], row["deferred"]) == (
+            "queued",
+            1,
+            None,
+            True,
+        )
+        assert (await snapshot(owner, alice)).held == 5
+        await owner.execute(
+            "update public.credit_generations set next_attempt_at = now() - interval '1s'"
+            " where generation_id = $1",
+            generation,
+        )
+        async with as_service(owner) as conn:
+            second = await claim(conn, "worker-b")
+            assert (second["generation_id"], second["attempt"]) == (str(generation), 2)
+            failed = await call(
+                conn,
+                "select public.credit_fail_generation($1, 'worker-b', 'refused', false, 0)",
+                generation,
+            )
+        assert (failed["state"], failed["error_message"], failed["attempts"]) == (
+            "failed",
+            "refused",
+            2,
+        )
+        money = await snapshot(owner, alice)
+        assert (money.balance, money.held) == (95, 0)
+        assert ("released", 5) in [(h[1], h[2]) for h in money.holds]
+        assert await owner.fetch(CAPTURES, alice) == []
+
+
+async def test_worker_result_after_cancel_is_discarded(
+    owner: asyncpg.Connection, alice: uuid.UUID
+) -> None:
+    async with worker_queue(owner):
+        generation = await new_job(owner, alice, "flow-cancel")
+        async with as_service(owner) as conn:
+            job = await claim(conn, "worker-a")
+            assert job["generation_id"] == str(generation)
+        async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+            cancelled = await call(
+                conn, "select public.credit_cancel_generation($1, null)", generation
+            )
+            assert cancelled["state"] == "cancelled"
+            await expect_sqlstate(
+                conn, "CR010", "select public.credit_cancel_generation($1, null)", generation
+            )
+        async with as_service(owner) as conn:
+            renewed = await conn.fetchval(
+                "select public.credit_renew_generation_lease($1, 'worker-a', 60)", generation
+            )
+            done = await call(
+                conn,
+                "select public.credit_complete_generation($1, 'worker-a', 'aGk=', 'text/plain')",
+                generation,
+            )
+        assert renewed is False
+        assert (done["charged"], done["generation"]["state"]) == (False, "cancelled")
+        row = await owner.fetchrow(GENERATION, generation)
+        assert row is not None
+        assert (row["state"], row["output"], row["transaction_id"]) == ("cancelled", None, None)
+        money = await snapshot(owner, alice)
+        assert (money.balance, money.held) == (95, 0)
+        assert await owner.fetch(CAPTURES, alice) == []
+
+
+async def test_lost_worker_is_replaced_and_only_the_new_one_charges(
+    owner: asyncpg.Connection, alice: uuid.UUID
+) -> None:
+    async with worker_queue(owner):
+        generation = await new_job(owner, alice, "flow-lease")
+        async with as_service(owner) as conn:
+            first = await claim(conn, "worker-a")
+            assert (first["generation_id"], first["attempt"]) == (str(generation), 1)
+            assert await claim(conn, "worker-b") is None  # the lease still holds
+        await owner.execute(
+            "update public.credit_generations set lease_expires_at = now() - interval '1s'"
+            " where generation_id = $1",
+            generation,
+        )
+        complete = "select public.credit_complete_generation($1, $2, 'aGk=', 'text/plain')"
+        async with as_service(owner) as conn:
+            second = await claim(conn, "worker-b")
+            assert (second["generation_id"], second["attempt"]) == (str(generation), 2)
+            renewed = await conn.fetchval(
+                "select public.credit_renew_generation_lease($1, 'worker-a', 60)", generation
+            )
+            late = await call(conn, complete, generation, "worker-a")
+            taken = await conn.fetchrow(GENERATION, generation)
+            assert taken is not None
+            assert (taken["state"], taken["lease_owner"]) == ("running", "worker-b")
+            done = await call(conn, complete, generation, "worker-b")
+            again = await call(conn, complete, generation, "worker-b")
+        assert renewed is False
+        assert (late["charged"], late["generation"]["state"]) == (False, "running")
+        assert (done["charged"], done["generation"]["state"]) == (True, "succeeded")
+        assert again["charged"] is False
+        captures = await owner.fetch(CAPTURES, alice)
+        assert [tuple(c)[:3] for c in captures] == [("capture", 5, f"generation:{generation}")]
+        money = await snapshot(owner, alice)
+        assert (money.balance, money.held) == (90, 0)
+        assert await owner.fetchval(LEDGER_SUM, alice) == 90
