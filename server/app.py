@@ -131,17 +131,9 @@ async def open_store(
     On PostgreSQL (embedded or DATABASE_URL) the service applies the migrations itself; on a
     Supabase project they are applied with the Supabase CLI (see the README).
     """
-    if settings.uses_supabase_api:
-        # resolve() made sure these are set.
-        assert settings.supabase_url is not None
-        assert settings.supabase_anon_key is not None
-        assert settings.supabase_service_role_key is not None
-        transport = SupabaseTransport.connect(
-            settings.supabase_url,
-            anon_key=settings.supabase_anon_key,
-            service_key=settings.supabase_service_role_key,
-        )
-        return transport, None, None
+    project = settings.supabase_project
+    if project is not None:
+        return SupabaseTransport.connect(project), None, None
     database = await embedded.start(settings.data_dir) if settings.embedded else None
     url = database.uri if database is not None else settings.database_url
     assert url is not None

@@ -18,7 +18,7 @@ from postgrest.exceptions import APIError
 from server import errors
 from server.auth.principal import ServicePrincipal
 from server.auth.verifier import TokenVerifier
-from server.config import Settings
+from server.config import Settings, SupabaseProject
 from server.db import migrate
 from server.repository import functions
 from server.repository.transport import CredentialsRejected, Transport
@@ -42,8 +42,9 @@ class Check:
 async def run(settings: Settings, token: str | None = None) -> list[Check]:
     """All checks that apply to `settings` (resolved: embedded secret filled in)."""
     results: list[Check] = []
-    if settings.uses_supabase_api:
-        results += await _supabase_checks(settings)
+    project = settings.supabase_project
+    if project is not None:
+        results += await _supabase_checks(project)
     elif settings.database_url:
         results += await _postgres_checks(settings.database_url)
     else:
@@ -90,20 +91,13 @@ async def _postgres_checks(url: str) -> list[Check]:
         await transport.close()
 
 
-async def _supabase_checks(settings: Settings) -> list[Check]:
-    assert settings.supabase_url is not None
-    assert settings.supabase_anon_key is not None
-    assert settings.supabase_service_role_key is not None
-    transport = SupabaseTransport.connect(
-        settings.supabase_url,
-        anon_key=settings.supabase_anon_key,
-        service_key=settings.supabase_service_role_key,
-    )
+async def _supabase_checks(project: SupabaseProject) -> list[Check]:
+    transport = SupabaseTransport.connect(project)
     try:
         return [
             await _service_probe(transport, "service key accepted"),
             await _migration_probe(transport),
-            await _anon_probe(settings.supabase_url, settings.supabase_anon_key),
+            await _anon_probe(project.url, project.anon_key),
         ]
     finally:
         await transport.close()

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class SupabaseProject:
+    """A Supabase project reached through its REST API."""
+
+    url: str
+    anon_key: str = field(repr=False)
+    service_key: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +57,18 @@ class Settings:
         """True when data goes through the Supabase REST API (DATABASE_URL, if also set, wins:
         it is the shorter path; SUPABASE_URL then still names the JWKS)."""
         return bool(self.supabase_url) and not self.database_url
+
+    @property
+    def supabase_project(self) -> SupabaseProject | None:
+        """The project data goes through, when that is the REST API and all its keys are set."""
+        url, anon, service = (
+            self.supabase_url,
+            self.supabase_anon_key,
+            self.supabase_service_role_key,
+        )
+        if not self.uses_supabase_api or not url or not anon or not service:
+            return None
+        return SupabaseProject(url, anon, service)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -26,6 +26,7 @@ from supabase import AsyncClient, AsyncClientOptions
 
 from server import errors
 from server.auth.principal import UserPrincipal
+from server.config import SupabaseProject
 from server.repository.functions import SqlFunction
 from server.repository.sql_errors import domain_error
 from server.repository.transport import CredentialsRejected
@@ -53,16 +54,14 @@ class SupabaseTransport:
         self._anon_key = anon_key
 
     @classmethod
-    def connect(
-        cls, url: str, *, anon_key: str, service_key: str, timeout: float = 10.0
-    ) -> SupabaseTransport:
+    def connect(cls, project: SupabaseProject, *, timeout: float = 10.0) -> SupabaseTransport:
         http = httpx.AsyncClient(timeout=timeout)
         options = AsyncClientOptions(
             httpx_client=http, auto_refresh_token=False, persist_session=False
         )
-        service = AsyncClient(url, service_key, options)
-        rest_url = url.rstrip("/") + "/rest/v1"
-        return cls(http, service, rest_url, anon_key)
+        service = AsyncClient(project.url, project.service_key, options)
+        rest_url = project.url.rstrip("/") + "/rest/v1"
+        return cls(http, service, rest_url, project.anon_key)
 
     def service(self) -> _Session:
         return self._service
