@@ -273,7 +273,10 @@ $$;
 
 -- Claims the oldest runnable job for `p_worker` under a lease: a queued one that is due, or a
 -- running one whose worker's lease ran out. A job whose hold expired, or whose attempts are used
--- up, ends uncharged instead. Returns the job, or null when there is none.
+-- up, ends uncharged instead. Returns the job, or null when there is none to take now.
+--
+-- Locks go profile first, then generation, as everywhere else, and neither is waited for: a job
+-- whose owner or row another transaction holds is left for the next claim.
 create function public.credit_claim_generation(p_worker text, p_lease_seconds integer)
 returns jsonb
 language plpgsql
@@ -281,48 +284,50 @@ security definer
 set search_path = ''
 as $$
 declare
+  v_candidate record;
   v_generation public.credit_generations;
   v_hold_state text;
 begin
-  loop
-    select * into v_generation from public.credit_generations
+  for v_candidate in
+    select generation_id, user_id from public.credit_generations
      where (state = 'queued' and next_attempt_at <= pg_catalog.now())
         or (state = 'running' and lease_expires_at < pg_catalog.now())
      order by next_attempt_at
-     limit 1
-     for update skip locked;
-    if not found then
-      return null;
-    end if;
-    -- Profiles are locked before generations everywhere else; here the job is locked first,
-    -- so only try the profile: a busy one is skipped this round rather than risk a deadlock.
-    perform 1 from public.credit_profiles where user_id = v_generation.user_id
+     limit 20
+  loop
+    perform 1 from public.credit_profiles where user_id = v_candidate.user_id
        for update skip locked;
-    if found then
-      perform credits_private.expire_holds(v_generation.user_id);
-      select state into v_hold_state from public.credit_holds
-       where hold_id = v_generation.hold_id;
-      if v_hold_state is distinct from 'pending' then
-        perform credits_private.end_uncharged(
-          v_generation, 'failed', 'the reservation expired before the generation could run');
-      elsif v_generation.attempts >= v_generation.max_attempts then
-        perform credits_private.end_uncharged(
-          v_generation, 'failed', 'no attempts left (the last worker was lost)');
-      else
-        update public.credit_generations
-           set state = 'running', attempts = attempts + 1, lease_owner = p_worker,
-               lease_expires_at = pg_catalog.now()
-                 + pg_catalog.make_interval(secs => p_lease_seconds),
-               updated_at = pg_catalog.now()
-         where generation_id = v_generation.generation_id
-        returning * into v_generation;
-        return pg_catalog.jsonb_build_object(
-          'generation_id', v_generation.generation_id, 'model', v_generation.model,
-          'prompt', v_generation.prompt, 'parameters', v_generation.parameters,
-          'attempt', v_generation.attempts);
-      end if;
+    continue when not found;
+    select * into v_generation from public.credit_generations
+     where generation_id = v_candidate.generation_id
+       and ((state = 'queued' and next_attempt_at <= pg_catalog.now())
+            or (state = 'running' and lease_expires_at < pg_catalog.now()))
+       for update skip locked;
+    continue when not found;
+    perform credits_private.expire_holds(v_generation.user_id);
+    select state into v_hold_state from public.credit_holds
+     where hold_id = v_generation.hold_id;
+    if v_hold_state is distinct from 'pending' then
+      perform credits_private.end_uncharged(
+        v_generation, 'failed', 'the reservation expired before the generation could run');
+    elsif v_generation.attempts >= v_generation.max_attempts then
+      perform credits_private.end_uncharged(
+        v_generation, 'failed', 'no attempts left (the last worker was lost)');
+    else
+      update public.credit_generations
+         set state = 'running', attempts = attempts + 1, lease_owner = p_worker,
+             lease_expires_at = pg_catalog.now()
+               + pg_catalog.make_interval(secs => p_lease_seconds),
+             updated_at = pg_catalog.now()
+       where generation_id = v_generation.generation_id
+      returning * into v_generation;
+      return pg_catalog.jsonb_build_object(
+        'generation_id', v_generation.generation_id, 'model', v_generation.model,
+        'prompt', v_generation.prompt, 'parameters', v_generation.parameters,
+        'attempt', v_generation.attempts);
     end if;
   end loop;
+  return null;
 end
 $$;
 
