@@ -3,7 +3,7 @@
 One listening connection per process fans the `credit_generations` notifications out to the
 watchers of each generation, and wakes idle workers when a job is queued. If the connection
 drops, it is opened again; watchers also re-read on a slow timer, so a notification lost in
-between delays a message but never loses it.
+between delays a message but never loses the final state.
 """
 
 from __future__ import annotations
@@ -15,26 +15,57 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
+
+from server.generation.models import GenerationState
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "credit_generations"
 
 
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """A generation's new state and the other fields a transition changes (not the output)."""
+
+    generation_id: uuid.UUID
+    state: GenerationState
+    attempts: int
+    error_message: str
+    transaction_id: uuid.UUID | None
+    output_mime_type: str
+    update_time: datetime
+
+    @classmethod
+    def from_payload(cls, payload: str) -> StateChange:
+        event = json.loads(payload)
+        transaction = event.get("transaction_id")
+        return cls(
+            generation_id=uuid.UUID(event["generation_id"]),
+            state=GenerationState(event["state"]),
+            attempts=int(event["attempts"]),
+            error_message=str(event["error_message"]),
+            transaction_id=uuid.UUID(transaction) if transaction else None,
+            output_mime_type=str(event["output_mime_type"]),
+            update_time=datetime.fromisoformat(event["update_time"]),
+        )
+
+
 class ChangeFeed:
-    """Per-generation queues of new states, and an event set whenever a job is queued."""
+    """Per-generation queues of state changes, and an event set whenever a job is queued."""
 
     def __init__(self) -> None:
-        self._watchers: defaultdict[uuid.UUID, set[asyncio.Queue[str]]] = defaultdict(set)
+        self._watchers: defaultdict[uuid.UUID, set[asyncio.Queue[StateChange]]] = defaultdict(set)
         self.queued = asyncio.Event()
 
     @contextlib.asynccontextmanager
-    async def changes(self, generation_id: uuid.UUID) -> AsyncIterator[asyncio.Queue[str]]:
-        """The states `generation_id` enters from now on, while the context is open."""
-        queue: asyncio.Queue[str] = asyncio.Queue()
+    async def changes(self, generation_id: uuid.UUID) -> AsyncIterator[asyncio.Queue[StateChange]]:
+        """The changes `generation_id` goes through from now on, while the context is open."""
+        queue: asyncio.Queue[StateChange] = asyncio.Queue()
         self._watchers[generation_id].add(queue)
         try:
             yield queue
@@ -43,10 +74,10 @@ class ChangeFeed:
             if not self._watchers[generation_id]:
                 del self._watchers[generation_id]
 
-    def publish(self, generation_id: uuid.UUID, state: str) -> None:
-        for queue in self._watchers.get(generation_id, ()):
-            queue.put_nowait(state)
-        if state == "queued":
+    def publish(self, change: StateChange) -> None:
+        for queue in self._watchers.get(change.generation_id, ()):
+            queue.put_nowait(change)
+        if change.state == GenerationState.QUEUED:
             self.queued.set()
 
 
@@ -95,7 +126,6 @@ class PostgresChangeFeed(ChangeFeed):
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
         try:
-            event = json.loads(str(payload))
-            self.publish(uuid.UUID(event["generation_id"]), event["state"])
+            self.publish(StateChange.from_payload(str(payload)))
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed %s notification", CHANNEL)

@@ -4,7 +4,7 @@ repository. Watching follows the change feed and re-reads the generation at each
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 
@@ -12,7 +12,7 @@ from server import paging
 from server.auth.principal import Principal, UserPrincipal
 from server.credit import access, validation
 from server.errors import InvalidArgument
-from server.generation.events import ChangeFeed
+from server.generation.events import ChangeFeed, StateChange
 from server.generation.models import Generation, GenerationPage, ModelSpec
 from server.repository.generations import GenerationRepository
 
@@ -62,7 +62,7 @@ class Generations:
             request_id=validation.idempotency_key(request_id, "request_id"),
         )
         # Wakes this process's idle workers at once, also where no NOTIFY arrives (Supabase).
-        self._feed.publish(generation.generation_id, generation.state)
+        self._feed.queued.set()
         return generation
 
     async def get(self, principal: Principal, generation_id: str) -> Generation:
@@ -88,20 +88,46 @@ class Generations:
         )
 
     async def watch(self, principal: Principal, generation_id: str) -> AsyncIterator[Generation]:
-        """The generation now, then again at each state change, ending after a final state."""
+        """The generation now, then once per state change, ending after a final state.
+
+        Each change arrives with the fields it altered, so every transition is sent in order
+        (a retry's RUNNING, QUEUED, RUNNING too); the final one is re-read for its output. Where
+        no change arrives for a while (no feed, or a lost notification), it re-reads.
+        """
         target = validation.parse_uuid("generation_id", generation_id)
         owner = _owner(principal)
         async with self._feed.changes(target) as changes:
             current = await self._repository.get(principal, target, owner)
             yield current
             while not current.state.final:
-                with contextlib.suppress(TimeoutError):
+                try:
                     async with asyncio.timeout(self._recheck_seconds):
-                        await changes.get()
-                latest = await self._repository.get(principal, target, owner)
+                        change = await changes.get()
+                except TimeoutError:
+                    latest = await self._repository.get(principal, target, owner)
+                else:
+                    if change.update_time <= current.update_time:
+                        continue  # already in what was sent
+                    latest = (
+                        await self._repository.get(principal, target, owner)
+                        if change.state.final
+                        else _apply(current, change)
+                    )
                 if latest.state != current.state:
                     yield latest
                 current = latest
+
+
+def _apply(generation: Generation, change: StateChange) -> Generation:
+    return dataclasses.replace(
+        generation,
+        state=change.state,
+        attempts=change.attempts,
+        error_message=change.error_message,
+        transaction_id=change.transaction_id,
+        output_mime_type=change.output_mime_type,
+        update_time=change.update_time,
+    )
 
 
 def _owner(principal: Principal) -> uuid.UUID | None:

@@ -4,8 +4,8 @@
 -- released, nor charged twice: every transition locks the owner's profile, then the row, and
 -- checks the state it starts from.
 --
--- Every state change is announced on the channel `credit_generations` (LISTEN/NOTIFY) with
--- {"generation_id", "user_id", "state"}, for watchers and idle workers.
+-- Every state change is announced on the channel `credit_generations` (LISTEN/NOTIFY) with the
+-- generation's changed fields (all but the output), for watchers and idle workers.
 
 -- The catalogue as the SQL needs it: cost, timeout and attempts. The service writes it from its
 -- catalogue file at start-up; provider settings (URLs, keys) never enter the database.
@@ -39,8 +39,13 @@ language plpgsql
 set search_path = ''
 as $$
 begin
+  -- Everything a state change may alter except the output, so that a watcher can send one
+  -- message per change without a read; well below NOTIFY's 8000-byte limit.
   perform pg_catalog.pg_notify('credit_generations', pg_catalog.jsonb_build_object(
-    'generation_id', new.generation_id, 'user_id', new.user_id, 'state', new.state)::text);
+    'generation_id', new.generation_id, 'user_id', new.user_id, 'state', new.state,
+    'attempts', new.attempts, 'error_message', pg_catalog.left(new.error_message, 1000),
+    'transaction_id', new.transaction_id, 'output_mime_type', new.output_mime_type,
+    'update_time', new.updated_at)::text);
   return null;
 end
 $$;

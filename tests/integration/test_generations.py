@@ -145,6 +145,36 @@ async def test_a_successful_generation_is_watched_and_charged_once(
     await cancel_unfinished(generations, [older.generation_id])
 
 
+@pytest.mark.parametrize("server", ["postgres"], indirect=True)
+async def test_a_watch_sends_every_transition_of_a_retried_generation(
+    server: application.Application, credits: CreditStub, generations: GenerationStub
+) -> None:
+    """One message per state change, in order, also the retry's way back to QUEUED (the
+    postgres transport's NOTIFY carries each change; without it a watcher re-reads)."""
+    user = await funded(credits, 100)
+    created = await create(generations, user, parameters={"fail": "first:1", "delay_ms": "300"})
+    call = generations.WatchGeneration(
+        gpb.WatchGenerationRequest(generation_id=created.generation_id),
+        metadata=user.metadata,
+        timeout=15,
+    )
+    first = await call.read()
+    assert first != grpc.aio.EOF
+    messages = [first.generation]
+    async with running_workers(server):
+        while (message := await call.read()) != grpc.aio.EOF:
+            messages.append(message.generation)
+    assert [(m.state, m.attempts) for m in messages] == [
+        (QUEUED, 0),
+        (RUNNING, 1),
+        (QUEUED, 1),
+        (RUNNING, 2),
+        (SUCCEEDED, 2),
+    ]
+    assert "scripted transient failure" in messages[2].error_message
+    assert messages[-1].output.startswith(PNG)
+
+
 async def test_a_final_generation_cannot_be_cancelled(
     credits: CreditStub, generations: GenerationStub
 ) -> None:
