@@ -11,10 +11,10 @@ run: $(STAMP)
 
 test: lint typecheck protos-check pytest
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]' -e clients/python
 	touch $@
 
 gen: $(STAMP)
@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy server tools
+	$(BIN)/mypy clients/python/src
 
 protos-check: $(STAMP)
 	$(BIN)/buf lint

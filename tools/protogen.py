@@ -1,13 +1,17 @@
-"""Generate the Python code of protos/ into gen/python, or check that it is current.
+"""Generate the Python code of protos/, or check that it is current.
 
-`python tools/protogen.py` writes the code; `--check` generates into a scratch directory and
-exits 1 when the committed code differs, so stale stubs fail `make test`.
+Two copies: gen/python (package `credits.v1`, for the server) and the client package's
+`credits_client._proto` (the same code with its imports rewritten, so that the client installs
+without the server and beside it). `python tools/protogen.py` writes both; `--check` generates
+into a scratch directory and exits 1 when the committed code differs, so stale stubs fail
+`make test`.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import re
 import shutil
 import sys
 import tempfile
@@ -18,6 +22,9 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUT = ROOT / "gen" / "python"
+CLIENT_OUT = ROOT / "clients" / "python" / "src" / "credits_client" / "_proto"
+CLIENT_PACKAGE = "credits_client._proto"
+_PROTO_IMPORT = re.compile(r"^from credits\.v1 import ", re.MULTILINE)
 
 
 def generate(out: Path) -> None:
@@ -47,6 +54,22 @@ def generate(out: Path) -> None:
     (out / "credits" / "py.typed").touch()
 
 
+def generate_client(out: Path) -> None:
+    """The server's generated modules, flattened into `out` with imports of the client package."""
+    with tempfile.TemporaryDirectory() as scratch:
+        generate(Path(scratch))
+        out.mkdir(parents=True, exist_ok=True)
+        for source in sorted((Path(scratch) / "credits" / "v1").glob("*_pb2*.py*")):
+            text = _PROTO_IMPORT.sub(f"from {CLIENT_PACKAGE} import ", source.read_text())
+            (out / source.name).write_text(text)
+    (out / "__init__.py").write_text('"""Code generated from protos/credits/v1 (make gen)."""\n')
+
+
+def generate_all(server_out: Path, client_out: Path) -> None:
+    generate(server_out)
+    generate_client(client_out)
+
+
 def differences(left: Path, right: Path) -> list[str]:
     """Paths that differ between two generated trees."""
     cmp = filecmp.dircmp(left, right, ignore=["__pycache__"])
@@ -63,12 +86,16 @@ def main() -> int:
     check = parser.parse_args().check
     if not check:
         shutil.rmtree(OUT, ignore_errors=True)
-        generate(OUT)
+        shutil.rmtree(CLIENT_OUT, ignore_errors=True)
+        generate_all(OUT, CLIENT_OUT)
         return 0
     with tempfile.TemporaryDirectory() as scratch:
-        fresh = Path(scratch)
-        generate(fresh)
-        stale = differences(OUT, fresh) if OUT.exists() else [str(OUT)]
+        server, client = Path(scratch) / "server", Path(scratch) / "client"
+        generate_all(server, client)
+        stale = [
+            *(differences(OUT, server) if OUT.exists() else [str(OUT)]),
+            *(differences(CLIENT_OUT, client) if CLIENT_OUT.exists() else [str(CLIENT_OUT)]),
+        ]
     if stale:
         print("generated code is stale; run `make gen` and commit:", *stale, sep="\n  ")
         return 1

@@ -1,0 +1,1 @@
+"""Code generated from protos/credits/v1 (make gen)."""
