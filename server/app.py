@@ -191,6 +191,28 @@ async def start(settings: Settings) -> Application:
     """Start the database side, then serve; health turns SERVING once everything is ready."""
     settings = resolve(settings)
     backend = await open_backend(settings)
+    try:
+        workers = worker_pool(backend, settings.workers)
+        server, health = await _grpc_server(settings, backend)
+        port = server.add_insecure_port(settings.listen)
+        await server.start()
+    except BaseException:
+        await backend.close()
+        raise
+    app = Application(
+        settings, server, port, health, backend, HoldSweeper(backend.credits), workers
+    )
+    app.sweeper.start()
+    app.workers.start()
+    for name in ("", *SERVICE_NAMES):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return app
+
+
+async def _grpc_server(
+    settings: Settings, backend: Backend
+) -> tuple[grpc.aio.Server, HealthServicer]:
+    """The server with both services, health (NOT_SERVING until told) and reflection."""
     # Without LISTEN (the Supabase API), watchers re-read on a short timer instead.
     recheck = 5.0 if isinstance(backend.feed, PostgresChangeFeed) else 0.5
     generations = Generations(backend.generations, backend.catalogue, backend.feed, recheck)
@@ -215,26 +237,7 @@ async def start(settings: Settings) -> Application:
     )
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    try:
-        port = server.add_insecure_port(settings.listen)
-        await server.start()
-    except BaseException:
-        await backend.close()
-        raise
-    app = Application(
-        settings,
-        server,
-        port,
-        health,
-        backend,
-        HoldSweeper(backend.credits),
-        worker_pool(backend, settings.workers),
-    )
-    app.sweeper.start()
-    app.workers.start()
-    for name in ("", *SERVICE_NAMES):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return app
+    return server, health
 
 
 async def _until_signalled() -> None:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         code: int = args.run(Settings.from_env(), args)
-    except (app.ConfigurationError, ValueError) as error:
+    except (app.ConfigurationError, ValueError, LookupError) as error:
         print(f"credits: {error}", file=sys.stderr)
         return 2
     return code
