@@ -51,6 +51,13 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if all(result.ok for result in results) else 1
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="credits", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -63,7 +70,9 @@ def parser() -> argparse.ArgumentParser:
     who.add_argument("--user", type=uuid.UUID, help="the user's id (default: a new one)")
     who.add_argument("--service", action="store_true", help="a service_role token")
     token.add_argument("--email", default=None, help="the user's email claim")
-    token.add_argument("--ttl-minutes", type=int, default=60, help="lifetime (default 60)")
+    token.add_argument(
+        "--ttl-minutes", type=_positive, default=60, help="lifetime in minutes (default 60)"
+    )
     token.set_defaults(run=_token)
     worker = commands.add_parser(
         "worker", help="run generation workers only (scale them apart from the API)"

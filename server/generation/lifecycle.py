@@ -52,7 +52,8 @@ class Generations:
     ) -> Generation:
         target = access.target_user(principal, user_id)
         if model not in self._catalogue:
-            raise InvalidArgument.one("model", f"is not one of {sorted(self._catalogue)}")
+            offered = ", ".join(sorted(self._catalogue))
+            raise InvalidArgument.one("model", f"is not in the catalogue ({offered})")
         generation = await self._repository.create(
             principal,
             target,
