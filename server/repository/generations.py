@@ -10,13 +10,12 @@ import base64
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 from server.auth.principal import Principal
-from server.generation.models import Generation, GenerationState, ModelSpec
+from server.generation.models import Generation, ModelSpec
 from server.repository import functions
 from server.repository.layered import LayeredRepository
+from server.repository.records import generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,29 +162,3 @@ class GenerationRepository:
             },
         )
         return generation(row)
-
-
-def _uuid_or_none(value: Any) -> uuid.UUID | None:
-    return uuid.UUID(value) if value else None
-
-
-def generation(row: Mapping[str, Any]) -> Generation:
-    output = row.get("output")
-    return Generation(
-        generation_id=uuid.UUID(row["generation_id"]),
-        user_id=uuid.UUID(row["user_id"]),
-        model=row["model"],
-        prompt=row["prompt"],
-        parameters=row["parameters"],
-        state=GenerationState(row["state"]),
-        cost=row["cost"],
-        hold_id=_uuid_or_none(row["hold_id"]),
-        transaction_id=_uuid_or_none(row["transaction_id"]),
-        output=base64.b64decode(output) if output else b"",
-        output_mime_type=row["output_mime_type"],
-        error_message=row["error_message"],
-        attempts=row["attempts"],
-        create_time=datetime.fromisoformat(row["create_time"]),
-        update_time=datetime.fromisoformat(row["update_time"]),
-        seq=row["seq"],
-    )

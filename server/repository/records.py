@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Mapping
 from datetime import datetime
@@ -18,6 +19,7 @@ from server.credit.models import (
     Transaction,
     TransactionKind,
 )
+from server.generation.models import Generation, GenerationState
 
 
 def _uuid_or_none(value: Any) -> uuid.UUID | None:
@@ -89,3 +91,25 @@ def capture(row: Mapping[str, Any]) -> Capture:
 
 def release(row: Mapping[str, Any]) -> Release:
     return Release(hold=hold(row["hold"]), available=row["available"])
+
+
+def generation(row: Mapping[str, Any]) -> Generation:
+    output = row.get("output")
+    return Generation(
+        generation_id=uuid.UUID(row["generation_id"]),
+        user_id=uuid.UUID(row["user_id"]),
+        model=row["model"],
+        prompt=row["prompt"],
+        parameters=row["parameters"],
+        state=GenerationState(row["state"]),
+        cost=row["cost"],
+        hold_id=_uuid_or_none(row["hold_id"]),
+        transaction_id=_uuid_or_none(row["transaction_id"]),
+        output=base64.b64decode(output) if output else b"",
+        output_mime_type=row["output_mime_type"],
+        error_message=row["error_message"],
+        attempts=row["attempts"],
+        create_time=datetime.fromisoformat(row["create_time"]),
+        update_time=datetime.fromisoformat(row["update_time"]),
+        seq=row["seq"],
+    )
