@@ -34,6 +34,7 @@ from server.generation.events import ChangeFeed, PostgresChangeFeed
 from server.generation.lifecycle import Generations
 from server.generation.models import ModelSpec
 from server.generation.worker import Worker, WorkerPool, WorkerSettings, load_providers
+from server.interceptors.access_log import AccessLogInterceptor
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.errors import ErrorInterceptor
 from server.repository.breaker import CredentialBreaker
@@ -217,7 +218,11 @@ async def _grpc_server(
     recheck = 5.0 if isinstance(backend.feed, PostgresChangeFeed) else 0.5
     generations = Generations(backend.generations, backend.catalogue, backend.feed, recheck)
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(TokenVerifier.from_settings(settings)), ErrorInterceptor()]
+        interceptors=[
+            AccessLogInterceptor(),
+            AuthInterceptor(TokenVerifier.from_settings(settings)),
+            ErrorInterceptor(),
+        ]
     )
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
         CreditServicer(CreditLedger(backend.credits)), server

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import uuid
 from datetime import timedelta
@@ -13,6 +12,7 @@ from datetime import timedelta
 from server import app, checks
 from server.auth.tokens import mint_service_token, mint_user_token
 from server.config import Settings
+from server.observability import logs
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -91,11 +91,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs every request of the Supabase transport at INFO: noise, not events.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.configure()
     try:
         code: int = args.run(Settings.from_env(), args)
     except (app.ConfigurationError, ValueError, LookupError) as error:

@@ -18,6 +18,7 @@ from server.api import error_table
 from server.auth.principal import Principal, reset_principal, set_principal
 from server.auth.verifier import TokenVerifier
 from server.interceptors.handlers import Behaviour, Context, Handler, rebuild, wrap
+from server.observability.calls import current_call
 
 PUBLIC_METHOD_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -69,6 +70,9 @@ def _rejection(err: errors.CreditsError) -> Behaviour:
     status = error_table.to_status(err)
 
     async def reject(request: object, context: Context) -> None:
+        record = current_call()
+        if record is not None:
+            record.fail(status.code, err.reason)
         await context.abort_with_status(status)
 
     return reject
@@ -78,6 +82,9 @@ def _rejection(err: errors.CreditsError) -> Behaviour:
 async def _bound(principal: Principal) -> AsyncIterator[None]:
     """`principal` bound to the call's context while the handler runs."""
     token = set_principal(principal)
+    record = current_call()
+    if record is not None:
+        record.identify(principal)
     try:
         yield
     finally:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import grpc.aio
@@ -14,10 +13,9 @@ import grpc.aio
 from server import errors
 from server.api import error_table
 from server.interceptors.handlers import Context, Handler, wrap
+from server.observability.calls import REQUEST_ID_HEADER, current_call
 
 log = logging.getLogger(__name__)
-
-REQUEST_ID_HEADER = "x-request-id"
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -30,31 +28,33 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        request_id = _request_id(handler_call_details.invocation_metadata)
-        return wrap(handler, lambda context: _reported(context, method, request_id))
-
-
-def _request_id(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    for key, value in metadata or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
-    return uuid.uuid4().hex
+        return wrap(handler, lambda context: _reported(context, method))
 
 
 @contextlib.asynccontextmanager
-async def _reported(context: Context, method: str, request_id: str) -> AsyncIterator[None]:
+async def _reported(context: Context, method: str) -> AsyncIterator[None]:
     """Every error the handler raises leaves as a status (an abort is one already)."""
     try:
         yield
     except grpc.aio.AbortError:
         raise
     except errors.CreditsError as error:
-        await _abort(context, error_table.to_status(error), request_id)
+        await _abort(context, error)
     except Exception as error:
+        record = current_call()
+        request_id = record.request_id if record else "-"
         log.error("unexpected error in %s (request %s)", method, request_id, exc_info=error)
-        await _abort(context, error_table.to_status(errors.CreditsError()), request_id)
+        await _abort(context, errors.CreditsError())
 
 
-async def _abort(context: Context, status: grpc.Status, request_id: str) -> None:
-    context.set_trailing_metadata((*status.trailing_metadata, (REQUEST_ID_HEADER, request_id)))
+async def _abort(context: Context, error: errors.CreditsError) -> None:
+    """End the call with `error`'s status, noted on the call's record; the request id also
+    travels in the trailers, where clients read error details."""
+    status = error_table.to_status(error)
+    trailers = tuple(status.trailing_metadata)
+    record = current_call()
+    if record is not None:
+        record.fail(status.code, error.reason)
+        trailers += ((REQUEST_ID_HEADER, record.request_id),)
+    context.set_trailing_metadata(trailers)
     await context.abort(status.code, status.details)

@@ -1,0 +1,1 @@
+"""What operators see: one JSON log line per RPC, with the request id the caller can quote."""
