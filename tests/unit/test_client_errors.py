@@ -65,14 +65,19 @@ def contract_errors(text: str) -> list[tuple[grpc.StatusCode, str]]:
     return pairs
 
 
+def contract_text() -> str:
+    assert CONTRACT.exists(), f"the public contract belongs at {CONTRACT}, beside the repository"
+    return CONTRACT.read_text()
+
+
 def test_contract_table_parses_to_the_known_reasons() -> None:
-    pairs = contract_errors(CONTRACT.read_text())
+    pairs = contract_errors(contract_text())
     assert len(pairs) == 18
     assert (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_CREDITS") in pairs
 
 
 def test_every_reason_of_the_contract_maps_to_its_class() -> None:
-    for code, reason in contract_errors(CONTRACT.read_text()):
+    for code, reason in contract_errors(contract_text()):
         cls = exception_class_for(code, reason)
         assert reason in cls.reasons, (code, reason, cls)
         assert cls.code is code, (code, reason, cls)
