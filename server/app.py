@@ -42,6 +42,7 @@ from server.repository.credits import CreditRepository
 from server.repository.generations import GenerationRepository
 from server.repository.layered import LayeredRepository
 from server.repository.transport import Transport
+from server.tls import server_credentials
 from server.transports.postgres import PostgresTransport
 from server.transports.supabase import SupabaseTransport
 
@@ -191,11 +192,16 @@ def worker_pool(backend: Backend, count: int) -> WorkerPool:
 async def start(settings: Settings) -> Application:
     """Start the database side, then serve; health turns SERVING once everything is ready."""
     settings = resolve(settings)
+    credentials = server_credentials(settings)
     backend = await open_backend(settings)
     try:
         workers = worker_pool(backend, settings.workers)
         server, health = await _grpc_server(settings, backend)
-        port = server.add_insecure_port(settings.listen)
+        port = (
+            server.add_secure_port(settings.listen, credentials)
+            if credentials is not None
+            else server.add_insecure_port(settings.listen)
+        )
         await server.start()
     except BaseException:
         await backend.close()

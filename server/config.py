@@ -42,6 +42,11 @@ class Settings:
     workers: int = 2
     # How long a worker's claim on a job lasts unless renewed (a dead worker's job waits this).
     worker_lease_seconds: int = 30
+    # PEM files: the server's certificate chain and key (TLS), and the CA that signs the
+    # certificates clients must present (mutual TLS). Unset: plaintext.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def __repr__(self) -> str:
         mode = "embedded" if self.embedded else "supabase" if self.uses_supabase_api else "postgres"
@@ -110,7 +115,14 @@ class Settings:
             metrics_listen=get("CREDITS_METRICS_LISTEN"),
             service_api_key=get("CREDITS_SERVICE_API_KEY"),
             breaker_seconds=breaker_seconds,
-            models_path=Path(models) if models else None,
+            models_path=_path(models),
             workers=int(workers),
             worker_lease_seconds=int(lease),
+            tls_cert=_path(get("CREDITS_TLS_CERT")),
+            tls_key=_path(get("CREDITS_TLS_KEY")),
+            tls_client_ca=_path(get("CREDITS_TLS_CLIENT_CA")),
         )
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
