@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import signal
 from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import grpc.aio
@@ -37,6 +38,7 @@ from server.generation.worker import Worker, WorkerPool, WorkerSettings, load_pr
 from server.interceptors.access_log import AccessLogInterceptor
 from server.interceptors.auth import AuthInterceptor
 from server.interceptors.errors import ErrorInterceptor
+from server.observability import metrics
 from server.repository.breaker import CredentialBreaker
 from server.repository.credits import CreditRepository
 from server.repository.generations import GenerationRepository
@@ -90,6 +92,7 @@ class Application:
     backend: Backend
     sweeper: HoldSweeper
     workers: WorkerPool
+    metrics: WSGIServer | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish, then stop the jobs and the database."""
@@ -98,6 +101,10 @@ class Application:
         await self.workers.stop()
         await self.sweeper.stop()
         await self.backend.close()
+        if self.metrics is not None:
+            # shutdown() waits for the serving thread's loop (it polls every half second).
+            await asyncio.to_thread(self.metrics.shutdown)
+            self.metrics.server_close()
 
 
 def resolve(settings: Settings) -> Settings:
@@ -209,6 +216,8 @@ async def start(settings: Settings) -> Application:
     app = Application(
         settings, server, port, health, backend, HoldSweeper(backend.credits), workers
     )
+    if settings.metrics_listen:
+        app.metrics = metrics.serve(settings.metrics_listen)
     app.sweeper.start()
     app.workers.start()
     for name in ("", *SERVICE_NAMES):

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 from server.errors import CreditsError
 from server.generation.events import ChangeFeed
-from server.generation.models import ModelSpec
+from server.generation.models import GenerationState, ModelSpec
 from server.generation.providers import registry
 from server.generation.providers.base import Job, Output, Provider, ProviderError
+from server.observability import metrics
 from server.repository.generations import ClaimedJob, GenerationRepository
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Worker:
                 raise  # the worker itself is stopping: the lease hands the job on
             # The lease keeper stopped the work: the job was cancelled or taken over.
             log.info("generation %s is no longer ours; its work stopped", job.generation_id)
+            metrics.WORKER_OUTCOMES.labels("discarded").inc()
             return
         except ProviderError as error:
             await self._fail(job, str(error), retryable=error.retryable)
@@ -153,6 +155,7 @@ class Worker:
             return
         if not charged:
             log.info("generation %s ended meanwhile; result discarded", job.generation_id)
+        metrics.WORKER_OUTCOMES.labels("succeeded" if charged else "discarded").inc()
 
     async def _fail(self, job: ClaimedJob, message: str, *, retryable: bool) -> None:
         delay = min(
@@ -160,7 +163,7 @@ class Worker:
             self._settings.retry_max_seconds,
         )
         try:
-            await self._repository.fail(
+            ended = await self._repository.fail(
                 job.generation_id,
                 self.name,
                 message[:1000],
@@ -169,6 +172,9 @@ class Worker:
             )
         except CreditsError as error:
             log.warning("cannot record the failure of %s (%s)", job.generation_id, error.reason)
+            return
+        outcome = "retried" if ended.state == GenerationState.QUEUED else "failed"
+        metrics.WORKER_OUTCOMES.labels(outcome).inc()
 
 
 class WorkerPool:

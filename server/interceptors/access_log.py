@@ -1,5 +1,6 @@
 """The outermost interceptor: a request id for every RPC, returned to the caller in the initial
-metadata, and one access-log line when the RPC ends (never a token, key or prompt)."""
+metadata, and one access-log line and the RPC metrics when it ends (never a token, key or
+prompt)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import grpc.aio
 
 from server.interceptors.auth import PUBLIC_METHOD_PREFIXES
 from server.interceptors.handlers import Context, Handler, wrap
+from server.observability import metrics
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord, close_call, open_call
 
 log = logging.getLogger("credits.access")
@@ -58,4 +60,6 @@ async def _logged(context: Context, record: CallRecord) -> AsyncIterator[None]:
         raise
     finally:
         log.info("rpc %s %s", record.method, record.code.name, extra={"fields": record.fields()})
+        metrics.RPCS.labels(record.method, record.code.name).inc()
+        metrics.RPC_SECONDS.labels(record.method).observe(record.elapsed())
         close_call(token)

@@ -36,6 +36,10 @@ class CallRecord:
     def fail(self, code: grpc.StatusCode, reason: str) -> None:
         self.code, self.reason = code, reason
 
+    def elapsed(self) -> float:
+        """Seconds since the call started."""
+        return time.perf_counter() - self.started
+
     def fields(self) -> dict[str, object]:
         """The access-log line's fields."""
         return {
@@ -43,7 +47,7 @@ class CallRecord:
             "method": self.method,
             "code": self.code.name,
             "reason": self.reason,
-            "duration_ms": round((time.perf_counter() - self.started) * 1000, 3),
+            "duration_ms": round(self.elapsed() * 1000, 3),
             "principal": self.principal_kind,
             "user_id": self.user_id,
         }

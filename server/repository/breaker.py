@@ -6,6 +6,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from server.observability import metrics
+
 log = logging.getLogger(__name__)
 
 
@@ -17,6 +19,7 @@ class CredentialBreaker:
         self._clock = clock
         self._open_until = 0.0
         self.trips = 0
+        metrics.BREAKER_OPEN.set_function(lambda: float(self.is_open))
 
     @property
     def is_open(self) -> bool:
@@ -25,6 +28,7 @@ class CredentialBreaker:
     def trip(self, reason: str) -> None:
         if not self.is_open:
             self.trips += 1
+            metrics.CREDENTIAL_REJECTIONS.inc()
             log.error(
                 "service credentials rejected by the database (%s); using the user layer for "
                 "%.0f s. Check SUPABASE_SERVICE_ROLE_KEY / the database role.",

@@ -11,6 +11,7 @@ from typing import Any
 
 from server.auth.principal import Principal, UserPrincipal
 from server.errors import ProfileNotFound, ServiceCredentialsRejected
+from server.observability import metrics
 from server.repository import functions
 from server.repository.breaker import CredentialBreaker
 from server.repository.functions import SqlFunction
@@ -57,6 +58,7 @@ class LayeredRepository:
                 self._breaker.trip(str(rejected))
         if not isinstance(principal, UserPrincipal):
             raise ServiceCredentialsRejected()
+        metrics.USER_LAYER_CALLS.inc()
         return await self._transport.as_user(principal).call(function, args)
 
 

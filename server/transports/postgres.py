@@ -17,6 +17,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from server.auth.principal import UserPrincipal
 from server.errors import BackendUnavailable
+from server.observability import metrics
 from server.repository.functions import SqlFunction
 from server.repository.sql_errors import domain_error
 from server.repository.transport import CredentialsRejected
@@ -68,6 +69,7 @@ class PostgresTransport:
             )
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise _translate(exc) from exc
+        metrics.watch_pool(pool.get_size, pool.get_idle_size)
         return cls(pool)
 
     def service(self) -> _Session:

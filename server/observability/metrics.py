@@ -1,0 +1,53 @@
+"""Prometheus metrics, served on CREDITS_METRICS_LISTEN (off when unset).
+
+RPCs by method and status code with their latency, credential fallbacks and the breaker,
+generation worker outcomes, and the database pool's use. Names are prefixed `credits_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RPCS = Counter("credits_rpcs", "RPCs served, by method and status code", ["method", "code"])
+RPC_SECONDS = Histogram(
+    "credits_rpc_seconds",
+    "Time to serve an RPC, by method",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CREDENTIAL_REJECTIONS = Counter(
+    "credits_service_credential_rejections",
+    "Times the database refused the service credentials (each opens the breaker)",
+)
+BREAKER_OPEN = Gauge(
+    "credits_service_layer_breaker_open",
+    "1 while refused service credentials send calls straight to the user layer",
+)
+USER_LAYER_CALLS = Counter(
+    "credits_user_layer_calls", "Calls served through the caller's own JWT (the fallback layer)"
+)
+WORKER_OUTCOMES = Counter(
+    "credits_generation_attempts",
+    "Generation attempts by outcome: succeeded, failed, retried, discarded",
+    ["outcome"],
+)
+POOL_CONNECTIONS = Gauge(
+    "credits_db_pool_connections", "Database pool connections, by state", ["state"]
+)
+
+
+def watch_pool(size: Callable[[], int], idle: Callable[[], int]) -> None:
+    """Report a connection pool's size and idle connections when scraped."""
+    POOL_CONNECTIONS.labels("open").set_function(size)
+    POOL_CONNECTIONS.labels("idle").set_function(idle)
+
+
+def serve(listen: str) -> WSGIServer:
+    """Serve /metrics on `listen` ("host:port"; port 0 picks one) from a thread of its own;
+    `shutdown()` the server returned to stop it."""
+    host, _, port = listen.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1")
+    return server
