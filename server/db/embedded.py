@@ -37,6 +37,13 @@ def _import_pgserver() -> ModuleType:
     return pgserver
 
 
+def bin_dir() -> Path:
+    """Where the wheel's PostgreSQL programs are (postgres, pg_ctl, psql, pgbench...)."""
+    module = _import_pgserver().__file__
+    assert module is not None  # an installed package, not a namespace
+    return Path(module).parent / "pginstall" / "bin"
+
+
 def _forget_dead_handles(pgserver: ModuleType, pgdata: Path) -> None:
     """Drop pids of dead processes from pgserver's handle list for this data dir.
 
