@@ -29,6 +29,12 @@ BREAKER_OPEN = Gauge(
 USER_LAYER_CALLS = Counter(
     "credits_user_layer_calls", "Calls served through the caller's own JWT (the fallback layer)"
 )
+LEDGER_OPERATIONS = Counter(
+    "credits_ledger_operations",
+    "Money operations done, by kind (debit, grant, refund, reserve, capture, release) and "
+    "whether they were replays of an earlier call",
+    ["kind", "replayed"],
+)
 WORKER_OUTCOMES = Counter(
     "credits_generation_attempts",
     "Generation attempts by outcome: succeeded, failed, retried, discarded",

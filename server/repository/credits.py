@@ -16,6 +16,7 @@ from server.credit.models import (
     Transaction,
     TransactionFilter,
 )
+from server.observability import metrics
 from server.repository import functions, records
 from server.repository.layered import LayeredRepository
 
@@ -86,7 +87,9 @@ class CreditRepository:
                 "p_description": description,
             },
         )
-        return records.reservation(row)
+        reservation = records.reservation(row)
+        _count("reserve", reservation.replayed)
+        return reservation
 
     async def capture(
         self,
@@ -107,7 +110,9 @@ class CreditRepository:
                 "p_idempotency_key": idempotency_key,
             },
         )
-        return records.capture(row)
+        capture = records.capture(row)
+        _count("capture", capture.replayed)
+        return capture
 
     async def release(
         self, principal: Principal, hold_id: uuid.UUID, owner: uuid.UUID | None
@@ -115,7 +120,9 @@ class CreditRepository:
         row = await self._layers.call(
             principal, functions.RELEASE, {"p_hold_id": hold_id, "p_owner": owner}
         )
-        return records.release(row)
+        release = records.release(row)
+        _count("release", replayed=False)
+        return release
 
     async def refund(
         self,
@@ -138,7 +145,9 @@ class CreditRepository:
                 "p_description": description,
             },
         )
-        return records.ledger_result(row)
+        result = records.ledger_result(row)
+        _count("refund", result.replayed)
+        return result
 
     async def expire_holds(self, users: int) -> int:
         """Marks overdue holds expired for up to `users` users (bookkeeping; service role)."""
@@ -163,4 +172,10 @@ class CreditRepository:
                 "p_metadata": dict(movement.metadata),
             },
         )
-        return records.ledger_result(row)
+        result = records.ledger_result(row)
+        _count(result.transaction.kind, result.replayed)
+        return result
+
+
+def _count(kind: str, replayed: bool) -> None:
+    metrics.LEDGER_OPERATIONS.labels(kind, "true" if replayed else "false").inc()

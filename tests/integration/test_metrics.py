@@ -63,6 +63,12 @@ async def test_rpcs_are_counted_by_method_and_code_and_timed(
             )
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.GetBalance(pb.GetBalanceRequest(), metadata=SERVICE)
+        grant = pb.GrantCreditsRequest(user_id=user.user_id, amount=5, idempotency_key="g")
+        for _ in range(2):
+            await stub.GrantCredits(grant, metadata=SERVICE)
+        await stub.DebitCredits(
+            pb.DebitCreditsRequest(amount=2, idempotency_key="d"), metadata=user.metadata
+        )
     after = await scrape(observed)
 
     def grew(name: str, labels: tuple[str, ...]) -> float:
@@ -72,6 +78,9 @@ async def test_rpcs_are_counted_by_method_and_code_and_timed(
     assert grew("credits_rpcs_total", ("FAILED_PRECONDITION", DEBIT)) == 1
     assert grew("credits_rpcs_total", ("INVALID_ARGUMENT", GET_BALANCE)) == 1
     assert grew("credits_rpc_seconds_count", (GET_BALANCE,)) == 4
+    assert grew("credits_ledger_operations_total", ("grant", "false")) == 1
+    assert grew("credits_ledger_operations_total", ("grant", "true")) == 1
+    assert grew("credits_ledger_operations_total", ("debit", "false")) == 1
     assert after[("credits_db_pool_connections", ("open",))] >= 1
     assert ("credits_service_layer_breaker_open", ()) in after
 
