@@ -118,8 +118,11 @@ async def test_sync_client_every_rpc(server: application.Application) -> None:
             kinds = [tx.kind for tx in me.list_transactions().transactions]
             assert kinds.count(t.TRANSACTION_KIND_DEBIT) == 1
             assert me.list_models().models
-            doomed = me.create_generation(model=MODEL, prompt="no").generation
-            me.cancel_generation(generation_id=doomed.generation_id)
+            # Slow enough that the workers running meanwhile cannot finish it before the cancel.
+            slow = {"delay_ms": "4000"}
+            doomed = me.create_generation(model=MODEL, prompt="no", parameters=slow).generation
+            cancelled = me.cancel_generation(generation_id=doomed.generation_id)
+            assert cancelled.generation.state == t.GENERATION_STATE_CANCELLED
             made = me.create_generation(model=MODEL, prompt="a dog").generation
             assert me.get_generation(generation_id=made.generation_id).generation.prompt == "a dog"
             assert len(me.list_generations().generations) == 2
