@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -93,11 +94,16 @@ class Application:
     sweeper: HoldSweeper
     workers: WorkerPool
     metrics: WSGIServer | None = None
+    queue_tracker: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish, then stop the jobs and the database."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.queue_tracker is not None:
+            self.queue_tracker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.queue_tracker
         await self.workers.stop()
         await self.sweeper.stop()
         await self.backend.close()
@@ -218,6 +224,9 @@ async def start(settings: Settings) -> Application:
     )
     if settings.metrics_listen:
         app.metrics = metrics.serve(settings.metrics_listen)
+        app.queue_tracker = asyncio.create_task(
+            metrics.track_queue(backend.generations.queue_stats), name="queue-metrics"
+        )
     app.sweeper.start()
     app.workers.start()
     for name in ("", *SERVICE_NAMES):

@@ -1,15 +1,26 @@
 """Prometheus metrics, served on CREDITS_METRICS_LISTEN (off when unset).
 
-RPCs by method and status code with their latency, credential fallbacks and the breaker,
-generation worker outcomes, and the database pool's use. Names are prefixed `credits_`.
+RPCs by method and status code with their latency, credential fallbacks and the breaker, ledger
+operations, the generation queue and worker outcomes, and the database pool's use. Names are
+prefixed `credits_`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from server.errors import CreditsError
+
+if TYPE_CHECKING:
+    from server.repository.generations import QueueStats
+
+log = logging.getLogger(__name__)
 
 RPCS = Counter("credits_rpcs", "RPCs served, by method and status code", ["method", "code"])
 RPC_SECONDS = Histogram(
@@ -40,6 +51,12 @@ WORKER_OUTCOMES = Counter(
     "Generation attempts by outcome: succeeded, failed, retried, discarded",
     ["outcome"],
 )
+GENERATION_QUEUE = Gauge(
+    "credits_generation_queue", "Generations waiting or being worked on, by state", ["state"]
+)
+OLDEST_QUEUED_SECONDS = Gauge(
+    "credits_generation_oldest_queued_seconds", "How long the oldest queued generation has waited"
+)
 POOL_CONNECTIONS = Gauge(
     "credits_db_pool_connections", "Database pool connections, by state", ["state"]
 )
@@ -49,6 +66,20 @@ def watch_pool(size: Callable[[], int], idle: Callable[[], int]) -> None:
     """Report a connection pool's size and idle connections when scraped."""
     POOL_CONNECTIONS.labels("open").set_function(size)
     POOL_CONNECTIONS.labels("idle").set_function(idle)
+
+
+async def track_queue(read: Callable[[], Awaitable[QueueStats]], interval: float = 2.0) -> None:
+    """Keep the queue gauges current (the database is asked; a scrape cannot wait for it)."""
+    while True:
+        try:
+            stats = await read()
+        except CreditsError as error:
+            log.warning("cannot read the generation queue (%s)", error.reason)
+        else:
+            GENERATION_QUEUE.labels("queued").set(stats.queued)
+            GENERATION_QUEUE.labels("running").set(stats.running)
+            OLDEST_QUEUED_SECONDS.set(stats.oldest_queued_seconds)
+        await asyncio.sleep(interval)
 
 
 def serve(listen: str) -> WSGIServer:

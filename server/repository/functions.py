@@ -61,3 +61,4 @@ FAIL_GENERATION = SqlFunction(
     "credit_fail_generation",
     ("p_generation_id", "p_worker", "p_error", "p_retryable", "p_retry_delay_seconds"),
 )
+QUEUE_STATS = SqlFunction("credit_queue_stats", ())

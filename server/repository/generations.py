@@ -29,6 +29,13 @@ class ClaimedJob:
     attempt: int
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    queued: int
+    running: int
+    oldest_queued_seconds: float
+
+
 class GenerationRepository:
     def __init__(self, layers: LayeredRepository) -> None:
         self._layers = layers
@@ -98,6 +105,10 @@ class GenerationRepository:
             {"p_generation_id": generation_id, "p_owner": owner},
         )
         return generation(row)
+
+    async def queue_stats(self) -> QueueStats:
+        row = await self._layers.call_as_service(functions.QUEUE_STATS, {})
+        return QueueStats(row["queued"], row["running"], float(row["oldest_queued_seconds"]))
 
     # The worker's side (service role only).
 

@@ -426,6 +426,22 @@ begin
 end
 $$;
 
+-- The queue as operators watch it (service only): jobs queued and running, and how long the
+-- oldest queued job has waited.
+create function public.credit_queue_stats() returns jsonb
+language sql stable
+security definer
+set search_path = ''
+as $$
+  select pg_catalog.jsonb_build_object(
+    'queued', pg_catalog.count(*) filter (where state = 'queued'),
+    'running', pg_catalog.count(*) filter (where state = 'running'),
+    'oldest_queued_seconds', coalesce(pg_catalog.date_part('epoch', pg_catalog.now()
+      - pg_catalog.min(created_at) filter (where state = 'queued')), 0))
+  from public.credit_generations
+  where state in ('queued', 'running')
+$$;
+
 -- New functions are executable by PUBLIC by default: take that back here too.
 revoke execute on all functions in schema credits_private from public;
 grant execute on function credits_private.generation_json(public.credit_generations, boolean)
@@ -439,7 +455,8 @@ revoke execute on function
   public.credit_claim_generation(text, integer),
   public.credit_renew_generation_lease(uuid, text, integer),
   public.credit_complete_generation(uuid, text, text, text),
-  public.credit_fail_generation(uuid, text, text, boolean, integer)
+  public.credit_fail_generation(uuid, text, text, boolean, integer),
+  public.credit_queue_stats()
   from public, anon, authenticated;
 grant execute on function
   public.credit_create_generation(uuid, text, text, jsonb, text),
@@ -452,5 +469,6 @@ grant execute on function
   public.credit_claim_generation(text, integer),
   public.credit_renew_generation_lease(uuid, text, integer),
   public.credit_complete_generation(uuid, text, text, text),
-  public.credit_fail_generation(uuid, text, text, boolean, integer)
+  public.credit_fail_generation(uuid, text, text, boolean, integer),
+  public.credit_queue_stats()
   to service_role;

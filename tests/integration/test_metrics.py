@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from credits.v1 import credit_service_pb2 as pb
-from credits.v1 import credit_service_pb2_grpc
+from credits.v1 import credit_service_pb2_grpc, generation_service_pb2_grpc
+from credits.v1 import generation_service_pb2 as gpb
 from server import app as application
 from tests.fakes.supabase import FakeSupabase
 from tests.fixtures.server import SERVICE, new_user, settings_for
@@ -96,3 +98,37 @@ async def test_metrics_stop_with_the_server(database_url: str, supabase: FakeSup
     async with httpx.AsyncClient() as http:
         with pytest.raises(httpx.ConnectError):
             await http.get(f"http://127.0.0.1:{port}/metrics")
+
+
+async def test_the_generation_queue_is_measured(observed: application.Application) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{observed.port}") as channel:
+        credits = credit_service_pb2_grpc.CreditServiceStub(channel)
+        generations = generation_service_pb2_grpc.GenerationServiceStub(channel)
+        user = new_user()
+        await credits.GetBalance(pb.GetBalanceRequest(), metadata=user.metadata)
+        await credits.GrantCredits(
+            pb.GrantCreditsRequest(user_id=user.user_id, amount=50, idempotency_key="seed"),
+            metadata=SERVICE,
+        )
+        created = []
+        for i in range(3):
+            reply = await generations.CreateGeneration(
+                gpb.CreateGenerationRequest(model="test-image", prompt="p", request_id=f"q{i}"),
+                metadata=user.metadata,
+            )
+            created.append(reply.generation.generation_id)
+        try:
+            # No workers run in test servers: the three wait, and the gauges say so.
+            for _ in range(50):
+                samples = await scrape(observed)
+                if samples[("credits_generation_queue", ("queued",))] >= 3:
+                    break
+                await asyncio.sleep(0.2)
+            assert samples[("credits_generation_queue", ("queued",))] >= 3
+            assert samples[("credits_generation_oldest_queued_seconds", ())] > 0
+        finally:
+            for generation_id in created:
+                await generations.CancelGeneration(
+                    gpb.CancelGenerationRequest(generation_id=generation_id),
+                    metadata=user.metadata,
+                )

@@ -957,6 +957,7 @@ FUNCTION_MATRIX = [
         Effect(held=-10, holds=("expired", "released")),
         overdue=True,
     ),
+    Entry("credit_queue_stats()", "select public.credit_queue_stats()", (), SERVICE_ONLY),
     Entry(
         "credit_sync_models(jsonb)",
         "select public.credit_sync_models($1::jsonb)",
