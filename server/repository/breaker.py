@@ -18,7 +18,6 @@ class CredentialBreaker:
         self._cooldown = cooldown
         self._clock = clock
         self._open_until = 0.0
-        self.trips = 0
         metrics.BREAKER_OPEN.set_function(lambda: float(self.is_open))
 
     @property
@@ -27,7 +26,6 @@ class CredentialBreaker:
 
     def trip(self, reason: str) -> None:
         if not self.is_open:
-            self.trips += 1
             metrics.CREDENTIAL_REJECTIONS.inc()
             log.error(
                 "service credentials rejected by the database (%s); using the user layer for "
