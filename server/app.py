@@ -22,6 +22,7 @@ from credits.v1 import (
     generation_service_pb2,
     generation_service_pb2_grpc,
 )
+from server import serving
 from server.api.credit_servicer import CreditServicer
 from server.api.generation_servicer import GenerationServicer
 from server.auth.secret_store import load_or_create_jwt_secret
@@ -246,7 +247,9 @@ async def _grpc_server(
             AccessLogInterceptor(),
             AuthInterceptor(TokenVerifier.from_settings(settings)),
             ErrorInterceptor(),
-        ]
+        ],
+        options=serving.channel_options(settings),
+        compression=serving.compression(settings),
     )
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
         CreditServicer(CreditLedger(backend.credits)), server

@@ -15,7 +15,7 @@ import jwt
 from postgrest import AsyncPostgrestClient
 from postgrest.exceptions import APIError
 
-from server import errors
+from server import errors, serving
 from server.auth.principal import ServicePrincipal
 from server.auth.verifier import TokenVerifier
 from server.config import Settings, SupabaseProject
@@ -59,6 +59,8 @@ async def run(settings: Settings, token: str | None = None) -> list[Check]:
     results.append(await _jwks_check(settings))
     if token is not None:
         results.append(await _token_check(settings, token))
+    # Bad values never get here (Settings.from_env refuses them); this says what will be used.
+    results.append(Check("serving", True, serving.describe(settings)))
     return results
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+MIB = 1024 * 1024
+COMPRESSIONS = ("none", "gzip", "deflate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,19 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Serving options of the gRPC server (server/serving.py turns them into channel options).
+    max_receive_message_bytes: int = 4 * MIB
+    # Generation outputs are bytes: answers may be larger than requests.
+    max_send_message_bytes: int = 16 * MIB
+    # How often the server pings an idle connection, and how long it waits for the answer.
+    keepalive_seconds: int = 60
+    keepalive_timeout_seconds: int = 20
+    # Concurrent calls per client connection.
+    max_concurrent_streams: int = 100
+    # How the server compresses its responses: none, gzip or deflate.
+    compression: str = "none"
+    # Server processes `credits serve` runs on the one port (SO_REUSEPORT).
+    processes: int = 1
 
     def __repr__(self) -> str:
         mode = "embedded" if self.embedded else "supabase" if self.uses_supabase_api else "postgres"
@@ -101,6 +117,9 @@ class Settings:
             breaker_seconds = float(breaker)
         except ValueError:
             raise ValueError("CREDITS_BREAKER_SECONDS must be a number of seconds") from None
+        compression = (get("CREDITS_COMPRESSION") or "none").lower()
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"CREDITS_COMPRESSION must be one of {', '.join(COMPRESSIONS)}")
         return cls(
             listen=get("CREDITS_LISTEN") or "127.0.0.1:50051",
             database_url=get("DATABASE_URL"),
@@ -121,7 +140,24 @@ class Settings:
             tls_cert=_path(get("CREDITS_TLS_CERT")),
             tls_key=_path(get("CREDITS_TLS_KEY")),
             tls_client_ca=_path(get("CREDITS_TLS_CLIENT_CA")),
+            max_receive_message_bytes=_whole(get, "CREDITS_MAX_RECEIVE_MESSAGE_BYTES", 4 * MIB),
+            max_send_message_bytes=_whole(get, "CREDITS_MAX_SEND_MESSAGE_BYTES", 16 * MIB),
+            keepalive_seconds=_whole(get, "CREDITS_KEEPALIVE_SECONDS", 60),
+            keepalive_timeout_seconds=_whole(get, "CREDITS_KEEPALIVE_TIMEOUT_SECONDS", 20),
+            max_concurrent_streams=_whole(get, "CREDITS_MAX_CONCURRENT_STREAMS", 100),
+            compression=compression,
+            processes=_whole(get, "CREDITS_PROCESSES", 1),
         )
+
+
+def _whole(get: Callable[[str], str | None], name: str, default: int) -> int:
+    """The variable `name` as a whole number >= 1, or `default` when unset."""
+    text = get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise ValueError(f"{name} must be a whole number >= 1 (got {text!r})")
+    return int(text)
 
 
 def _path(value: str | None) -> Path | None:

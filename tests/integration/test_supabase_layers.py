@@ -199,6 +199,7 @@ async def test_check_config_passes_on_a_healthy_project(deployment: Deployment) 
         ("migrations applied", True),
         ("anon key accepted", True),
         ("token keys", True),
+        ("serving", True),
     ]
 
 

@@ -1,0 +1,62 @@
+"""The grpc.aio server's channel options and compression, from the settings.
+
+Option names are gRPC core's channel arguments (grpc_types.h, doc/keepalive.md). Besides what
+the settings name, the server accepts client keepalive pings every 10 s or slower, with or
+without calls in flight, so a client that keeps its connection alive is not sent GOAWAY
+`too_many_pings`; and it binds with SO_REUSEPORT so several processes can share the port.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from server.config import Settings
+
+# The most often a client may ping an idle connection (gRPC core's default is 5 minutes; grpc-java
+# clients may not ask for less than 10 s).
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+
+_COMPRESSION = {
+    "none": grpc.Compression.NoCompression,
+    "gzip": grpc.Compression.Gzip,
+    "deflate": grpc.Compression.Deflate,
+}
+
+ChannelOption = tuple[str, int]
+
+
+def channel_options(settings: Settings) -> list[ChannelOption]:
+    """The server's channel arguments for `settings`."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ("grpc.keepalive_time_ms", settings.keepalive_seconds * 1000),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_seconds * 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.so_reuseport", 1),
+    ]
+
+
+def compression(settings: Settings) -> grpc.Compression:
+    """How the server compresses its responses (`CREDITS_COMPRESSION`)."""
+    return _COMPRESSION[settings.compression]
+
+
+def describe(settings: Settings) -> str:
+    """The serving options in one line, for `credits check-config`."""
+    processes = f"{settings.processes} process{'es' if settings.processes > 1 else ''}"
+    return (
+        f"{processes} on {settings.listen}; messages up to "
+        f"{_size(settings.max_receive_message_bytes)} in, "
+        f"{_size(settings.max_send_message_bytes)} out; keepalive every "
+        f"{settings.keepalive_seconds} s (timeout {settings.keepalive_timeout_seconds} s); "
+        f"{settings.max_concurrent_streams} streams per connection; "
+        f"compression {settings.compression}"
+    )
+
+
+def _size(count: int) -> str:
+    mib, rest = divmod(count, 1024 * 1024)
+    return f"{mib} MiB" if mib and not rest else f"{count} bytes"
