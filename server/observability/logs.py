@@ -1,7 +1,8 @@
 """Logs as one JSON object per line, for `credits serve` and `credits worker`.
 
-Each line has time, level, logger and message, plus the structured fields a record carries in
-`extra={"fields": {...}}` (the access log's request id, method, code, duration, principal).
+Each line has time, level, logger, message and the process id (several server processes may
+share one log), plus the structured fields a record carries in `extra={"fields": {...}}` (the
+access log's request id, method, code, duration, principal).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import grpc
@@ -51,6 +52,7 @@ async def test_a_call_is_logged_once_with_the_callers_request_id(
     assert isinstance(line["duration_ms"], float)
     assert line["duration_ms"] >= 0
     assert line["level"] == "info"
+    assert line["pid"] == os.getpid()
 
 
 async def test_a_request_id_is_made_when_the_caller_sends_none(
