@@ -9,13 +9,15 @@ import sys
 import uuid
 from datetime import timedelta
 
-from server import app, checks
+from server import app, checks, processes
 from server.auth.tokens import mint_service_token, mint_user_token
 from server.config import Settings
 from server.observability import logs
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.processes > 1:
+        return processes.supervise(settings)
     asyncio.run(app.serve(settings))
     return 0
 

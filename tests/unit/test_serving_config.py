@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from server import serving
+from server import processes, serving
 from server.config import MIB, Settings
 
 
@@ -114,3 +114,19 @@ def test_check_config_describes_the_serving_options() -> None:
         "2 processes on 127.0.0.1:50051; messages up to 1000 bytes in, 16 MiB out; keepalive "
         "every 60 s (timeout 20 s); 100 streams per connection; compression none"
     )
+
+
+@pytest.mark.parametrize(
+    ("listen", "index", "expected"),
+    [
+        (None, 1, None),
+        ("127.0.0.1:9100", 0, "127.0.0.1:9100"),
+        ("127.0.0.1:9100", 2, "127.0.0.1:9102"),
+        ("0.0.0.0:0", 3, "0.0.0.0:0"),
+    ],
+)
+def test_child_i_serves_metrics_on_port_plus_i(
+    listen: str | None, index: int, expected: str | None
+) -> None:
+    settings = Settings(metrics_listen=listen, processes=4)
+    assert processes.child_settings(settings, index).metrics_listen == expected
