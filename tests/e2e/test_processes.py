@@ -136,7 +136,18 @@ def test_a_killed_child_is_restarted_and_the_service_keeps_answering(
     before = child_pids(served)
     victim = before[1]
     os.kill(victim, signal.SIGKILL)
-    assert wait_gone(victim, 10.0)
+    # Not wait_gone(): the main thread turns zombie while the others still hold the listening
+    # socket (connections queued there then are reset). The supervisor's line comes once the
+    # whole process is gone.
+    eventually(
+        lambda: any(
+            f"(pid {victim}) exited with -9: restarting" in str(line["message"])
+            for line in log_lines(served)
+        ),
+        10.0,
+        "the supervisor saw the kill",
+        served,
+    )
     # Every call is answered meanwhile: by the other process (or by 1's successor, if quick).
     meanwhile = balance_on_fresh_connections(served, token, "meanwhile")
     assert victim not in meanwhile
@@ -147,10 +158,6 @@ def test_a_killed_child_is_restarted_and_the_service_keeps_answering(
     after = child_pids(served)
     assert after[0] == before[0]
     assert pid_alive(after[1])
-    assert any(
-        "process 1" in str(line["message"]) and "restarting" in str(line["message"])
-        for line in log_lines(served)
-    ), served.describe()
     assert balance_on_fresh_connections(served, token, "after") == set(after.values())
 
 
