@@ -3,7 +3,8 @@
 Option names are gRPC core's channel arguments (grpc_types.h, doc/keepalive.md). Besides what
 the settings name, the server accepts client keepalive pings every 10 s or slower, with or
 without calls in flight, so a client that keeps its connection alive is not sent GOAWAY
-`too_many_pings`; and it binds with SO_REUSEPORT so several processes can share the port.
+`too_many_pings`; it enforces the stream limit the way HTTP/2 clients expect (queue, not
+refuse); and it binds with SO_REUSEPORT so several processes can share the port.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def channel_options(settings: Settings) -> list[ChannelOption]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        # Count streams as HTTP/2 does. gRPC core's default "overload protection" also counts
+        # streams the client already saw finish, and refuses new ones (RST_STREAM
+        # REFUSED_STREAM, an UNAVAILABLE error) from a client that keeps within the limit;
+        # without it, calls above the limit wait in the client for a free stream.
+        ("grpc.http.overload_protection", 0),
         ("grpc.so_reuseport", 1),
     ]
 
@@ -48,7 +54,7 @@ def describe(settings: Settings) -> str:
     """The serving options in one line, for `credits check-config`."""
     processes = f"{settings.processes} process{'es' if settings.processes > 1 else ''}"
     return (
-        f"{processes} on {settings.listen}; messages up to "
+        f"{processes}; messages up to "
         f"{_size(settings.max_receive_message_bytes)} in, "
         f"{_size(settings.max_send_message_bytes)} out; keepalive every "
         f"{settings.keepalive_seconds} s (timeout {settings.keepalive_timeout_seconds} s); "

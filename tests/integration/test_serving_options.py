@@ -165,3 +165,23 @@ async def test_gzip_compression_shrinks_responses_on_the_wire(database_url: str)
     # Uncompressed, the whole message crosses the wire; gzip sends a small fraction of it.
     assert plain_bytes >= size, (plain_bytes, size)
     assert gzip_bytes < size / 4, (gzip_bytes, size)
+
+
+async def test_calls_above_the_stream_limit_wait_for_a_stream_instead_of_failing(
+    database_url: str,
+) -> None:
+    user = new_user()
+    async with (
+        _serving(_settings(database_url, max_concurrent_streams=4)) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel,
+    ):
+        stub = credit_service_pb2_grpc.CreditServiceStub(channel)
+        answers = await asyncio.gather(
+            *(
+                stub.GetBalance(pb.GetBalanceRequest(), metadata=user.metadata, timeout=30)
+                for _ in range(200)
+            ),
+            return_exceptions=True,
+        )
+    failures = [answer for answer in answers if isinstance(answer, BaseException)]
+    assert failures == []

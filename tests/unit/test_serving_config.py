@@ -89,6 +89,7 @@ def test_channel_options_carry_the_settings() -> None:
         "grpc.keepalive_permit_without_calls": 1,
         "grpc.http2.min_ping_interval_without_data_ms": serving.MIN_CLIENT_PING_INTERVAL_MS,
         "grpc.max_concurrent_streams": 12,
+        "grpc.http.overload_protection": 0,
         "grpc.so_reuseport": 1,
     }
 
@@ -111,7 +112,7 @@ def test_check_config_describes_the_serving_options() -> None:
         {"CREDITS_PROCESSES": "2", "CREDITS_MAX_RECEIVE_MESSAGE_BYTES": "1000"}
     )
     assert serving.describe(settings) == (
-        "2 processes on 127.0.0.1:50051; messages up to 1000 bytes in, 16 MiB out; keepalive "
+        "2 processes; messages up to 1000 bytes in, 16 MiB out; keepalive "
         "every 60 s (timeout 20 s); 100 streams per connection; compression none"
     )
 
