@@ -16,6 +16,7 @@ from typing import Any
 import jwt
 
 from server import errors
+from server.auth.cache import VerifiedTokens
 from server.auth.principal import Principal, ServicePrincipal, UserPrincipal
 from server.config import Settings
 
@@ -50,6 +51,7 @@ class TokenVerifier:
         leeway: float = 10.0,
         jwks_lifespan: float = 600.0,
         jwks_timeout: float = 5.0,
+        cache: VerifiedTokens | None = None,
     ) -> None:
         self._secret = hs256_secret.encode() if hs256_secret else None
         self._audience = audience
@@ -62,6 +64,7 @@ class TokenVerifier:
             if jwks_url
             else None
         )
+        self._verified = cache if cache is not None else VerifiedTokens()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
@@ -84,16 +87,23 @@ class TokenVerifier:
         return await self.verify(bearer_token(authorization))
 
     async def verify(self, token: str) -> Principal:
-        """The principal a bare token stands for. JWKS lookups run in a thread."""
+        """The principal a bare token stands for. JWKS lookups run in a thread; a token that
+        verified is remembered until it expires."""
         if self._is_service_key(token):
             return ServicePrincipal()
+        known = self._verified.get(token)
+        if known is not None:
+            return known
         alg, kid = self._read_header(token)
         key: bytes | jwt.PyJWK
         if alg == HS256 and self._secret is not None:
             key = self._secret
         else:
             key = await asyncio.to_thread(self._jwks_key, alg, kid)
-        return self._principal(token, self._decode(token, key, alg))
+        claims = self._decode(token, key, alg)
+        principal = self._principal(token, claims)
+        self._verified.put(token, principal, float(claims["exp"]))
+        return principal
 
     def _is_service_key(self, token: str) -> bool:
         # Compare against every key, without stopping early, so timing shows no match position.
