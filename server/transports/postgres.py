@@ -40,6 +40,12 @@ def _statement(function: SqlFunction) -> str:
     return f"select public.{function.name}({args})"
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset when a connection goes back to the pool: calls never change session state
+    (the user context is transaction-local), and asyncpg still rolls back an open transaction.
+    The default reset would cost a round trip per call."""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(
@@ -66,6 +72,7 @@ class PostgresTransport:
                 command_timeout=command_timeout,
                 server_settings={"role": "service_role", "application_name": "credits"},
                 init=_init_connection,
+                reset=_keep_session,
             )
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise _translate(exc) from exc
