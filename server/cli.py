@@ -9,7 +9,7 @@ import sys
 import uuid
 from datetime import timedelta
 
-from server import app, checks, processes
+from server import app, checks, processes, runtime
 from server.auth.tokens import mint_service_token, mint_user_token
 from server.config import Settings
 from server.observability import logs
@@ -18,7 +18,7 @@ from server.observability import logs
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if settings.processes > 1:
         return processes.supervise(settings)
-    asyncio.run(app.serve(settings))
+    runtime.run(app.serve(settings))
     return 0
 
 
@@ -42,7 +42,7 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    asyncio.run(app.run_workers(settings, args.count or settings.workers or 1))
+    runtime.run(app.run_workers(settings, args.count or settings.workers or 1))
     return 0
 
 

@@ -37,6 +37,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from server import app as application
+from server import runtime
 from server.config import Settings
 from server.db import embedded, migrate
 from server.observability import logs
@@ -100,7 +101,7 @@ def child_settings(settings: Settings, index: int) -> Settings:
 def _child_main(settings: Settings, index: int, parent: int, ready: Connection) -> None:
     """A child's entry point (in a spawned interpreter)."""
     logs.configure()
-    asyncio.run(_serve_child(settings, index, parent, ready))
+    runtime.run(_serve_child(settings, index, parent, ready))
 
 
 async def _serve_child(settings: Settings, index: int, parent: int, ready: Connection) -> None:
