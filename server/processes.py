@@ -101,7 +101,11 @@ def child_settings(settings: Settings, index: int) -> Settings:
 def _child_main(settings: Settings, index: int, parent: int, ready: Connection) -> None:
     """A child's entry point (in a spawned interpreter)."""
     logs.configure()
-    runtime.run(_serve_child(settings, index, parent, ready))
+    try:
+        runtime.run(_serve_child(settings, index, parent, ready))
+    finally:
+        # A spawned child ends with os._exit, past the atexit hook that would flush the logs.
+        logging.shutdown()
 
 
 async def _serve_child(settings: Settings, index: int, parent: int, ready: Connection) -> None:
