@@ -1,6 +1,10 @@
-"""The outermost interceptor: a request id for every RPC, returned to the caller in the initial
+"""The outermost interceptor: a request id for every RPC, returned to the caller in the trailing
 metadata, and one access-log line and the RPC metrics when it ends (never a token, key or
-prompt)."""
+prompt).
+
+Trailers, not headers: they go out with the status in the call's last batch, where headers of
+their own would cost a separate send for every unary call. Error details travel there too.
+"""
 
 from __future__ import annotations
 
@@ -52,8 +56,8 @@ def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
 @contextlib.asynccontextmanager
 async def _logged(context: Context, record: CallRecord) -> AsyncIterator[None]:
     token = open_call(record)
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, record.request_id),))
     try:
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, record.request_id),))
         yield
     except asyncio.CancelledError:
         record.fail(grpc.StatusCode.CANCELLED, "")

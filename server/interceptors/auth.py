@@ -14,9 +14,9 @@ import grpc
 import grpc.aio
 
 from server import errors
-from server.api import error_table
 from server.auth.principal import Principal, reset_principal, set_principal
 from server.auth.verifier import TokenVerifier
+from server.interceptors.errors import abort
 from server.interceptors.handlers import Behaviour, Context, Handler, rebuild, wrap
 from server.observability.calls import current_call
 
@@ -67,13 +67,9 @@ def _authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | 
 
 def _rejection(err: errors.CreditsError) -> Behaviour:
     """A behaviour that ends the call with `err`'s status (a coroutine fits all four kinds)."""
-    status = error_table.to_status(err)
 
     async def reject(request: object, context: Context) -> None:
-        record = current_call()
-        if record is not None:
-            record.fail(status.code, err.reason)
-        await context.abort_with_status(status)
+        await abort(context, err)
 
     return reject
 

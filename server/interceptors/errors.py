@@ -39,17 +39,17 @@ async def _reported(context: Context, method: str) -> AsyncIterator[None]:
     except grpc.aio.AbortError:
         raise
     except errors.CreditsError as error:
-        await _abort(context, error)
+        await abort(context, error)
     except Exception as error:
         record = current_call()
         request_id = record.request_id if record else "-"
         log.error("unexpected error in %s (request %s)", method, request_id, exc_info=error)
-        await _abort(context, errors.CreditsError())
+        await abort(context, errors.CreditsError())
 
 
-async def _abort(context: Context, error: errors.CreditsError) -> None:
-    """End the call with `error`'s status, noted on the call's record; the request id also
-    travels in the trailers, where clients read error details."""
+async def abort(context: Context, error: errors.CreditsError) -> None:
+    """End the call with `error`'s status, noted on the call's record; the trailers carry the
+    error details and the request id."""
     status = error_table.to_status(error)
     trailers = tuple(status.trailing_metadata)
     record = current_call()

@@ -41,7 +41,7 @@ async def test_a_call_is_logged_once_with_the_callers_request_id(
         pb.GetBalanceRequest(), metadata=(*user.metadata, ("x-request-id", "trace-42"))
     )
     await call
-    assert ("x-request-id", "trace-42") in tuple(await call.initial_metadata())
+    assert ("x-request-id", "trace-42") in tuple(await call.trailing_metadata())
     [line] = [entry for entry in access_lines(caplog) if entry["request_id"] == "trace-42"]
     assert (line["method"], line["code"], line["principal"], line["user_id"]) == (
         GET_BALANCE,
@@ -61,7 +61,7 @@ async def test_a_request_id_is_made_when_the_caller_sends_none(
     caplog.set_level(logging.INFO, logger="credits.access")
     call = credits.GetBalance(pb.GetBalanceRequest(), metadata=new_user().metadata)
     await call
-    made = dict(await call.initial_metadata())["x-request-id"]
+    made = dict(await call.trailing_metadata())["x-request-id"]
     assert isinstance(made, str)
     assert re.fullmatch(r"[0-9a-f]{32}", made)
     assert [entry["request_id"] for entry in access_lines(caplog)].count(made) == 1
@@ -92,10 +92,12 @@ async def test_a_rejected_token_is_logged_without_the_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     forged = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXRoYXQtZG9lcy1ub3QtbWF0Y2g"
-    with pytest.raises(grpc.aio.AioRpcError):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
         await credits.GetBalance(
             pb.GetBalanceRequest(), metadata=(*bearer(forged), ("x-request-id", "trace-44"))
         )
+    assert failure(raised.value).reason == "TOKEN_INVALID"
+    assert ("x-request-id", "trace-44") in tuple(raised.value.trailing_metadata() or ())
     [line] = [entry for entry in access_lines(caplog) if entry["request_id"] == "trace-44"]
     assert (line["code"], line["reason"], line["principal"]) == (
         "UNAUTHENTICATED",
