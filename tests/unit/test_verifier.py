@@ -117,7 +117,12 @@ def test_bearer_token_accepts(header: str, token: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "header", [None, "", "Bearer", "Bearer ", "Token abc", "Bearer a b", "Bearer  abc", "abc"]
+    "header",
+    [
+        *(None, "", "Bearer", "Bearer ", "Token abc", "Bearer a b", "Bearer  abc", "abc"),
+        # Whitespace inside the token, of every kind str.isspace knows.
+        *("Bearer a\tb", "Bearer a\nb", "Bearer ab\r", "Bearer a\u00a0b", "Bearer a\u2003b"),
+    ],
 )
 def test_bearer_token_rejects_malformed_headers(header: str | None) -> None:
     with pytest.raises(errors.TokenMissing):
