@@ -37,9 +37,7 @@ from server.generation.events import ChangeFeed, PostgresChangeFeed
 from server.generation.lifecycle import Generations
 from server.generation.models import ModelSpec
 from server.generation.worker import Worker, WorkerPool, WorkerSettings, load_providers
-from server.interceptors.access_log import AccessLogInterceptor
-from server.interceptors.auth import AuthInterceptor
-from server.interceptors.errors import ErrorInterceptor
+from server.interceptors import CallInterceptor
 from server.observability import metrics
 from server.repository.breaker import CredentialBreaker
 from server.repository.credits import CreditRepository
@@ -243,11 +241,7 @@ async def _grpc_server(
     recheck = 5.0 if isinstance(backend.feed, PostgresChangeFeed) else 0.5
     generations = Generations(backend.generations, backend.catalogue, backend.feed, recheck)
     server = grpc.aio.server(
-        interceptors=[
-            AccessLogInterceptor(),
-            AuthInterceptor(TokenVerifier.from_settings(settings)),
-            ErrorInterceptor(),
-        ],
+        interceptors=[CallInterceptor(TokenVerifier.from_settings(settings))],
         options=serving.channel_options(settings),
         compression=serving.compression(settings),
     )

@@ -1,5 +1,5 @@
 """gRPC server interceptors: the cross-cutting steps every RPC passes through."""
 
-from server.interceptors.auth import AuthInterceptor
+from server.interceptors.pipeline import CallInterceptor
 
-__all__ = ["AuthInterceptor"]
+__all__ = ["CallInterceptor"]

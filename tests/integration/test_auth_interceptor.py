@@ -1,4 +1,5 @@
-"""AuthInterceptor on a real grpc.aio server: rejections on unary and streaming RPCs alike.
+"""The call interceptor's authentication on a real grpc.aio server: rejections on unary and
+streaming RPCs alike.
 
 GetBalance echoes the principal the handler sees; WatchGeneration is the generated base
 (server-streaming, UNIMPLEMENTED), so a rejection there proves the streaming path works.
@@ -40,7 +41,7 @@ from credits.v1 import (
 from server.auth.principal import UserPrincipal, current_principal
 from server.auth.tokens import mint_service_token, mint_user_token
 from server.auth.verifier import TokenVerifier
-from server.interceptors import AuthInterceptor
+from server.interceptors import CallInterceptor
 
 SECRET = "integration-test-jwt-secret-" + "y" * 40
 OTHER_SECRET = "not-the-configured-secret-" + "z" * 40
@@ -136,7 +137,7 @@ def keys() -> Iterator[Keys]:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def channel(keys: Keys) -> AsyncIterator[grpc.aio.Channel]:
     verifier = TokenVerifier(hs256_secret=SECRET, jwks_url=keys.jwks_url, service_keys=[API_KEY])
-    server = grpc.aio.server(interceptors=[AuthInterceptor(verifier)])
+    server = grpc.aio.server(interceptors=[CallInterceptor(verifier)])
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(EchoCredits(), server)  # type: ignore[abstract]
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
         UnimplementedWatch(),  # type: ignore[abstract]
