@@ -4,12 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck protos-check gen pytest clean
+.PHONY: run test bench lint typecheck protos-check gen pytest clean
 
 run: $(STAMP)
 	$(BIN)/credits serve
 
 test: lint typecheck protos-check pytest
+
+# The service against this machine's limits (pgbench, a bare gRPC echo server); minutes, and
+# never part of `make test`.
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy server tools
+	$(BIN)/mypy server tools bench
 	$(BIN)/mypy clients/python/src
 
 protos-check: $(STAMP)

@@ -1,0 +1,125 @@
+"""A closed-loop gRPC load generator spread over several processes.
+
+Each process runs `concurrency / processes` callers on grpc.aio, every caller on its own
+connection (a local subchannel pool), so the load reaches every server process behind a
+SO_REUSEPORT port and no one HTTP/2 connection serialises the callers. Each caller sends one
+request, waits for its answer, and sends the next: the latency of every call is kept, and the
+warm-up is left out of what is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from bench.scenarios import Scenario
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """How hard and how long to drive one scenario."""
+
+    target: str
+    scenario: Scenario
+    concurrency: int
+    processes: int
+    seconds: float = 5.0
+    warmup: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a run measured: calls per second and latency percentiles in milliseconds."""
+
+    calls: int
+    errors: int
+    seconds: float
+    latencies_ms: Sequence[float]
+
+    @property
+    def throughput(self) -> float:
+        return self.calls / self.seconds
+
+    def percentile(self, fraction: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def run(load: Load) -> Result:
+    """Drive `load` from its processes at once and merge what each measured."""
+    processes = max(1, min(load.processes, load.concurrency))
+    shares = [
+        load.concurrency // processes + (i < load.concurrency % processes) for i in range(processes)
+    ]
+    context = multiprocessing.get_context("spawn")
+    start_at = time.time() + 1.5  # every process starts its clock together, after spawning
+    with context.Pool(processes) as pool:
+        parts = pool.starmap(
+            _process, [(load, share, index, start_at) for index, share in enumerate(shares)]
+        )
+    latencies = [value for part in parts for value in part[2]]
+    return Result(
+        calls=sum(part[0] for part in parts),
+        errors=sum(part[1] for part in parts),
+        seconds=load.seconds,
+        latencies_ms=latencies,
+    )
+
+
+def _process(load: Load, callers: int, index: int, start_at: float) -> tuple[int, int, list[float]]:
+    try:
+        import uvloop
+
+        runner: Callable[..., object] = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    return runner(_drive(load, callers, index, start_at))  # type: ignore[return-value]
+
+
+async def _drive(
+    load: Load, callers: int, index: int, start_at: float
+) -> tuple[int, int, list[float]]:
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(load.target, options=options) for _ in range(callers)]
+    try:
+        await asyncio.gather(*(channel.channel_ready() for channel in channels))
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        begin = time.perf_counter()
+        measure_from = begin + load.warmup
+        stop_at = measure_from + load.seconds
+        sequence = itertools.count()
+        latencies: list[float] = []
+        errors = 0
+
+        async def caller(channel: grpc.aio.Channel, number: int) -> None:
+            nonlocal errors
+            call = load.scenario.bind(channel)
+            tag = f"{os.getpid()}-{index}-{number}"
+            while True:
+                request, metadata = load.scenario.request(tag, next(sequence))
+                sent = time.perf_counter()
+                if sent >= stop_at:
+                    return
+                try:
+                    await call(request, metadata=metadata)
+                except grpc.aio.AioRpcError:
+                    errors += sent >= measure_from
+                    continue
+                done = time.perf_counter()
+                if sent >= measure_from and done <= stop_at:
+                    latencies.append((done - sent) * 1000)
+
+        await asyncio.gather(*(caller(channel, n) for n, channel in enumerate(channels)))
+        return len(latencies), errors, latencies
+    finally:
+        await asyncio.gather(*(channel.close() for channel in channels))
