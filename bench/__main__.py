@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from bench import loadgen, machine, pgbench, scenarios, servers, users
-from bench.report import Report, Row
+from bench.report import ECHO, Report
 from server.db import embedded, migrate
 
 USERS = 1000
@@ -28,12 +28,15 @@ USERS = 1000
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per run")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured time per run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of each limit beside what it limits"
+    )
     parser.add_argument(
         "--processes",
         type=int,
-        default=int(os.environ.get("CREDITS_PROCESSES") or os.cpu_count() or 1),
-        help="server processes, for the service and the echo server alike (default: cores)",
+        default=int(os.environ.get("CREDITS_PROCESSES") or 1),
+        help="server processes, for the service and the echo server alike (CREDITS_PROCESSES)",
     )
     parser.add_argument(
         "--load-processes", type=int, default=os.cpu_count() or 1, help="load generator processes"
@@ -64,37 +67,41 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
     try:
         asyncio.run(migrate.migrate(database.uri))
         asyncio.run(users.create(database.uri, USERS))
-        say("pgbench")
-        report.pgbench = pgbench.run(database.uri, USERS, clients=8, seconds=10)
-
         secret = secrets.token_urlsafe(32)
         tokens = users.tokens(secret, USERS)
-        port = servers.free_port()
-        target = f"127.0.0.1:{port}"
-        with servers.echo_serve(port, args.processes, log):
-            servers.wait_ready(target)
-            for concurrency in (1, 32):
-                say(f"echo at {concurrency}")
-                report.echo[concurrency] = _drive(
-                    args, target, scenarios.get_balance(tokens), concurrency
-                )
-
-        port = servers.free_port()
-        target = f"127.0.0.1:{port}"
+        echo, service = (f"127.0.0.1:{servers.free_port()}" for _ in range(2))
         settings = {
             **serving,
             "DATABASE_URL": database.uri,
             "SUPABASE_JWT_SECRET": secret,
-            "CREDITS_LISTEN": target,
+            "CREDITS_LISTEN": service,
         }
-        with servers.credits_serve(settings, log):
-            servers.wait_serving(target)
-            for make in (scenarios.get_balance, scenarios.debit, scenarios.create_generation):
-                scenario = make(tokens)
-                for concurrency in (1, 32):
-                    say(f"{scenario.name} at {concurrency}")
-                    result = _drive(args, target, scenario, concurrency)
-                    report.rows.append(Row(scenario.name, concurrency, result))
+        echo_port = int(echo.rsplit(":", 1)[1])
+        with (
+            servers.echo_serve(echo_port, args.processes, log),
+            servers.credits_serve(settings, log),
+        ):
+            servers.wait_ready(echo)
+            servers.wait_serving(service)
+            balance, debit = scenarios.get_balance(tokens), scenarios.debit(tokens)
+            # Each limit is measured right beside what is compared with it, round after round,
+            # so a neighbour's load on this shared machine weighs on both alike.
+            for round_ in range(1, args.rounds + 1):
+                say(f"round {round_}/{args.rounds}: pgbench, DebitCredits, echo, GetBalance")
+                report.pgbench.append(pgbench.run(database.uri, USERS, clients=8, seconds=5))
+                report.add(debit.name, 32, _drive(args, service, debit, 32))
+                report.add(ECHO, 32, _drive(args, echo, balance, 32))
+                report.add(balance.name, 32, _drive(args, service, balance, 32))
+            say("one caller at a time, and generations")
+            report.add(ECHO, 1, _drive(args, echo, balance, 1))
+            report.add(balance.name, 1, _drive(args, service, balance, 1))
+            report.add(debit.name, 1, _drive(args, service, debit, 1))
+            # Last: the generations it queues keep the workers busy for a while after.
+            generation = scenarios.create_generation(tokens)
+            for concurrency in (1, 32):
+                report.add(
+                    generation.name, concurrency, _drive(args, service, generation, concurrency)
+                )
     finally:
         database.stop()
 
