@@ -154,7 +154,8 @@ async def open_store(
     assert url is not None
     try:
         await migrate.migrate(url)
-        return await PostgresTransport.connect(url), database, url
+        transport = await PostgresTransport.connect(url, max_size=settings.db_pool_size)
+        return transport, database, url
     except BaseException:
         if database is not None:
             await database.astop()

@@ -63,6 +63,8 @@ class Settings:
     compression: str = "none"
     # Server processes `credits serve` runs on the one port (SO_REUSEPORT).
     processes: int = 1
+    # Connections each process keeps to PostgreSQL (DATABASE_URL or embedded).
+    db_pool_size: int = 10
 
     def __repr__(self) -> str:
         mode = "embedded" if self.embedded else "supabase" if self.uses_supabase_api else "postgres"
@@ -147,6 +149,7 @@ class Settings:
             max_concurrent_streams=_whole(get, "CREDITS_MAX_CONCURRENT_STREAMS", 100),
             compression=compression,
             processes=_whole(get, "CREDITS_PROCESSES", 1),
+            db_pool_size=_whole(get, "CREDITS_DB_POOL_SIZE", 10),
         )
 
 

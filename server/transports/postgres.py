@@ -67,7 +67,7 @@ class PostgresTransport:
         try:
             pool = await asyncpg.create_pool(
                 url,
-                min_size=min_size,
+                min_size=min(min_size, max_size),
                 max_size=max_size,
                 command_timeout=command_timeout,
                 server_settings={"role": "service_role", "application_name": "credits"},

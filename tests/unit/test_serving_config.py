@@ -20,7 +20,8 @@ def test_defaults_when_nothing_is_set() -> None:
         settings.max_concurrent_streams,
         settings.compression,
         settings.processes,
-    ) == (4 * MIB, 16 * MIB, 60, 20, 100, "none", 1)
+        settings.db_pool_size,
+    ) == (4 * MIB, 16 * MIB, 60, 20, 100, "none", 1, 10)
 
 
 def test_values_from_the_environment() -> None:
@@ -33,6 +34,7 @@ def test_values_from_the_environment() -> None:
             "CREDITS_MAX_CONCURRENT_STREAMS": "7",
             "CREDITS_COMPRESSION": "GZIP",
             "CREDITS_PROCESSES": "3",
+            "CREDITS_DB_POOL_SIZE": "4",
         }
     )
     assert (
@@ -43,7 +45,8 @@ def test_values_from_the_environment() -> None:
         settings.max_concurrent_streams,
         settings.compression,
         settings.processes,
-    ) == (1024, 2048, 30, 5, 7, "gzip", 3)
+        settings.db_pool_size,
+    ) == (1024, 2048, 30, 5, 7, "gzip", 3, 4)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +58,7 @@ def test_values_from_the_environment() -> None:
         "CREDITS_KEEPALIVE_TIMEOUT_SECONDS",
         "CREDITS_MAX_CONCURRENT_STREAMS",
         "CREDITS_PROCESSES",
+        "CREDITS_DB_POOL_SIZE",
     ],
 )
 @pytest.mark.parametrize("value", ["0", "-1", "4MiB", "1.5", "²"])
