@@ -22,11 +22,10 @@ from grpc_health.v1 import health_pb2
 from credits.v1 import credit_service_pb2, credit_service_pb2_grpc
 from server.processes import MAX_CRASHES
 from tests.fixtures.process import (
-    CREDITS,
     START_TIMEOUT,
     ServeProcess,
-    embedded_env,
     health_status,
+    launch_serve,
     pid_alive,
     scratch_dir,
     start_serve,
@@ -186,19 +185,8 @@ def test_sigterm_stops_every_child_then_the_database(served: ServeProcess) -> No
 def _start_on_port_zero(workdir: Path) -> ServeProcess:
     """`credits serve` on 127.0.0.1:0 with two processes and metrics on port 0: the port comes
     from its log line."""
-    data_dir = workdir / ".data"
-    env = embedded_env(data_dir, 0, {**PROCESSES, "CREDITS_METRICS_LISTEN": "127.0.0.1:0"})
-    log_path = workdir / "serve.log"
-    with log_path.open("wb") as log:
-        popen = subprocess.Popen(
-            [str(CREDITS), "serve"],
-            cwd=workdir,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    proc = ServeProcess(popen, 0, env, workdir, data_dir, log_path)
+    extra = {**PROCESSES, "CREDITS_METRICS_LISTEN": "127.0.0.1:0"}
+    proc = launch_serve(workdir, workdir / ".data", 0, extra)
     try:
         eventually(
             lambda: any(
