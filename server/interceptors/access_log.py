@@ -32,6 +32,6 @@ def request_id_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
 
 def finish(record: CallRecord) -> None:
     """The call is over: its log line and its metrics."""
-    log.info("rpc %s %s", record.method, record.code.name, extra={"fields": record.fields()})
-    metrics.RPCS.labels(record.method, record.code.name).inc()
-    metrics.RPC_SECONDS.labels(record.method).observe(record.elapsed())
+    code = record.code.name
+    log.info("rpc %s %s", record.method, code, extra={"fields": record.fields()})
+    metrics.rpc_done(record.method, code, record.elapsed())

@@ -8,6 +8,7 @@ prefixed `credits_`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -60,6 +61,19 @@ OLDEST_QUEUED_SECONDS = Gauge(
 POOL_CONNECTIONS = Gauge(
     "credits_db_pool_connections", "Database pool connections, by state", ["state"]
 )
+
+
+@functools.cache
+def _rpc_series(method: str, code: str) -> tuple[Counter, Histogram]:
+    # Label lookups validate and lock on every call; a method's series are few and fixed.
+    return RPCS.labels(method, code), RPC_SECONDS.labels(method)
+
+
+def rpc_done(method: str, code: str, seconds: float) -> None:
+    """Count an RPC that ended with `code` after `seconds`."""
+    calls, duration = _rpc_series(method, code)
+    calls.inc()
+    duration.observe(seconds)
 
 
 def watch_pool(size: Callable[[], int], idle: Callable[[], int]) -> None:
