@@ -20,10 +20,8 @@ import tempfile
 from pathlib import Path
 
 from bench import loadgen, machine, pgbench, scenarios, servers, users
-from bench.report import ECHO, Report
+from bench.report import ECHO, ECHO_DEBIT, ECHO_SELECT, Report
 from server.db import embedded, migrate
-
-USERS = 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +64,9 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
     database = embedded.EmbeddedPostgres.start_blocking(root / "db")
     try:
         asyncio.run(migrate.migrate(database.uri))
-        asyncio.run(users.create(database.uri, USERS))
+        asyncio.run(users.create(database.uri, users.COUNT))
         secret = secrets.token_urlsafe(32)
-        tokens = users.tokens(secret, USERS)
+        tokens = users.tokens(secret, users.COUNT)
         echo, service = (f"127.0.0.1:{servers.free_port()}" for _ in range(2))
         settings = {
             **serving,
@@ -88,10 +86,17 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
             # so a neighbour's load on this shared machine weighs on both alike.
             for round_ in range(1, args.rounds + 1):
                 say(f"round {round_}/{args.rounds}: pgbench, DebitCredits, echo, GetBalance")
-                report.pgbench.append(pgbench.run(database.uri, USERS, clients=8, seconds=5))
+                report.pgbench.append(pgbench.run(database.uri, users.COUNT, clients=8, seconds=5))
                 report.add(debit.name, 32, _drive(args, service, debit, 32))
                 report.add(ECHO, 32, _drive(args, echo, balance, 32))
                 report.add(balance.name, 32, _drive(args, service, balance, 32))
+            say("floors: echo with one database call per RPC")
+            for mode, name in (("select1", ECHO_SELECT), ("debit", ECHO_DEBIT)):
+                floor = f"127.0.0.1:{servers.free_port()}"
+                port = int(floor.rsplit(":", 1)[1])
+                with servers.echo_serve(port, args.processes, log, mode, database.uri):
+                    servers.wait_ready(floor)
+                    report.add(name, 32, _drive(args, floor, balance, 32))
             say("one caller at a time, and generations")
             report.add(ECHO, 1, _drive(args, echo, balance, 1))
             report.add(balance.name, 1, _drive(args, service, balance, 1))

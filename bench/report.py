@@ -13,6 +13,9 @@ from bench.loadgen import Result
 from bench.pgbench import PgbenchResult
 
 ECHO = "echo (bare grpc.aio) GetBalance"
+# The echo server making one database call per RPC: the floors of a read and of a debit.
+ECHO_SELECT = "echo + asyncpg select 1"
+ECHO_DEBIT = "echo + asyncpg credit_debit"
 DEBIT_VS_PGBENCH = 0.35
 BALANCE_VS_ECHO = 0.6
 P99_MS_AT_32 = 10.0
@@ -64,7 +67,7 @@ class Report:
             ),
         ]
         for (name, concurrency), results in self.runs.items():
-            if concurrency == 32 and name != ECHO:
+            if concurrency == 32 and name not in (ECHO, ECHO_SELECT, ECHO_DEBIT):
                 p99 = merged(results).percentile(0.99)
                 found.append(
                     (f"{name} p99 at c32 (ms)", p99, f"< {P99_MS_AT_32:g}", p99 < P99_MS_AT_32)
@@ -106,4 +109,11 @@ class Report:
         echo = [r.throughput for r in self.runs[ECHO, 32]]
         balance = ", ".join(f"{r:.2f}" for r in self.ratios("GetBalance", echo))
         lines += ["", f"per round: DebitCredits/pgbench {debit}; GetBalance/echo {balance}"]
+        select, bare_debit = (
+            merged(self.runs[name, 32]).throughput for name in (ECHO_SELECT, ECHO_DEBIT)
+        )
+        lines.append(
+            f"floors: echo + select 1 / echo {select / statistics.median(echo):.2f}; "
+            f"echo + credit_debit / pgbench {bare_debit / statistics.median(tps):.2f}"
+        )
         return "\n".join(lines)

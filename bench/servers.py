@@ -86,9 +86,10 @@ def credits_serve(
 
 
 def echo_serve(
-    port: int, processes: int, log: Path
+    port: int, processes: int, log: Path, mode: str = "echo", database_url: str = ""
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    command = [sys.executable, "-m", "bench.echo", str(port), str(processes)]
+    """bench/echo.py: bare, or with one database call per RPC (mode select1 or debit)."""
+    command = [sys.executable, "-m", "bench.echo", str(port), str(processes), mode, database_url]
     return running(command, _clean_env({}), log)
 
 

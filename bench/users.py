@@ -9,6 +9,8 @@ import asyncpg
 from server.auth.tokens import mint_user_token
 
 RICH = 10**15
+# How many users the bench makes (pgbench and the echo floors draw from them too).
+COUNT = 1000
 
 
 def user_id(n: int) -> uuid.UUID:
