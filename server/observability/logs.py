@@ -58,19 +58,23 @@ class BatchedLinesHandler(logging.Handler):
             self.flush()
 
     def flush(self) -> None:
-        with self._writing:
-            self.acquire()
-            try:
-                batch, self._pending = self._pending, []
-            finally:
-                self.release()
-            if not batch:
-                return
-            try:
+        # Always the handler's lock first, then the writing one (emit holds the first when it
+        # flushes a warning): batches are taken and written in order, and no two threads wait
+        # on each other. Formatting and writing happen outside the handler's lock.
+        self.acquire()
+        try:
+            batch, self._pending = self._pending, []
+            self._writing.acquire()
+        finally:
+            self.release()
+        try:
+            if batch:
                 self._stream.write("".join(self.format(record) + "\n" for record in batch))
                 self._stream.flush()
-            except Exception:
-                self.handleError(batch[-1])
+        except Exception:
+            self.handleError(batch[-1])
+        finally:
+            self._writing.release()
 
     def close(self) -> None:
         self._closed.set()

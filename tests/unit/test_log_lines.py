@@ -1,0 +1,71 @@
+"""The batched JSON-lines handler: every line written once, in order, from many threads at once
+(warnings flushing on the spot while the writer thread flushes too), and nothing left behind at
+close."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+
+import pytest
+
+from server.observability.logs import BatchedLinesHandler, JsonFormatter
+
+
+@pytest.fixture
+def logger() -> logging.Logger:
+    named = logging.getLogger("tests.log_lines")
+    named.propagate = False
+    named.setLevel(logging.INFO)
+    return named
+
+
+def test_lines_from_many_threads_are_all_written_in_order(logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    handler = BatchedLinesHandler(stream, interval=0.001)
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    per_thread = 400
+
+    def emit(thread: int) -> None:
+        for n in range(per_thread):
+            # Every tenth line a warning: it flushes from this thread, racing the writer's.
+            level = logging.WARNING if n % 10 == 0 else logging.INFO
+            logger.log(level, "line", extra={"fields": {"thread": thread, "n": n}})
+
+    threads = [threading.Thread(target=emit, args=(t,)) for t in range(6)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "a logging thread hung"
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 6 * per_thread
+    for thread in range(6):
+        assert [line["n"] for line in lines if line["thread"] == thread] == list(range(per_thread))
+
+
+def test_a_warning_is_written_at_once_and_info_by_the_next_flush(logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    handler = BatchedLinesHandler(stream, interval=3600)
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    try:
+        logger.info("first")
+        assert stream.getvalue() == ""
+        logger.warning("second")
+        assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == [
+            "first",
+            "second",
+        ]
+        logger.info("third")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "third"
