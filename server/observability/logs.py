@@ -46,7 +46,7 @@ class BatchedLinesHandler(logging.Handler):
         self._stream = stream if stream is not None else sys.stderr
         self._pending: list[logging.LogRecord] = []
         self._writing = threading.Lock()
-        self._closed = threading.Event()
+        self._stopping = threading.Event()
         self._interval = interval
         self._writer = threading.Thread(target=self._write_often, name="log-writer", daemon=True)
         self._writer.start()
@@ -77,12 +77,14 @@ class BatchedLinesHandler(logging.Handler):
             self._writing.release()
 
     def close(self) -> None:
-        self._closed.set()
+        self._stopping.set()
+        if self._writer is not threading.current_thread():
+            self._writer.join(timeout=5)
         self.flush()
         super().close()
 
     def _write_often(self) -> None:
-        while not self._closed.wait(self._interval):
+        while not self._stopping.wait(self._interval):
             self.flush()
 
 

@@ -13,6 +13,9 @@ import pytest
 
 from server.observability.logs import BatchedLinesHandler, JsonFormatter
 
+# The writer thread failing is a failure here, not a warning.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 
 @pytest.fixture
 def logger() -> logging.Logger:
