@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import threading
+from datetime import UTC, datetime
 
 import pytest
 
@@ -72,3 +73,14 @@ def test_a_warning_is_written_at_once_and_info_by_the_next_flush(logger: logging
         logger.removeHandler(handler)
         handler.close()
     assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "third"
+
+
+@pytest.mark.parametrize(
+    "created",
+    [0.0, 1.9999996, 1.0005, 1_700_000_000.123456, 2_695_163_021.0179996, 4_000_000_000.9999999],
+)
+def test_line_times_are_written_as_datetime_writes_them(created: float) -> None:
+    record = logging.LogRecord("x", logging.INFO, "", 0, "message", None, None)
+    record.created = created
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert json.loads(JsonFormatter().format(record))["time"] == expected
