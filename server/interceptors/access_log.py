@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 from server.observability import metrics
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord
+from server.observability.logs import ACCESS_LOGGER
 
-log = logging.getLogger("credits.access")
+log = logging.getLogger(ACCESS_LOGGER)
 
 MAX_REQUEST_ID_LENGTH = 128
 

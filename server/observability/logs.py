@@ -13,8 +13,12 @@ import logging
 import math
 import sys
 import threading
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import TextIO
+
+# The logger of the per-RPC access lines (server/interceptors/access_log.py).
+ACCESS_LOGGER = "credits.access"
 
 # One encoder for every line: json.dumps with options builds a new one per call.
 _ENCODE = json.JSONEncoder(default=str).encode
@@ -53,17 +57,24 @@ class JsonFormatter(logging.Formatter):
 
 
 class BatchedLinesHandler(logging.Handler):
-    """Writes formatted lines in batches: from a thread of its own every `interval` seconds, at
-    once for a warning or worse, and on flush (logging flushes its handlers at exit).
+    """Writes the lines of the `batched` loggers (the access log: one per RPC) in batches, from
+    a thread of its own every `interval` seconds; any other line, or a warning or worse, at once
+    with whatever waits before it; and all on flush (logging flushes its handlers at exit).
 
     A write per RPC costs the serving thread far more than the line itself: the system call
     hands the GIL to grpc's poller thread and the loop waits to get it back. Batching is what
     nginx's buffered access log does; a SIGKILLed process loses at most `interval` of lines.
     """
 
-    def __init__(self, stream: TextIO | None = None, interval: float = 0.1) -> None:
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        interval: float = 0.1,
+        batched: Collection[str] = (ACCESS_LOGGER,),
+    ) -> None:
         super().__init__()
         self._stream = stream if stream is not None else sys.stderr
+        self._batched = frozenset(batched)
         self._pending: list[logging.LogRecord] = []
         self._writing = threading.Lock()
         self._stopping = threading.Event()
@@ -74,7 +85,7 @@ class BatchedLinesHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         # logging calls this under the handler's lock, which flush() takes to swap the batch.
         self._pending.append(record)
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.WARNING or record.name not in self._batched:
             self.flush()
 
     def flush(self) -> None:

@@ -218,15 +218,21 @@ def test_port_zero_is_one_port_and_children_stop_when_the_supervisor_is_killed()
             assert health_status(proc.address) == health_pb2.HealthCheckResponse.SERVING
             children = list(child_pids(proc).values())
             assert len(children) == 2
-            serving = {
-                line["pid"]: str(line["message"])
-                for line in log_lines(proc)
-                if str(line["message"]).startswith("credits process ")
-                and f"serving on port {proc.port}," in str(line["message"])
-            }
-            assert set(serving) == set(children), proc.describe()
+
+            def serving() -> dict[int, str]:
+                return {
+                    line["pid"]: str(line["message"])
+                    for line in log_lines(proc)
+                    if str(line["message"]).startswith("credits process ")
+                    and f"serving on port {proc.port}," in str(line["message"])
+                }
+
+            # A child logs its line just after telling the supervisor it is ready.
+            eventually(
+                lambda: set(serving()) == set(children), 5.0, "each child's serving line", proc
+            )
+            metrics_ports = {int(message.rsplit(" ", 1)[1]) for message in serving().values()}
             # Each child picked a metrics port of its own, and serves it.
-            metrics_ports = {int(message.rsplit(" ", 1)[1]) for message in serving.values()}
             assert len(metrics_ports) == 2
             for port in metrics_ports:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:

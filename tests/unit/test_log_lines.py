@@ -28,7 +28,7 @@ def logger() -> logging.Logger:
 
 def test_lines_from_many_threads_are_all_written_in_order(logger: logging.Logger) -> None:
     stream = io.StringIO()
-    handler = BatchedLinesHandler(stream, interval=0.001)
+    handler = BatchedLinesHandler(stream, interval=0.001, batched=[logger.name])
     handler.setFormatter(JsonFormatter())
     logger.addHandler(handler)
     per_thread = 400
@@ -57,7 +57,7 @@ def test_lines_from_many_threads_are_all_written_in_order(logger: logging.Logger
 
 def test_a_warning_is_written_at_once_and_info_by_the_next_flush(logger: logging.Logger) -> None:
     stream = io.StringIO()
-    handler = BatchedLinesHandler(stream, interval=3600)
+    handler = BatchedLinesHandler(stream, interval=3600, batched=[logger.name])
     handler.setFormatter(JsonFormatter())
     logger.addHandler(handler)
     try:
@@ -84,3 +84,25 @@ def test_line_times_are_written_as_datetime_writes_them(created: float) -> None:
     record.created = created
     expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
     assert json.loads(JsonFormatter().format(record))["time"] == expected
+
+
+def test_lines_of_other_loggers_are_written_at_once(logger: logging.Logger) -> None:
+    stream = io.StringIO()
+    handler = BatchedLinesHandler(stream, interval=3600, batched=[logger.name])
+    handler.setFormatter(JsonFormatter())
+    lifecycle = logging.getLogger("tests.log_lines.lifecycle")
+    lifecycle.propagate = False
+    for named in (logger, lifecycle):
+        named.addHandler(handler)
+    try:
+        logger.info("an access line")
+        lifecycle.info("serving")
+        # The lifecycle line is out at once, and the waiting access line before it.
+        assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == [
+            "an access line",
+            "serving",
+        ]
+    finally:
+        for named in (logger, lifecycle):
+            named.removeHandler(handler)
+        handler.close()
