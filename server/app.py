@@ -231,7 +231,7 @@ async def start(settings: Settings) -> Application:
     app.sweeper.start()
     app.workers.start()
     # What start-up made lives as long as the process: keep the collector from walking it
-    # again in every full collection, a pause that stalled every RPC in flight.
+    # again in every full collection (each one pauses every RPC in flight).
     gc.freeze()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
