@@ -293,15 +293,18 @@ async def run_workers(settings: Settings, count: int) -> None:
     log.info("stopped")
 
 
+def store_description(settings: Settings, database: embedded.EmbeddedPostgres | None) -> str:
+    """Where the data lives, for the "credits serving on" line."""
+    if database is not None:
+        return f"embedded PostgreSQL in {database.pgdata}"
+    return "Supabase API" if settings.uses_supabase_api else "DATABASE_URL"
+
+
 async def serve(settings: Settings, grace: float = 10.0) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     app = await start(settings)
     host = settings.listen.rsplit(":", 1)[0]
-    database = app.backend.database
-    if database is not None:
-        where = f"embedded PostgreSQL in {database.pgdata}"
-    else:
-        where = "Supabase API" if settings.uses_supabase_api else "DATABASE_URL"
+    where = store_description(settings, app.backend.database)
     log.info("credits serving on %s:%d (%s)", host, app.port, where)
     await _until_signalled()
     log.info("shutting down")

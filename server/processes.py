@@ -345,7 +345,7 @@ def supervise(settings: Settings) -> int:
             log.info(
                 "credits serving on %s (%s, %d processes)",
                 listen,
-                _where(settings, database),
+                application.store_description(settings, database),
                 settings.processes,
             )
             ok = supervisor.run()
@@ -360,9 +360,3 @@ def supervise(settings: Settings) -> int:
         stop.close()
     log.info("stopped" if clean else "stopped (some processes had to be killed)")
     return 0 if ok and clean else 1
-
-
-def _where(settings: Settings, database: embedded.EmbeddedPostgres | None) -> str:
-    if database is not None:
-        return f"embedded PostgreSQL in {database.pgdata}"
-    return "Supabase API" if settings.uses_supabase_api else "DATABASE_URL"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import grpc
 
-from server.config import Settings
+from server.config import MIB, Settings
 
 # The most often a client may ping an idle connection (gRPC core's default is 5 minutes; grpc-java
 # clients may not ask for less than 10 s).
@@ -64,5 +64,5 @@ def describe(settings: Settings) -> str:
 
 
 def _size(count: int) -> str:
-    mib, rest = divmod(count, 1024 * 1024)
+    mib, rest = divmod(count, MIB)
     return f"{mib} MiB" if mib and not rest else f"{count} bytes"
