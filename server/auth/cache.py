@@ -44,8 +44,9 @@ class VerifiedTokens:
 
     def put(self, token: str, principal: Principal, expires_at: float) -> None:
         """Remember that `token` verified as `principal`; it expires at `expires_at` (epoch s)."""
-        valid_until = min(expires_at, self._clock() + self._max_age)
-        if self._max_entries <= 0 or valid_until <= self._clock():
+        now = self._clock()
+        valid_until = min(expires_at, now + self._max_age)
+        if self._max_entries <= 0 or valid_until <= now:
             return
         while len(self._deadlines) >= self._max_entries:
             self._evict_first()
