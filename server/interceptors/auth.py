@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from server import errors
 
@@ -18,7 +18,7 @@ def is_public(method: str) -> bool:
     return method.startswith(PUBLIC_METHOD_PREFIXES)
 
 
-def authorization(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def authorization(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The single `authorization` value; none, several or a binary one count as missing."""
     values = [value for key, value in metadata or () if key.lower() == "authorization"]
     if len(values) != 1 or not isinstance(values[0], str):

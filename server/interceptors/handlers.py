@@ -1,4 +1,4 @@
-"""Rebuilding RPC method handlers around a wrapped behaviour, keeping their kind.
+"""RPC method handlers: their behaviour, and a handler of the same kind around another behaviour.
 
 A replacement must have the same request/response streaming flags as the handler it stands for,
 or streaming calls break (the grpc.aio pitfall). All of this service's handlers are async: a
@@ -7,9 +7,7 @@ coroutine, or an async generator for server-streaming responses.
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -19,7 +17,6 @@ import grpc.aio
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Behaviour = Callable[..., Any]
-Around = Callable[[Context], AbstractAsyncContextManager[None]]
 
 
 def behaviour_of(handler: Handler) -> Behaviour:
@@ -31,11 +28,8 @@ def behaviour_of(handler: Handler) -> Behaviour:
     return behaviour
 
 
-def rebuild(handler: Handler, behaviour: Behaviour, *, serializers: bool = True) -> Handler:
-    """A handler of `handler`'s kind running `behaviour`; without (de)serializers on request
-    (a rejection never parses the request)."""
-    deserializer = handler.request_deserializer if serializers else None
-    serializer = handler.response_serializer if serializers else None
+def rebuild(handler: Handler, behaviour: Behaviour) -> Handler:
+    """A handler of `handler`'s kind running `behaviour`, which receives requests unparsed."""
     match handler.request_streaming, handler.response_streaming:
         case False, False:
             factory = grpc.unary_unary_rpc_method_handler
@@ -45,25 +39,4 @@ def rebuild(handler: Handler, behaviour: Behaviour, *, serializers: bool = True)
             factory = grpc.stream_unary_rpc_method_handler
         case _:
             factory = grpc.stream_stream_rpc_method_handler
-    return factory(behaviour, request_deserializer=deserializer, response_serializer=serializer)
-
-
-def wrap(handler: Handler, around: Around) -> Handler:
-    """`handler` with `around(context)` entered for the whole of each call."""
-    behaviour = behaviour_of(handler)
-    if inspect.isasyncgenfunction(behaviour):
-
-        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with around(context):
-                async for response in behaviour(request, context):
-                    yield response
-
-        return rebuild(handler, stream)
-    if inspect.iscoroutinefunction(behaviour):
-
-        async def call(request: Any, context: Context) -> Any:
-            async with around(context):
-                return await behaviour(request, context)
-
-        return rebuild(handler, call)
-    raise TypeError(f"{behaviour!r} is not async; this server serves async handlers only")
+    return factory(behaviour, response_serializer=handler.response_serializer)

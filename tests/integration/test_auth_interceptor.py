@@ -324,3 +324,34 @@ async def test_principal_does_not_leak_between_concurrent_calls(
         )
     )
     assert [r.user_id for r in replies] == [str(u) for u in users]
+
+
+# Not a GetBalanceRequest: field 1 (user_id, a string) sent as a varint.
+NOT_A_MESSAGE = b"\x08\x01\xff\xff"
+
+
+async def test_a_request_that_does_not_parse_is_invalid_argument(
+    channel: grpc.aio.Channel,
+) -> None:
+    get_balance: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/credits.v1.CreditService/GetBalance"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await get_balance(NOT_A_MESSAGE, metadata=bearer(mint_user_token(SECRET, USER_ID)))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "INVALID_ARGUMENT"
+
+
+async def test_a_rejected_caller_gets_unauthenticated_before_the_request_is_parsed(
+    channel: grpc.aio.Channel,
+) -> None:
+    get_balance: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        "/credits.v1.CreditService/GetBalance"
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await get_balance(NOT_A_MESSAGE, metadata=bearer("garbage"))
+    assert_rejected(caught.value, "TOKEN_INVALID")
