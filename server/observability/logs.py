@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import threading
 from collections.abc import Collection
@@ -19,6 +20,17 @@ from typing import TextIO
 
 # The logger of the per-RPC access lines (server/interceptors/access_log.py).
 ACCESS_LOGGER = "credits.access"
+
+# The process id, read once (a system call on every record otherwise) and again after a fork.
+_pid = os.getpid()
+
+
+def _read_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_read_pid)
 
 # One encoder for every line: json.dumps with options builds a new one per call.
 _ENCODE = json.JSONEncoder(default=str).encode
@@ -46,7 +58,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
-            "pid": record.process,
+            "pid": _pid if record.process is None else record.process,
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
@@ -122,10 +134,12 @@ class BatchedLinesHandler(logging.Handler):
 def configure(level: int = logging.INFO) -> None:
     """JSON lines on stderr for the whole process."""
     # Records need no caller position nor thread or multiprocessing names (the lines show
-    # none): the logging docs' own optimisations, worth it at one record per RPC.
+    # none), and the formatter knows the pid: the logging docs' own optimisations, worth it at
+    # one record per RPC.
     logging._srcfile = None
     logging.logThreads = False
     logging.logMultiprocessing = False
+    logging.logProcesses = False
     handler = BatchedLinesHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
