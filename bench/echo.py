@@ -2,8 +2,8 @@
 
 It parses the request and serialises a response exactly as the service does, but has no
 interceptors, no token check and no database: what is left is the cost of gRPC in Python on
-this machine. With a database URL it also makes one call there per RPC, through an asyncpg pool
-as the service does, and nothing else: `select 1`, or the service's debit function for a bench
+this machine. With a database URL it also makes one call there per RPC, through the service's
+own connection pool, and nothing else: `select 1`, or the service's debit function for a bench
 user. Those are the floors of a service that reads or writes the database once per call.
 
 `python -m bench.echo PORT PROCESSES [select1|debit DATABASE_URL]` serves until SIGTERM.
@@ -25,15 +25,12 @@ import grpc.aio
 from bench import users
 from credits.v1 import credit_service_pb2
 from server import runtime
+from server.transports.pool import ConnectionPool
 
 DEBIT = (
     "select public.credit_debit(p_user_id => $1, p_amount => 1, p_idempotency_key => $2,"
     " p_description => 'bench', p_metadata => '{}')"
 )
-
-
-async def _no_reset(conn: asyncpg.Connection) -> None:
-    """As the service's pool: no reset query when a connection goes back."""
 
 
 async def _work(mode: str, url: str | None) -> Callable[[int], Awaitable[object]]:
@@ -44,12 +41,25 @@ async def _work(mode: str, url: str | None) -> Callable[[int], Awaitable[object]
             return None
 
         return nothing
-    pool = await asyncpg.create_pool(
-        url, min_size=2, max_size=10, reset=_no_reset, server_settings={"role": "service_role"}
-    )
+
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(url, server_settings={"role": "service_role"})
+
+    pool = await ConnectionPool.open(connect, min_size=2, max_size=10, acquire_timeout=10)
+
+    async def fetchval(query: str, *args: object) -> object:
+        conn = await pool.acquire()
+        reusable = False
+        try:
+            value = await conn.fetchval(query, *args)
+            reusable = True
+            return value
+        finally:
+            pool.release(conn, reusable=reusable)
+
     if mode == "select1":
-        return lambda n: pool.fetchval("select 1")
-    return lambda n: pool.fetchval(DEBIT, users.user_id(n % users.COUNT + 1), uuid.uuid4().hex)
+        return lambda n: fetchval("select 1")
+    return lambda n: fetchval(DEBIT, users.user_id(n % users.COUNT + 1), uuid.uuid4().hex)
 
 
 async def _serve(port: int, mode: str, url: str | None) -> None:

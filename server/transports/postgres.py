@@ -7,13 +7,12 @@ so row-level security sees what it would see for a Supabase client.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from server.auth.principal import UserPrincipal
 from server.errors import BackendUnavailable
@@ -21,12 +20,14 @@ from server.observability import metrics
 from server.repository.functions import SqlFunction
 from server.repository.sql_errors import domain_error
 from server.repository.transport import CredentialsRejected
+from server.transports.pool import ConnectionPool, PoolClosed
 
 # SQLSTATE classes: 08 connection exception, 53 insufficient resources, 57 operator
 # intervention (shutdown, cannot connect now), 28 invalid authorization.
 _UNAVAILABLE_CLASSES = ("08", "53", "57")
 _CREDENTIALS_CLASS = "28"
 _LOST_CONNECTION = asyncpg.ConnectionDoesNotExistError
+_DRIVER_ERRORS = (OSError, asyncpg.PostgresError, _LOST_CONNECTION, TimeoutError)
 
 _SET_USER_CONTEXT = (
     "select pg_catalog.set_config('role', 'authenticated', true), "
@@ -34,83 +35,85 @@ _SET_USER_CONTEXT = (
 )
 
 
+@functools.cache
 def _statement(function: SqlFunction) -> str:
     # Rendered from the constant registry in server/repository/functions.py only.
     args = ", ".join(f"{param} => ${i}" for i, param in enumerate(function.params, start=1))
     return f"select public.{function.name}({args})"
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Nothing to reset when a connection goes back to the pool: calls never change session state
-    (the user context is transaction-local), and asyncpg still rolls back an open transaction.
-    The default reset would cost a round trip per call."""
-
-
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    for type_name in ("json", "jsonb"):
-        await conn.set_type_codec(
-            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
-
-
 class PostgresTransport:
     """A connection pool and the two layers over it."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
-        self._service = _Session(self, None)
+        self._service = _Session(pool, None)
 
     @classmethod
     async def connect(
         cls, url: str, *, min_size: int = 2, max_size: int = 10, command_timeout: float = 10.0
     ) -> PostgresTransport:
-        try:
-            pool = await asyncpg.create_pool(
-                url,
-                min_size=min(min_size, max_size),
-                max_size=max_size,
-                command_timeout=command_timeout,
-                server_settings={"role": "service_role", "application_name": "credits"},
-                init=_init_connection,
-                reset=_keep_session,
-            )
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise _translate(exc) from exc
-        metrics.watch_pool(pool.get_size, pool.get_idle_size)
+        async def connect() -> asyncpg.Connection:
+            try:
+                conn = await asyncpg.connect(
+                    url,
+                    timeout=command_timeout,
+                    command_timeout=command_timeout,
+                    server_settings={"role": "service_role", "application_name": "credits"},
+                )
+                for type_name in ("json", "jsonb"):
+                    await conn.set_type_codec(
+                        type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+                    )
+            except _DRIVER_ERRORS as exc:
+                raise _translate(exc) from exc
+            return conn
+
+        pool = await ConnectionPool.open(
+            connect, min_size=min_size, max_size=max_size, acquire_timeout=command_timeout
+        )
+        metrics.watch_pool(pool.size, pool.idle)
         return cls(pool)
 
     def service(self) -> _Session:
         return self._service
 
     def as_user(self, principal: UserPrincipal) -> _Session:
-        return _Session(self, json.dumps(dict(principal.claims)))
+        return _Session(self._pool, json.dumps(dict(principal.claims)))
 
     async def close(self) -> None:
         await self._pool.close()
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[PoolConnectionProxy]:
-        """A pooled connection (role service_role), with connection failures translated."""
-        try:
-            async with self._pool.acquire(timeout=10.0) as conn:
-                yield conn
-        except (OSError, asyncpg.PostgresError, _LOST_CONNECTION, TimeoutError) as exc:
-            raise _translate(exc) from exc
-
 
 class _Session:
-    def __init__(self, transport: PostgresTransport, claims: str | None) -> None:
-        self._transport = transport
+    def __init__(self, pool: ConnectionPool, claims: str | None) -> None:
+        self._pool = pool
         self._claims = claims
 
     async def call(self, function: SqlFunction, args: Mapping[str, object]) -> Any:
         values = [args.get(param) for param in function.params]
-        async with self._transport.connection() as conn:
+        try:
+            conn = await self._pool.acquire()
+        except (PoolClosed, TimeoutError):
+            raise BackendUnavailable() from None
+        # Back to the pool only after the server answered: a result, or an SQL error.
+        reusable = False
+        try:
             if self._claims is None:
-                return await conn.fetchval(_statement(function), *values)
-            async with conn.transaction():
-                await conn.execute(_SET_USER_CONTEXT, self._claims)
-                return await conn.fetchval(_statement(function), *values)
+                result = await conn.fetchval(_statement(function), *values)
+            else:
+                async with conn.transaction():
+                    await conn.execute(_SET_USER_CONTEXT, self._claims)
+                    result = await conn.fetchval(_statement(function), *values)
+            reusable = True
+            return result
+        except asyncpg.PostgresError as exc:
+            reusable = True
+            raise _translate(exc) from exc
+        except _DRIVER_ERRORS as exc:
+            raise _translate(exc) from exc
+        finally:
+            self._pool.release(conn, reusable=reusable)
 
 
 def _translate(exc: BaseException) -> BaseException:
