@@ -250,14 +250,16 @@ async def _grpc_server(
         options=serving.channel_options(settings),
         compression=serving.compression(settings),
     )
+    services = serving.by_name(server)
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
-        CreditServicer(CreditLedger(backend.credits)), server
+        CreditServicer(CreditLedger(backend.credits)), services
     )
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(generations), server
+        GenerationServicer(generations), services
     )
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, services)
+    # Reflection registers its one method itself (it must see the grpc.aio server).
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,

@@ -1,4 +1,5 @@
-"""The grpc.aio server's channel options and compression, from the settings.
+"""The grpc.aio server's channel options and compression, from the settings, and how services
+are registered on it.
 
 Option names are gRPC core's channel arguments (grpc_types.h, doc/keepalive.md). Besides what
 the settings name, the server accepts client keepalive pings every 10 s or slower, with or
@@ -9,7 +10,11 @@ refuse); and it binds with SO_REUSEPORT so several processes can share the port.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
 import grpc
+import grpc.aio
 
 from server.config import MIB, Settings
 
@@ -66,3 +71,29 @@ def describe(settings: Settings) -> str:
 def _size(count: int) -> str:
     mib, rest = divmod(count, MIB)
     return f"{mib} MiB" if mib and not rest else f"{count} bytes"
+
+
+class _GenericHandlersOnly:
+    """What generated `add_*Servicer_to_server` functions see of the server: methods become
+    generic handlers (found by name), never registered ones."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        """Dropped: the generic handlers just added serve these methods."""
+
+
+def by_name(server: grpc.aio.Server) -> grpc.aio.Server:
+    """`server` for registering services as generic handlers only.
+
+    grpc.aio (1.85) keeps a pending task for each registered method and waits on all of them for
+    every RPC it accepts (grpc/grpc#43461): with this service's twenty methods, a large share of
+    a unary call's time. Generic handlers serve the same methods without that.
+    """
+    return cast(grpc.aio.Server, _GenericHandlersOnly(server))
