@@ -76,6 +76,16 @@ def rpc_done(method: str, code: str, seconds: float) -> None:
     duration.observe(seconds)
 
 
+@functools.cache
+def _ledger_series(kind: str, replayed: bool) -> Counter:
+    return LEDGER_OPERATIONS.labels(kind, "true" if replayed else "false")
+
+
+def ledger_operation(kind: str, replayed: bool) -> None:
+    """Count one money operation of `kind`, a replay of an earlier call or not."""
+    _ledger_series(kind, replayed).inc()
+
+
 def watch_pool(size: Callable[[], int], idle: Callable[[], int]) -> None:
     """Report a connection pool's size and idle connections when scraped."""
     POOL_CONNECTIONS.labels("open").set_function(size)

@@ -88,7 +88,7 @@ class CreditRepository:
             },
         )
         reservation = records.reservation(row)
-        _count("reserve", reservation.replayed)
+        metrics.ledger_operation("reserve", reservation.replayed)
         return reservation
 
     async def capture(
@@ -111,7 +111,7 @@ class CreditRepository:
             },
         )
         capture = records.capture(row)
-        _count("capture", capture.replayed)
+        metrics.ledger_operation("capture", capture.replayed)
         return capture
 
     async def release(
@@ -121,7 +121,7 @@ class CreditRepository:
             principal, functions.RELEASE, {"p_hold_id": hold_id, "p_owner": owner}
         )
         release = records.release(row)
-        _count("release", replayed=False)
+        metrics.ledger_operation("release", replayed=False)
         return release
 
     async def refund(
@@ -146,7 +146,7 @@ class CreditRepository:
             },
         )
         result = records.ledger_result(row)
-        _count("refund", result.replayed)
+        metrics.ledger_operation("refund", result.replayed)
         return result
 
     async def expire_holds(self, users: int) -> int:
@@ -173,9 +173,5 @@ class CreditRepository:
             },
         )
         result = records.ledger_result(row)
-        _count(result.transaction.kind, result.replayed)
+        metrics.ledger_operation(result.transaction.kind, result.replayed)
         return result
-
-
-def _count(kind: str, replayed: bool) -> None:
-    metrics.LEDGER_OPERATIONS.labels(kind, "true" if replayed else "false").inc()
