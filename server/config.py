@@ -123,7 +123,7 @@ class Settings:
         if compression not in COMPRESSIONS:
             raise ValueError(f"CREDITS_COMPRESSION must be one of {', '.join(COMPRESSIONS)}")
         return cls(
-            listen=get("CREDITS_LISTEN") or "127.0.0.1:50051",
+            listen=_address(get, "CREDITS_LISTEN") or "127.0.0.1:50051",
             database_url=get("DATABASE_URL"),
             supabase_url=supabase_url,
             supabase_anon_key=get("SUPABASE_ANON_KEY"),
@@ -133,7 +133,7 @@ class Settings:
             jwt_audience=get("CREDITS_JWT_AUDIENCE") or "authenticated",
             data_dir=Path(get("CREDITS_DATA_DIR") or ".data"),
             signup_credits=int(signup),
-            metrics_listen=get("CREDITS_METRICS_LISTEN"),
+            metrics_listen=_address(get, "CREDITS_METRICS_LISTEN"),
             service_api_key=get("CREDITS_SERVICE_API_KEY"),
             breaker_seconds=breaker_seconds,
             models_path=_path(models),
@@ -151,6 +151,26 @@ class Settings:
             processes=_whole(get, "CREDITS_PROCESSES", 1),
             db_pool_size=_whole(get, "CREDITS_DB_POOL_SIZE", 10),
         )
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """("host", port) of a "host:port" address: "[::1]:50051" gives "::1", ":50051" an empty
+    host (every interface); ValueError if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"not a host:port address: {address!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _address(get: Callable[[str], str | None], name: str) -> str | None:
+    """The variable `name`, checked to be a host:port address; None when unset."""
+    address = get(name)
+    if address is not None:
+        try:
+            host_port(address)
+        except ValueError:
+            raise ValueError(f"{name} must be host:port (got {address!r})") from None
+    return address
 
 
 def _whole(get: Callable[[str], str | None], name: str, default: int) -> int:

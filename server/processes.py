@@ -38,7 +38,7 @@ from types import FrameType
 
 from server import app as application
 from server import runtime
-from server.config import Settings
+from server.config import Settings, host_port
 from server.db import embedded, migrate
 from server.observability import logs
 
@@ -60,14 +60,6 @@ class Ready:
     pid: int
     port: int
     metrics_port: int | None
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    """("host", port) of a "host:port" address ("[::1]:50051" gives "::1")."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise application.ConfigurationError(f"CREDITS_LISTEN must be host:port (got {listen!r})")
-    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -94,7 +86,7 @@ def child_settings(settings: Settings, index: int) -> Settings:
     metrics = settings.metrics_listen
     if not metrics:
         return settings
-    host, port = split_listen(metrics)
+    host, port = host_port(metrics)
     return dataclasses.replace(settings, metrics_listen=f"{host}:{port + index if port else 0}")
 
 
@@ -326,7 +318,7 @@ class Supervisor:
 def supervise(settings: Settings) -> int:
     """Run `settings.processes` server processes until SIGTERM or SIGINT; the exit code."""
     settings = application.resolve(settings)
-    host, port = split_listen(settings.listen)
+    host, port = host_port(settings.listen)
     holder = reserve_port(host, port)
     port = holder.getsockname()[1]
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

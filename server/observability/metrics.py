@@ -16,6 +16,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from server.config import host_port
 from server.errors import CreditsError
 
 if TYPE_CHECKING:
@@ -109,6 +110,6 @@ async def track_queue(read: Callable[[], Awaitable[QueueStats]], interval: float
 def serve(listen: str) -> WSGIServer:
     """Serve /metrics on `listen` ("host:port"; port 0 picks one) from a thread of its own;
     `shutdown()` the server returned to stop it."""
-    host, _, port = listen.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host or "127.0.0.1")
+    host, port = host_port(listen)
+    server, _thread = start_http_server(port, addr=host or "127.0.0.1")
     return server

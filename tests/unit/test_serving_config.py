@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from server import processes, serving
-from server.config import MIB, Settings
+from server.config import MIB, Settings, host_port
 
 
 def _serving(settings: Settings) -> tuple[object, ...]:
@@ -60,6 +60,28 @@ def test_values_from_the_environment() -> None:
 def test_a_bad_number_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=rf"^{name} must be a whole number >= 1 \(got '{value}'\)"):
         Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize("name", ["CREDITS_LISTEN", "CREDITS_METRICS_LISTEN"])
+@pytest.mark.parametrize("value", ["50051", "localhost", "host:port", "host:70000", "host:5 0"])
+def test_a_bad_address_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be host:port"):
+        Settings.from_env({name: value})
+
+
+@pytest.mark.parametrize(
+    ("address", "parts"),
+    [
+        ("127.0.0.1:50051", ("127.0.0.1", 50051)),
+        ("[::1]:0", ("::1", 0)),
+        (":9090", ("", 9090)),
+        ("credits.internal:443", ("credits.internal", 443)),
+    ],
+)
+def test_addresses_split_into_host_and_port(address: str, parts: tuple[str, int]) -> None:
+    settings = Settings.from_env({"CREDITS_LISTEN": address, "CREDITS_METRICS_LISTEN": address})
+    assert host_port(settings.listen) == parts
+    assert settings.metrics_listen == address
 
 
 def test_an_unknown_compression_lists_the_choices() -> None:
