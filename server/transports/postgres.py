@@ -61,12 +61,18 @@ class PostgresTransport:
                     command_timeout=command_timeout,
                     server_settings={"role": "service_role", "application_name": "credits"},
                 )
+            except _DRIVER_ERRORS as exc:
+                raise _translate(exc) from exc
+            try:
                 for type_name in ("json", "jsonb"):
                     await conn.set_type_codec(
                         type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
                     )
-            except _DRIVER_ERRORS as exc:
-                raise _translate(exc) from exc
+            except BaseException as exc:
+                conn.terminate()  # half set up: never handed out
+                if isinstance(exc, _DRIVER_ERRORS):
+                    raise _translate(exc) from exc
+                raise
             return conn
 
         pool = await ConnectionPool.open(
