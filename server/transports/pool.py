@@ -46,9 +46,13 @@ class ConnectionPool:
     ) -> ConnectionPool:
         """A pool with `min_size` connections open already (so a bad URL fails here)."""
         pool = cls(connect, max_size=max_size, acquire_timeout=acquire_timeout)
+        opened: list[asyncpg.Connection] = []
         try:
-            opened = [await pool.acquire() for _ in range(min(min_size, max_size))]
+            for _ in range(min(min_size, max_size)):
+                opened.append(await pool.acquire())
         except BaseException:
+            for conn in opened:
+                pool.release(conn, reusable=False)
             await pool.close()
             raise
         for conn in opened:

@@ -210,3 +210,15 @@ async def test_close_refuses_a_caller_still_waiting(connect: Connector) -> None:
         await waiter
     pool.release(busy, reusable=True)
     assert pool.size() == 0
+
+
+async def test_opening_closes_what_it_opened_when_a_connect_fails(connect: Connector) -> None:
+    async def second_fails() -> asyncpg.Connection:
+        if connect.opened:
+            raise OSError("the second connection is refused")
+        return await connect()
+
+    with pytest.raises(OSError, match="second connection"):
+        await ConnectionPool.open(second_fails, min_size=2, max_size=2, acquire_timeout=1)
+    [first] = connect.opened
+    assert first.is_closed()
