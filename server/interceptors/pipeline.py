@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -79,13 +79,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     admitted = await admit(metadata, record, request)
                     async for response in behaviour(admitted, context):
                         yield response
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as error:
-                    await _fail(context, record, error)
-                except asyncio.CancelledError:
-                    record.fail(grpc.StatusCode.CANCELLED, "")
-                    raise
+                except BaseException as error:
+                    await _end(context, record, error)
                 finally:
                     access_log.finish(record)
 
@@ -98,13 +93,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             record = _open(method, context, metadata)
             try:
                 return await behaviour(await admit(metadata, record, request), context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as error:
-                await _fail(context, record, error)
-            except asyncio.CancelledError:
-                record.fail(grpc.StatusCode.CANCELLED, "")
-                raise
+            except BaseException as error:
+                await _end(context, record, error)
             finally:
                 access_log.finish(record)
 
@@ -119,12 +109,16 @@ def _open(method: str, context: Context, metadata: Metadata) -> CallRecord:
     return record
 
 
-async def _fail(context: Context, record: CallRecord, error: Exception) -> None:
-    """End the call for what the handler (or the caller's token) raised."""
+async def _end(context: Context, record: CallRecord, error: BaseException) -> NoReturn:
+    """End the call for what the handler (or the caller's token) raised: a domain error by the
+    error table, a bug as INTERNAL; an abort, a cancellation or a generator's close go on."""
     if isinstance(error, errors.CreditsError):
         await abort(context, error)
-    else:
+    elif isinstance(error, asyncio.CancelledError):
+        record.fail(grpc.StatusCode.CANCELLED, "")
+    elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
         await abort_unexpected(context, record.method, error)
+    raise error
 
 
 def _raw(request: bytes) -> bytes:

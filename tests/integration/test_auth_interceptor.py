@@ -330,14 +330,18 @@ async def test_principal_does_not_leak_between_concurrent_calls(
 NOT_A_MESSAGE = b"\x08\x01\xff\xff"
 
 
+def raw_get_balance(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    """GetBalance sending the request bytes as given."""
+    return channel.unary_unary("/credits.v1.CreditService/GetBalance")
+
+
 async def test_a_request_that_does_not_parse_is_invalid_argument(
     channel: grpc.aio.Channel,
 ) -> None:
-    get_balance: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-        "/credits.v1.CreditService/GetBalance"
-    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await get_balance(NOT_A_MESSAGE, metadata=bearer(mint_user_token(SECRET, USER_ID)))
+        await raw_get_balance(channel)(
+            NOT_A_MESSAGE, metadata=bearer(mint_user_token(SECRET, USER_ID))
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
     assert status is not None
@@ -349,9 +353,6 @@ async def test_a_request_that_does_not_parse_is_invalid_argument(
 async def test_a_rejected_caller_gets_unauthenticated_before_the_request_is_parsed(
     channel: grpc.aio.Channel,
 ) -> None:
-    get_balance: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-        "/credits.v1.CreditService/GetBalance"
-    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await get_balance(NOT_A_MESSAGE, metadata=bearer("garbage"))
+        await raw_get_balance(channel)(NOT_A_MESSAGE, metadata=bearer("garbage"))
     assert_rejected(caught.value, "TOKEN_INVALID")
