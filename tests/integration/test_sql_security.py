@@ -917,6 +917,25 @@ FUNCTION_MATRIX = [
         Effect(returns={"balance": 94, "replayed": False}, balance=-1, ledger=(("debit", 1),)),
     ),
     Entry(
+        "credit_debit_each(uuid[], bigint[], text[], text[], jsonb[])",
+        "select public.credit_debit_each(array[$1::uuid], array[1::bigint], array['matrix-debit'],"
+        " array[''], array['{}'::jsonb])",
+        ("alice",),
+        SERVICE_ONLY,
+        Effect(
+            returns={"ordinal": 1, "result": {"balance": 94}, "error_code": None},
+            balance=-1,
+            ledger=(("debit", 1),),
+        ),
+    ),
+    Entry(
+        "credit_get_profile_each(uuid[])",
+        "select public.credit_get_profile_each(array[$1::uuid])",
+        ("alice",),
+        SERVICE_ONLY,
+        Effect(returns={"ordinal": 1, "result": {"available": 85}, "error_code": None}),
+    ),
+    Entry(
         "credit_grant(uuid, bigint, text, text, jsonb)",
         "select public.credit_grant($1, 7, 'matrix-grant', '', '{}'::jsonb)",
         ("alice",),
@@ -1163,6 +1182,9 @@ async def check_matrix_entry(
     async with as_role(owner, role, claims) as conn:
         if expected == OK:
             value = await conn.fetchval(entry.call, *args)
+            if isinstance(value, tuple):  # a row of a batched form
+                ordinal, result, error_code, *_ = value
+                value = {"ordinal": ordinal, "result": json.loads(result), "error_code": error_code}
             returned = json.loads(value) if isinstance(value, str) else value
         else:
             error = await expect_sqlstate(conn, expected, entry.call, *args)
