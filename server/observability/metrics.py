@@ -62,6 +62,12 @@ OLDEST_QUEUED_SECONDS = Gauge(
 POOL_CONNECTIONS = Gauge(
     "credits_db_pool_connections", "Database pool connections, by state", ["state"]
 )
+BATCHED_CALLS = Histogram(
+    "credits_db_batch_calls",
+    "Calls sent to the database together while the pool was busy, per batch, by function",
+    ["function"],
+    buckets=(1, 2, 4, 8, 16, 32),
+)
 
 
 @functools.cache
@@ -85,6 +91,12 @@ def _ledger_series(kind: str, replayed: bool) -> Counter:
 def ledger_operation(kind: str, replayed: bool) -> None:
     """Count one money operation of `kind`, a replay of an earlier call or not."""
     _ledger_series(kind, replayed).inc()
+
+
+@functools.cache
+def batch_sizes(function: str) -> Histogram:
+    """The batch-size series of one SQL function."""
+    return BATCHED_CALLS.labels(function)
 
 
 def watch_pool(size: Callable[[], int], idle: Callable[[], int]) -> None:

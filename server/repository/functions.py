@@ -13,11 +13,13 @@ from dataclasses import dataclass
 class SqlFunction:
     name: str
     params: tuple[str, ...]
+    # The batched form, taking each parameter as an array (see *_credits_batched_calls.sql).
+    each: str | None = None
 
 
 CONFIGURE = SqlFunction("credit_configure", ("p_signup_credits",))
 PROVISION_PROFILE = SqlFunction("credit_provision_profile", ("p_user_id", "p_email"))
-GET_PROFILE = SqlFunction("credit_get_profile", ("p_user_id",))
+GET_PROFILE = SqlFunction("credit_get_profile", ("p_user_id",), each="credit_get_profile_each")
 LIST_TRANSACTIONS = SqlFunction(
     "credit_list_transactions",
     ("p_user_id", "p_limit", "p_before_seq", "p_kinds", "p_start", "p_end"),
@@ -25,6 +27,7 @@ LIST_TRANSACTIONS = SqlFunction(
 DEBIT = SqlFunction(
     "credit_debit",
     ("p_user_id", "p_amount", "p_idempotency_key", "p_description", "p_metadata"),
+    each="credit_debit_each",
 )
 GRANT = SqlFunction(
     "credit_grant",

@@ -66,6 +66,10 @@ class ConnectionPool:
     def idle(self) -> int:
         return len(self._idle)
 
+    def busy(self) -> bool:
+        """An acquire now would wait: no idle connection, and no place to open one."""
+        return not self._idle and self._places >= self._max_size
+
     async def acquire(self) -> asyncpg.Connection:
         """An open connection for one call; give it back with `release`."""
         if self._closed:

@@ -2,14 +2,16 @@
 
 Pooled connections run as `service_role` (the service layer). The user layer runs each call in
 a transaction as role `authenticated` with `request.jwt.claims` set, exactly as PostgREST does,
-so row-level security sees what it would see for a Supabase client.
+so row-level security sees what it would see for a Supabase client. While the pool is busy, the
+service layer's calls of a function with a batched form go to the database together
+(server/transports/batching.py).
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -20,6 +22,7 @@ from server.observability import metrics
 from server.repository.functions import SqlFunction
 from server.repository.sql_errors import domain_error
 from server.repository.transport import CredentialsRejected
+from server.transports.batching import Batcher, Values
 from server.transports.pool import ConnectionPool, PoolClosed
 
 # SQLSTATE classes: 08 connection exception, 53 insufficient resources, 57 operator
@@ -35,11 +38,20 @@ _SET_USER_CONTEXT = (
 )
 
 
+# Both rendered from the constant registry in server/repository/functions.py only.
 @functools.cache
 def _statement(function: SqlFunction) -> str:
-    # Rendered from the constant registry in server/repository/functions.py only.
-    args = ", ".join(f"{param} => ${i}" for i, param in enumerate(function.params, start=1))
-    return f"select public.{function.name}({args})"
+    return f"select public.{function.name}({_arguments(function)})"
+
+
+@functools.cache
+def _each_statement(function: SqlFunction) -> str:
+    columns = "ordinal, result, error_code, error_message, error_detail"
+    return f"select {columns} from public.{function.each}({_arguments(function)})"  # noqa: S608
+
+
+def _arguments(function: SqlFunction) -> str:
+    return ", ".join(f"{param} => ${i}" for i, param in enumerate(function.params, start=1))
 
 
 class PostgresTransport:
@@ -47,7 +59,7 @@ class PostgresTransport:
 
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
-        self._service = _Session(pool, None)
+        self._service = _ServiceSession(pool)
 
     @classmethod
     async def connect(
@@ -81,7 +93,7 @@ class PostgresTransport:
         metrics.watch_pool(pool.size, pool.idle)
         return cls(pool)
 
-    def service(self) -> _Session:
+    def service(self) -> _ServiceSession:
         return self._service
 
     def as_user(self, principal: UserPrincipal) -> _Session:
@@ -120,6 +132,53 @@ class _Session:
             raise _translate(exc) from exc
         finally:
             self._pool.release(conn, reusable=reusable)
+
+
+class _ServiceSession(_Session):
+    """The service layer: calls of functions with a batched form join while the pool is busy."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        super().__init__(pool, None)
+        self._batchers: dict[SqlFunction, Batcher] = {}
+
+    async def call(self, function: SqlFunction, args: Mapping[str, object]) -> Any:
+        if function.each is None or not self._pool.busy():
+            return await super().call(function, args)
+        batcher = self._batchers.get(function)
+        if batcher is None:
+            send = functools.partial(_send_batch, function)
+            batcher = Batcher(function.name, self._pool, send, _batch_failed)
+            self._batchers[function] = batcher
+        return await batcher.call([args.get(param) for param in function.params])
+
+
+async def _send_batch(
+    function: SqlFunction, conn: asyncpg.Connection, calls: Sequence[Values]
+) -> list[object]:
+    """Each call's result, or the domain error it raised, in the order of `calls`."""
+    if len(calls) == 1:
+        try:
+            return [await conn.fetchval(_statement(function), *calls[0])]
+        except asyncpg.PostgresError as exc:
+            return [_translate(exc)]
+    columns = [list(column) for column in zip(*calls, strict=True)]
+    outcomes: list[object] = [None] * len(calls)
+    for ordinal, result, code, message, detail in await conn.fetch(
+        _each_statement(function), *columns
+    ):
+        if code is None:
+            outcomes[ordinal - 1] = result
+        else:
+            fields = {"C": code, "M": message, "D": detail}
+            outcomes[ordinal - 1] = _translate(asyncpg.PostgresError.new(fields))
+    return outcomes
+
+
+def _batch_failed(exc: BaseException) -> BaseException:
+    """What each call of a batch raises when the batch as a whole failed with `exc`."""
+    if isinstance(exc, _DRIVER_ERRORS):
+        return _translate(exc)
+    return BackendUnavailable()  # the pool closed or timed out, or the call was cancelled
 
 
 def _translate(exc: BaseException) -> BaseException:
