@@ -56,7 +56,9 @@ async def test_never_opens_more_than_max_size_and_serves_waiters_in_order(
     connect: Connector,
 ) -> None:
     pool = await ConnectionPool.open(connect, min_size=0, max_size=2, acquire_timeout=5)
+    assert not pool.busy()
     held = [await pool.acquire(), await pool.acquire()]
+    assert pool.busy()
     order: list[int] = []
 
     async def wait(n: int) -> asyncpg.Connection:
