@@ -245,21 +245,20 @@ async def _grpc_server(
     # Without LISTEN (the Supabase API), watchers re-read on a short timer instead.
     recheck = 5.0 if isinstance(backend.feed, PostgresChangeFeed) else 0.5
     generations = Generations(backend.generations, backend.catalogue, backend.feed, recheck)
-    server = grpc.aio.server(
-        interceptors=[CallInterceptor(TokenVerifier.from_settings(settings))],
-        options=serving.channel_options(settings),
-        compression=serving.compression(settings),
+    server = serving.GuardedServer(
+        grpc.aio.server(
+            options=serving.channel_options(settings), compression=serving.compression(settings)
+        ),
+        CallInterceptor(TokenVerifier.from_settings(settings)),
     )
-    services = serving.by_name(server)
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
-        CreditServicer(CreditLedger(backend.credits)), services
+        CreditServicer(CreditLedger(backend.credits)), server
     )
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(generations), services
+        GenerationServicer(generations), server
     )
     health = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, services)
-    # Reflection registers its one method itself (it must see the grpc.aio server).
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,

@@ -1,6 +1,6 @@
-"""The interceptor every RPC but health checks and reflection passes: a request id, the caller
-verified once and bound as a Principal, errors turned into the contract's statuses, and one
-access-log line at the end.
+"""What every RPC but health checks and reflection passes: a request id, the caller verified
+once and bound as a Principal, errors turned into the contract's statuses, and one access-log
+line at the end.
 
 Each method's handler is guarded once, on its first call, and reused: rebuilding a handler, a
 closure and a context manager for every call was a large part of a unary RPC's time here. The
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
@@ -34,20 +34,17 @@ Parse = Callable[[bytes], Any]
 Metadata = Iterable[tuple[str, str | bytes]] | None
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):
+class CallInterceptor:
+    """Guards the handlers of a server's methods (installed by serving.GuardedServer)."""
+
     def __init__(self, verifier: TokenVerifier) -> None:
         self._verifier = verifier
         # method -> (the handler as registered, its guarded version)
         self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or is_public(method):
+    def handler_for(self, method: str, handler: Handler) -> Handler:
+        """`handler` as it is served: guarded, unless `method` is public (health, reflection)."""
+        if is_public(method):
             return handler
         known = self._guarded.get(method)
         if known is None or known[0] is not handler:

@@ -42,6 +42,7 @@ from server.auth.principal import UserPrincipal, current_principal
 from server.auth.tokens import mint_service_token, mint_user_token
 from server.auth.verifier import TokenVerifier
 from server.interceptors import CallInterceptor
+from server.serving import GuardedServer
 
 SECRET = "integration-test-jwt-secret-" + "y" * 40
 OTHER_SECRET = "not-the-configured-secret-" + "z" * 40
@@ -137,7 +138,7 @@ def keys() -> Iterator[Keys]:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def channel(keys: Keys) -> AsyncIterator[grpc.aio.Channel]:
     verifier = TokenVerifier(hs256_secret=SECRET, jwks_url=keys.jwks_url, service_keys=[API_KEY])
-    server = grpc.aio.server(interceptors=[CallInterceptor(verifier)])
+    server = GuardedServer(grpc.aio.server(), CallInterceptor(verifier))
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(EchoCredits(), server)  # type: ignore[abstract]
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
         UnimplementedWatch(),  # type: ignore[abstract]
