@@ -76,6 +76,9 @@ class BatchedLinesHandler(logging.Handler):
     A write per RPC costs the serving thread far more than the line itself: the system call
     hands the GIL to grpc's poller thread and the loop waits to get it back. Batching is what
     nginx's buffered access log does; a SIGKILLed process loses at most `interval` of lines.
+    Lines are formatted as they are logged: a record that cannot be formatted is reported on its
+    own (logging's handleError) instead of losing its batch, and the writer thread holds the GIL
+    only to join and write.
     """
 
     def __init__(
@@ -87,7 +90,7 @@ class BatchedLinesHandler(logging.Handler):
         super().__init__()
         self._stream = stream if stream is not None else sys.stderr
         self._batched = frozenset(batched)
-        self._pending: list[logging.LogRecord] = []
+        self._pending: list[str] = []
         self._writing = threading.Lock()
         self._stopping = threading.Event()
         self._interval = interval
@@ -96,7 +99,10 @@ class BatchedLinesHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         # logging calls this under the handler's lock, which flush() takes to swap the batch.
-        self._pending.append(record)
+        try:
+            self._pending.append(self.format(record))
+        except Exception:
+            self.handleError(record)
         if record.levelno >= logging.WARNING or record.name not in self._batched:
             self.flush()
 
@@ -112,10 +118,10 @@ class BatchedLinesHandler(logging.Handler):
             self.release()
         try:
             if batch:
-                self._stream.write("".join(self.format(record) + "\n" for record in batch))
+                self._stream.write("\n".join(batch) + "\n")
                 self._stream.flush()
         except Exception:
-            self.handleError(batch[-1])
+            self.handleError(logging.makeLogRecord({"msg": f"a batch of {len(batch)} lines"}))
         finally:
             self._writing.release()
 

@@ -106,3 +106,60 @@ def test_lines_of_other_loggers_are_written_at_once(logger: logging.Logger) -> N
         for named in (logger, lifecycle):
             named.removeHandler(handler)
         handler.close()
+
+
+class FailingOnce(io.StringIO):
+    """A stream whose first write fails, as a full disk or a closed pipe would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            self.failed = True
+            raise OSError("no space left on device")
+        return super().write(text)
+
+
+def test_a_failed_write_is_reported_and_later_lines_still_go_out(
+    logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream = FailingOnce()
+    handler = BatchedLinesHandler(stream, interval=3600, batched=[logger.name])
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    try:
+        logger.warning("lost")
+        logger.warning("kept")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert "no space left on device" in capsys.readouterr().err
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["kept"]
+
+
+class Picky(JsonFormatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.msg == "unformattable":
+            raise ValueError("cannot format this one")
+        return super().format(record)
+
+
+def test_a_line_that_cannot_be_formatted_is_reported_and_the_others_are_written(
+    logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream = io.StringIO()
+    handler = BatchedLinesHandler(stream, interval=3600, batched=[logger.name])
+    handler.setFormatter(Picky())
+    logger.addHandler(handler)
+    try:
+        logger.info("before")
+        logger.info("unformattable")
+        logger.info("after")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert "cannot format this one" in capsys.readouterr().err
+    lines = [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+    assert lines == ["before", "after"]
