@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from prometheus_client import REGISTRY
 
 from server import errors
 from server.repository import functions
+from server.transports.batching import MAX_BATCH
 from server.transports.postgres import PostgresTransport
 
 Call = Callable[..., Awaitable[Any]]
@@ -161,6 +163,23 @@ async def test_calls_made_while_the_pool_is_busy_go_as_one_transaction(
         key: n + 1 for n, key in enumerate(keys)
     }
     assert len({row["created_at"] for row in rows}) == 1
+
+
+async def test_a_queue_longer_than_a_batch_goes_in_several(
+    transport: PostgresTransport, owner: asyncpg.Connection, blocker: Blocker
+) -> None:
+    user_id = await new_user(transport, 100)
+    await blocker.start()
+    keys = [f"long-queue-{n}-{user_id}" for n in range(MAX_BATCH + 3)]
+    calls = [asyncio.create_task(debit(transport, user_id, 1, key)) for key in keys]
+    await settle()
+    await blocker.release()
+    results = await asyncio.gather(*calls)
+
+    assert sorted(result["balance"] for result in results) == list(range(100 - len(keys), 100))
+    rows = await ledger_rows(owner, keys)
+    # Rows of one batch share its transaction's start time.
+    assert sorted(Counter(row["created_at"] for row in rows).values()) == [3, MAX_BATCH]
 
 
 async def test_a_refused_call_undoes_nothing_of_the_others_in_its_batch(
