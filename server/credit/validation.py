@@ -61,11 +61,19 @@ def idempotency_key(key: str, field: str = "idempotency_key") -> str:
     return key
 
 
+def storable(field: str, *texts: str) -> None:
+    """PostgreSQL's text and jsonb cannot hold the NUL character (a protobuf string can): it is
+    refused as the field's error rather than failing in the database."""
+    if any("\x00" in text for text in texts):
+        raise InvalidArgument.one(field, "must not contain the NUL character")
+
+
 def description(text: str) -> str:
     if len(text) > MAX_DESCRIPTION_LENGTH:
         raise InvalidArgument.one(
             "description", f"must be at most {MAX_DESCRIPTION_LENGTH} characters"
         )
+    storable("description", text)
     return text
 
 
@@ -79,6 +87,7 @@ def metadata(entries: Mapping[str, str]) -> dict[str, str]:
                 f"keys must be 1 to {MAX_METADATA_KEY_LENGTH} characters and values at most "
                 f"{MAX_METADATA_VALUE_LENGTH}",
             )
+        storable("metadata", key, value)
     return dict(entries)
 
 

@@ -141,6 +141,7 @@ def _prompt(prompt: str) -> str:
         raise InvalidArgument.one("prompt", "must not be empty")
     if len(prompt) > MAX_PROMPT_LENGTH:
         raise InvalidArgument.one("prompt", f"must be at most {MAX_PROMPT_LENGTH} characters")
+    validation.storable("prompt", prompt)
     return prompt
 
 
@@ -156,4 +157,5 @@ def _parameters(parameters: Mapping[str, str]) -> dict[str, str]:
             raise InvalidArgument.one(
                 "parameters", f"values must be at most {MAX_PARAMETER_VALUE_LENGTH} characters"
             )
+        validation.storable("parameters", key, value)
     return dict(parameters)

@@ -380,6 +380,27 @@ def _invalid_requests(user_id: str) -> list[tuple[str, str, object]]:
                 amount=1, idempotency_key="k", metadata={str(i): "v" for i in range(51)}
             ),
         ),
+        # PostgreSQL text and jsonb cannot hold NUL: refused as the field's error, not a failure.
+        (
+            "DebitCredits",
+            "description",
+            pb.DebitCreditsRequest(amount=1, idempotency_key="k", description="a\x00b"),
+        ),
+        (
+            "DebitCredits",
+            "metadata",
+            pb.DebitCreditsRequest(amount=1, idempotency_key="k", metadata={"a\x00": "v"}),
+        ),
+        (
+            "DebitCredits",
+            "metadata",
+            pb.DebitCreditsRequest(amount=1, idempotency_key="k", metadata={"a": "v\x00"}),
+        ),
+        (
+            "ReserveCredits",
+            "description",
+            pb.ReserveCreditsRequest(amount=1, idempotency_key="k", description="\x00"),
+        ),
         ("CheckCredits", "amount", pb.CheckCreditsRequest(amount=0)),
         ("GetBalance", "user_id", pb.GetBalanceRequest(user_id="12345")),
         ("ListTransactions", "page_size", pb.ListTransactionsRequest(page_size=-1)),

@@ -265,8 +265,22 @@ def _request(**overrides: object) -> gpb.CreateGenerationRequest:
         (_request(prompt="x" * 4001), "prompt"),
         (_request(parameters={f"k{i}": "v" for i in range(17)}), "parameters"),
         (_request(request_id=""), "request_id"),
+        # PostgreSQL text and jsonb cannot hold NUL: refused as the field's error, not a failure.
+        (_request(prompt="a red\x00square"), "prompt"),
+        (_request(parameters={"size\x00": "1024"}), "parameters"),
+        (_request(parameters={"size": "10\x0024"}), "parameters"),
     ],
-    ids=["unknown-model", "empty-prompt", "blank-prompt", "long-prompt", "17-parameters", "no-id"],
+    ids=[
+        "unknown-model",
+        "empty-prompt",
+        "blank-prompt",
+        "long-prompt",
+        "17-parameters",
+        "no-id",
+        "nul-in-prompt",
+        "nul-in-parameter-key",
+        "nul-in-parameter-value",
+    ],
 )
 async def test_a_bad_create_names_its_field(
     credits: CreditStub,
