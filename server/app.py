@@ -14,7 +14,6 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from credits.v1 import (
@@ -38,6 +37,7 @@ from server.generation.events import ChangeFeed, PostgresChangeFeed
 from server.generation.lifecycle import Generations
 from server.generation.models import ModelSpec
 from server.generation.worker import Worker, WorkerPool, WorkerSettings, load_providers
+from server.health import HealthServicer
 from server.interceptors import CallInterceptor
 from server.observability import metrics
 from server.repository.breaker import CredentialBreaker
