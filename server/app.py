@@ -14,7 +14,6 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from credits.v1 import (
     credit_service_pb2,
@@ -22,7 +21,7 @@ from credits.v1 import (
     generation_service_pb2,
     generation_service_pb2_grpc,
 )
-from server import serving
+from server import reflection, serving
 from server.api.credit_servicer import CreditServicer
 from server.api.generation_servicer import GenerationServicer
 from server.auth.secret_store import load_or_create_jwt_secret
@@ -259,13 +258,8 @@ async def _grpc_server(
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (
-            *SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
+    reflection.enable(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server
     )
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
