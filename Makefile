@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint typecheck protos-check gen pytest clean
+.PHONY: run test bench lint typecheck protos-check protos-baseline gen pytest clean
 
 run: $(STAMP)
 	$(BIN)/credits serve
@@ -35,7 +35,15 @@ typecheck: $(STAMP)
 
 protos-check: $(STAMP)
 	$(BIN)/buf lint
+	$(BIN)/buf breaking --against $(API_BASELINE)
 	$(BIN)/python tools/protogen.py --check
+
+# The published API that `buf breaking` holds the protos to. Rewrite it only on purpose: every
+# change it would accept breaks the generated clients of callers.
+API_BASELINE := protos/breaking-baseline.binpb
+
+protos-baseline: $(STAMP)
+	$(BIN)/buf build --exclude-source-info -o $(API_BASELINE)
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q
