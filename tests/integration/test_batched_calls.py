@@ -100,7 +100,7 @@ class Blocker:
 
 
 async def wait_for_lock_waiter(owner: asyncpg.Connection) -> None:
-    for _ in range(200):
+    for _ in range(1000):  # up to 10 s, for a loaded machine
         if await owner.fetchval(
             "select count(*) from pg_stat_activity"
             " where application_name = 'credits' and wait_event_type = 'Lock'"
