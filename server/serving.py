@@ -79,8 +79,8 @@ class GuardedServer(grpc.aio.Server):
     interceptor (health and reflection pass it untouched).
 
     Guarding the handlers where they are registered, instead of with a grpc.aio
-    ServerInterceptor, spares every RPC the interceptor chain's coroutines: an eighth of a
-    GetBalance's time here. Methods are registered as generic handlers only (found by name):
+    ServerInterceptor, spares every RPC the interceptor chain's coroutines, and no registration
+    can bypass it. Methods are registered as generic handlers only (found by name):
     grpc.aio (1.85) keeps a pending task for each *registered* method and waits on all of them
     for every RPC it accepts (grpc/grpc#43461), and the generated `add_*_to_server` functions
     register each method both ways.
@@ -114,7 +114,8 @@ class GuardedServer(grpc.aio.Server):
     async def stop(self, grace: float | None) -> None:
         await self._server.stop(grace)
 
-    async def wait_for_termination(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 (grpc.aio's signature)
+    # grpc.aio's own signature, timeout parameter included.
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         return await self._server.wait_for_termination(timeout)
 
 
