@@ -12,6 +12,16 @@ from server import errors
 # PostgreSQL's insufficient_privilege: a row-level policy or a grant refused the caller.
 INSUFFICIENT_PRIVILEGE = "42501"
 
+# SQLSTATE classes after which the call had no effect and may simply be tried again:
+# 08 connection exception, 40 transaction rollback (a deadlock or serialization failure undid
+# the call), 53 insufficient resources, 57 operator intervention (shutdown, cannot connect now).
+_TRANSIENT_CLASSES = ("08", "40", "53", "57")
+
+
+def is_transient(sqlstate: str) -> bool:
+    """Whether an error of `sqlstate` means "unavailable, retry" (BACKEND_UNAVAILABLE)."""
+    return sqlstate[:2] in _TRANSIENT_CLASSES
+
 
 def _details(detail: str | None) -> dict[str, object]:
     try:

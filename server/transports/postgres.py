@@ -20,14 +20,12 @@ from server.auth.principal import UserPrincipal
 from server.errors import BackendUnavailable
 from server.observability import metrics
 from server.repository.functions import SqlFunction
-from server.repository.sql_errors import domain_error
+from server.repository.sql_errors import domain_error, is_transient
 from server.repository.transport import CredentialsRejected
 from server.transports.batching import Batcher, Values
 from server.transports.pool import ConnectionPool, PoolClosed
 
-# SQLSTATE classes: 08 connection exception, 53 insufficient resources, 57 operator
-# intervention (shutdown, cannot connect now), 28 invalid authorization.
-_UNAVAILABLE_CLASSES = ("08", "53", "57")
+# SQLSTATE class 28: invalid authorization.
 _CREDENTIALS_CLASS = "28"
 _LOST_CONNECTION = asyncpg.ConnectionDoesNotExistError
 _DRIVER_ERRORS = (OSError, asyncpg.PostgresError, _LOST_CONNECTION, TimeoutError)
@@ -190,7 +188,7 @@ def _translate(exc: BaseException) -> BaseException:
             return known
         if sqlstate.startswith(_CREDENTIALS_CLASS):
             return CredentialsRejected(f"SQLSTATE {sqlstate}")
-        if sqlstate[:2] in _UNAVAILABLE_CLASSES:
+        if is_transient(sqlstate):
             return BackendUnavailable()
         return exc
     if isinstance(exc, OSError | TimeoutError | _LOST_CONNECTION):

@@ -28,7 +28,7 @@ from server import errors
 from server.auth.principal import UserPrincipal
 from server.config import SupabaseProject
 from server.repository.functions import SqlFunction
-from server.repository.sql_errors import domain_error
+from server.repository.sql_errors import domain_error, is_transient
 from server.repository.transport import CredentialsRejected
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,8 @@ log = logging.getLogger(__name__)
 # claims invalid (expired). The API gateway's own refusal of a key carries no code.
 _JWT_ERRORS = {"PGRST301", "PGRST302", "PGRST303"}
 _INVALID_API_KEY = "Invalid API key"
-# PostgREST cannot reach or use its database; SQLSTATE classes it answers 503 or 500 for.
+# PostgREST cannot reach or use its database.
 _UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003"}
-_UNAVAILABLE_CLASSES = ("08", "53", "57")
 
 
 class SupabaseTransport:
@@ -122,7 +121,7 @@ def translate_error(error: APIError, *, service: bool) -> BaseException:
             return errors.TokenInvalid("the Supabase project refused the access token")
         log.error("the Supabase project refused SUPABASE_ANON_KEY (%s)", reason)
         return errors.CreditsError()
-    if code in _UNAVAILABLE_CODES or code[:2] in _UNAVAILABLE_CLASSES or _is_5xx(code):
+    if code in _UNAVAILABLE_CODES or is_transient(code) or _is_5xx(code):
         return errors.BackendUnavailable()
     return error
 

@@ -73,6 +73,25 @@ def debit(transport: PostgresTransport, user_id: uuid.UUID, amount: int, key: st
     )
 
 
+def start_debits(
+    transport: PostgresTransport, users: list[uuid.UUID], tag: str
+) -> tuple[list[str], list[asyncio.Task[Any]]]:
+    """A debit of 1 for each of `users`, started at once: their keys and their tasks."""
+    keys = [f"{tag}-{n}-{user_id}" for n, user_id in enumerate(users)]
+    calls = [
+        asyncio.create_task(debit(transport, user_id, 1, key))
+        for user_id, key in zip(users, keys, strict=True)
+    ]
+    return keys, calls
+
+
+async def lock_profile(conn: asyncpg.Connection, user_id: uuid.UUID) -> None:
+    """Hold `user_id`'s profile row locked until `conn`'s transaction ends."""
+    await conn.execute(
+        "select 1 from public.credit_profiles where user_id = $1 for update", user_id
+    )
+
+
 class Blocker:
     """Keeps the pool's only connection busy: a debit waiting on a profile row held locked."""
 
@@ -86,9 +105,7 @@ class Blocker:
         user_id = await new_user(self._transport, 10)
         self._lock = self._owner.transaction()
         await self._lock.start()
-        await self._owner.execute(
-            "select 1 from public.credit_profiles where user_id = $1 for update", user_id
-        )
+        await lock_profile(self._owner, user_id)
         self.call = asyncio.create_task(debit(self._transport, user_id, 1, f"block-{user_id}"))
         await wait_for_lock_waiter(self._owner)
 
@@ -278,17 +295,11 @@ async def test_a_batch_whose_connection_is_lost_fails_every_call_and_writes_noth
     locked = await new_user(transport, 20)
     others = [await new_user(transport, 20) for _ in range(2)]
     await blocker.start()
-    keys = [f"lost-{user_id}" for user_id in [*others, locked]]
-    calls = [
-        asyncio.create_task(debit(transport, user_id, 1, key))
-        for user_id, key in zip([*others, locked], keys, strict=True)
-    ]
+    keys, calls = start_debits(transport, [*others, locked], "lost")
     await settle()
     # Hold one user's row too, so that the batch waits there, in the middle of its transaction.
     async with owner.transaction():
-        await owner.execute(
-            "select 1 from public.credit_profiles where user_id = $1 for update", locked
-        )
+        await lock_profile(owner, locked)
         await blocker.release()
         await wait_for_lock_waiter(owner)
         await owner.execute(
@@ -301,6 +312,30 @@ async def test_a_batch_whose_connection_is_lost_fails_every_call_and_writes_noth
     assert await ledger_rows(owner, keys) == []
     # The pool opens a new connection in the lost one's place.
     assert (await debit(transport, locked, 1, f"after-{locked}"))["balance"] == 19
+
+
+async def test_a_deadlock_fails_only_the_call_it_hit_and_as_unavailable(
+    transport: PostgresTransport, owner: asyncpg.Connection, blocker: Blocker
+) -> None:
+    """The batch locks `first`, then waits for `second`, held by another session that then
+    waits for `first`: PostgreSQL ends the deadlock (after deadlock_timeout, 1 s) by failing the
+    batch's debit of `second`, whose subtransaction is undone; it is BACKEND_UNAVAILABLE, safe
+    to retry with the same key, and the debit of `first` still commits."""
+    first, second = sorted([await new_user(transport, 10), await new_user(transport, 10)])
+    await blocker.start()
+    keys, calls = start_debits(transport, [first, second], "deadlock")
+    await settle()
+    async with owner.transaction():
+        await lock_profile(owner, second)
+        await blocker.release()
+        await wait_for_lock_waiter(owner)
+        await lock_profile(owner, first)
+    done, refused = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert isinstance(refused, errors.BackendUnavailable), refused
+    assert done["balance"] == 9
+    assert [row["idempotency_key"] for row in await ledger_rows(owner, keys)] == [keys[0]]
+    assert (await debit(transport, second, 1, keys[1]))["replayed"] is False
 
 
 async def test_concurrent_batches_lock_profiles_in_one_order(

@@ -100,3 +100,10 @@ def test_an_unreachable_database_is_backend_unavailable(code: str) -> None:
 def test_anything_else_stays_unexpected() -> None:
     original = api_error("42883", "function does not exist")
     assert translate_error(original, service=True) is original
+
+
+@pytest.mark.parametrize("code", ["PGRST001", "08006", "40P01", "40001", "53300", "57P01", "503"])
+def test_transient_failures_are_backend_unavailable(code: str) -> None:
+    """Cannot reach the database, a deadlock or serialization failure that undid the call, too
+    many connections, a shutdown: all BACKEND_UNAVAILABLE, retried with the same key."""
+    assert type(translate_error(api_error(code), service=True)) is errors.BackendUnavailable
