@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from server.observability import metrics
-from server.transports.pool import ConnectionPool
+from server.transports.pool import ConnectionPool, reusable_after
 
 # At most this many calls in one batch, so that a long queue spreads over the connections as they
 # free up (one backend runs a batch's calls one after another): at concurrency 32, batches of 8
@@ -81,7 +81,7 @@ class Batcher:
             outcomes = await self._send(conn, [values for values, _ in batch])
             reusable = True
         except BaseException as exc:
-            reusable = isinstance(exc, asyncpg.PostgresError)
+            reusable = reusable_after(exc)
             self._fail_all(batch, exc)
             return
         finally:

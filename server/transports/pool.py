@@ -24,6 +24,18 @@ class PoolClosed(Exception):
     """The pool was closed: no more connections are handed out."""
 
 
+def reusable_after(error: BaseException) -> bool:
+    """Whether a connection may serve another call after its call raised `error`: only after an
+    ordinary SQL error. A FATAL or PANIC one (a shutdown, a terminated backend) or a connection
+    exception (class 08) ends the session, though the connection may not look closed yet; reused,
+    it fails the next call with "another operation is in progress"."""
+    return (
+        isinstance(error, asyncpg.PostgresError)
+        and error.severity not in ("FATAL", "PANIC")
+        and not (error.sqlstate or "").startswith("08")
+    )
+
+
 class ConnectionPool:
     def __init__(self, connect: Connect, *, max_size: int, acquire_timeout: float) -> None:
         if max_size < 1:

@@ -23,12 +23,13 @@ from server.repository.functions import SqlFunction
 from server.repository.sql_errors import domain_error, is_transient
 from server.repository.transport import CredentialsRejected
 from server.transports.batching import Batcher, Values
-from server.transports.pool import ConnectionPool, PoolClosed
+from server.transports.pool import ConnectionPool, PoolClosed, reusable_after
 
 # SQLSTATE class 28: invalid authorization.
 _CREDENTIALS_CLASS = "28"
-_LOST_CONNECTION = asyncpg.ConnectionDoesNotExistError
-_DRIVER_ERRORS = (OSError, asyncpg.PostgresError, _LOST_CONNECTION, TimeoutError)
+# A lost connection, and asyncpg's own broken state (a protocol left mid-operation).
+_LOST_CONNECTION = (asyncpg.ConnectionDoesNotExistError, asyncpg.InternalClientError)
+_DRIVER_ERRORS = (OSError, asyncpg.PostgresError, *_LOST_CONNECTION, TimeoutError)
 
 _SET_USER_CONTEXT = (
     "select pg_catalog.set_config('role', 'authenticated', true), "
@@ -124,7 +125,7 @@ class _Session:
             reusable = True
             return result
         except asyncpg.PostgresError as exc:
-            reusable = True
+            reusable = reusable_after(exc)
             raise _translate(exc) from exc
         except _DRIVER_ERRORS as exc:
             raise _translate(exc) from exc
@@ -191,6 +192,6 @@ def _translate(exc: BaseException) -> BaseException:
         if is_transient(sqlstate):
             return BackendUnavailable()
         return exc
-    if isinstance(exc, OSError | TimeoutError | _LOST_CONNECTION):
+    if isinstance(exc, _DRIVER_ERRORS):  # the PostgreSQL ones are answered above
         return BackendUnavailable()
     return exc

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from server.transports.pool import ConnectionPool, PoolClosed
+from server.transports.pool import ConnectionPool, PoolClosed, reusable_after
 
 
 class Connector:
@@ -32,6 +32,20 @@ async def connect(postgres_admin_url: str) -> AsyncIterator[Connector]:
     yield connector
     for conn in connector.opened:
         conn.terminate()
+
+
+async def terminate_backend(admin_url: str, pid: int, *, once_active: bool = False) -> None:
+    """pg_terminate_backend(pid) from an admin session; with `once_active`, once it runs a query."""
+    admin = await asyncpg.connect(admin_url)
+    try:
+        active = "select count(*) from pg_stat_activity where pid = $1 and state = 'active'"
+        for _ in range(500 if once_active else 0):
+            if await admin.fetchval(active, pid):
+                break
+            await asyncio.sleep(0.01)
+        assert await admin.fetchval("select pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
 
 
 async def backend_pid(conn: asyncpg.Connection) -> int:
@@ -150,11 +164,7 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(
     conn = await pool.acquire()
     pid = await backend_pid(conn)
     pool.release(conn, reusable=True)
-    admin = await asyncpg.connect(postgres_admin_url)
-    try:
-        assert await admin.fetchval("select pg_terminate_backend($1)", pid)
-    finally:
-        await admin.close()
+    await terminate_backend(postgres_admin_url, pid)
     for _ in range(100):  # the loop notices the closed socket
         if conn.is_closed():
             break
@@ -163,6 +173,43 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(
     assert await backend_pid(replaced) != pid
     pool.release(replaced, reusable=True)
     assert pool.size() == 1
+    await pool.close()
+
+
+async def test_a_connection_is_reused_after_an_sql_error_only(connect: Connector) -> None:
+    pool = await ConnectionPool.open(connect, min_size=1, max_size=1, acquire_timeout=5)
+    conn = await pool.acquire()
+    pid = await backend_pid(conn)
+    with pytest.raises(asyncpg.PostgresError) as ordinary:
+        await conn.fetchval("select 1 / 0")
+    assert reusable_after(ordinary.value)
+    pool.release(conn, reusable=reusable_after(ordinary.value))
+    again = await pool.acquire()
+    assert await backend_pid(again) == pid
+    pool.release(again, reusable=True)
+    await pool.close()
+    # What a shutting-down or terminated backend sends ends the session.
+    shutdown = {"C": "57P01", "M": "terminating connection due to administrator command"}
+    assert not reusable_after(asyncpg.PostgresError.new({**shutdown, "S": "FATAL"}))
+    assert not reusable_after(asyncpg.PostgresError.new({"C": "08006", "M": "lost", "S": "ERROR"}))
+    assert not reusable_after(OSError("connection reset"))
+
+
+async def test_a_connection_whose_backend_ends_mid_query_is_not_handed_out_again(
+    connect: Connector, postgres_admin_url: str
+) -> None:
+    pool = await ConnectionPool.open(connect, min_size=1, max_size=1, acquire_timeout=5)
+    conn = await pool.acquire()
+    pid = await backend_pid(conn)
+    running = asyncio.create_task(conn.fetchval("select pg_sleep(30)"))
+    await terminate_backend(postgres_admin_url, pid, once_active=True)
+    with pytest.raises(asyncpg.PostgresError) as ended:
+        await running
+    pool.release(conn, reusable=reusable_after(ended.value))
+    replaced = await pool.acquire()
+    assert await backend_pid(replaced) != pid
+    assert await replaced.fetchval("select 1") == 1
+    pool.release(replaced, reusable=True)
     await pool.close()
 
 
