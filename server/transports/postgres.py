@@ -27,9 +27,10 @@ from server.transports.pool import ConnectionPool, PoolClosed, reusable_after
 
 # SQLSTATE class 28: invalid authorization.
 _CREDENTIALS_CLASS = "28"
-# A lost connection, and asyncpg's own broken state (a protocol left mid-operation).
-_LOST_CONNECTION = (asyncpg.ConnectionDoesNotExistError, asyncpg.InternalClientError)
-_DRIVER_ERRORS = (OSError, asyncpg.PostgresError, *_LOST_CONNECTION, TimeoutError)
+# What a call can meet below the domain: asyncpg's PostgresError (a lost connection among them:
+# ConnectionDoesNotExistError is one, of class 08), the socket's, a timeout, and asyncpg's own
+# broken state (InternalClientError: a protocol left mid-operation).
+_DRIVER_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InternalClientError)
 
 _SET_USER_CONTEXT = (
     "select pg_catalog.set_config('role', 'authenticated', true), "
