@@ -93,12 +93,6 @@ def ledger_operation(kind: str, replayed: bool) -> None:
     _ledger_series(kind, replayed).inc()
 
 
-@functools.cache
-def batch_sizes(function: str) -> Histogram:
-    """The batch-size series of one SQL function."""
-    return BATCHED_CALLS.labels(function)
-
-
 def watch_pool(size: Callable[[], int], idle: Callable[[], int]) -> None:
     """Report a connection pool's size and idle connections when scraped."""
     POOL_CONNECTIONS.labels("open").set_function(size)

@@ -35,7 +35,7 @@ class Batcher:
     """The waiting calls of one function (`name`, for the metrics), and the tasks sending them."""
 
     def __init__(self, name: str, pool: ConnectionPool, send: Send, fail: Fail) -> None:
-        self._sizes = metrics.batch_sizes(name)
+        self._sizes = metrics.BATCHED_CALLS.labels(name)
         self._pool = pool
         self._send = send
         self._fail = fail
