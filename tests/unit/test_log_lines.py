@@ -4,10 +4,12 @@ close."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -26,11 +28,34 @@ def logger() -> logging.Logger:
     return named
 
 
+@contextlib.contextmanager
+def attached(
+    stream: io.StringIO,
+    batched: logging.Logger,
+    *others: logging.Logger,
+    interval: float = 3600,
+    formatter: logging.Formatter | None = None,
+) -> Iterator[BatchedLinesHandler]:
+    """A handler writing to `stream`, batching `batched`'s lines, on it and on `others`; closed
+    (so flushed) at the end."""
+    handler = BatchedLinesHandler(stream, interval=interval, batched=[batched.name])
+    handler.setFormatter(formatter or JsonFormatter())
+    for named in (batched, *others):
+        named.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for named in (batched, *others):
+            named.removeHandler(handler)
+        handler.close()
+
+
+def messages(stream: io.StringIO) -> list[object]:
+    return [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
+
+
 def test_lines_from_many_threads_are_all_written_in_order(logger: logging.Logger) -> None:
     stream = io.StringIO()
-    handler = BatchedLinesHandler(stream, interval=0.001, batched=[logger.name])
-    handler.setFormatter(JsonFormatter())
-    logger.addHandler(handler)
     per_thread = 400
 
     def emit(thread: int) -> None:
@@ -40,15 +65,12 @@ def test_lines_from_many_threads_are_all_written_in_order(logger: logging.Logger
             logger.log(level, "line", extra={"fields": {"thread": thread, "n": n}})
 
     threads = [threading.Thread(target=emit, args=(t,)) for t in range(6)]
-    try:
+    with attached(stream, logger, interval=0.001):
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=30)
             assert not thread.is_alive(), "a logging thread hung"
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert len(lines) == 6 * per_thread
     for thread in range(6):
@@ -57,21 +79,12 @@ def test_lines_from_many_threads_are_all_written_in_order(logger: logging.Logger
 
 def test_a_warning_is_written_at_once_and_info_by_the_next_flush(logger: logging.Logger) -> None:
     stream = io.StringIO()
-    handler = BatchedLinesHandler(stream, interval=3600, batched=[logger.name])
-    handler.setFormatter(JsonFormatter())
-    logger.addHandler(handler)
-    try:
+    with attached(stream, logger):
         logger.info("first")
         assert stream.getvalue() == ""
         logger.warning("second")
-        assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == [
-            "first",
-            "second",
-        ]
+        assert messages(stream) == ["first", "second"]
         logger.info("third")
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
     assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "third"
 
 
@@ -88,24 +101,13 @@ def test_line_times_are_written_as_datetime_writes_them(created: float) -> None:
 
 def test_lines_of_other_loggers_are_written_at_once(logger: logging.Logger) -> None:
     stream = io.StringIO()
-    handler = BatchedLinesHandler(stream, interval=3600, batched=[logger.name])
-    handler.setFormatter(JsonFormatter())
     lifecycle = logging.getLogger("tests.log_lines.lifecycle")
     lifecycle.propagate = False
-    for named in (logger, lifecycle):
-        named.addHandler(handler)
-    try:
+    with attached(stream, logger, lifecycle):
         logger.info("an access line")
         lifecycle.info("serving")
         # The lifecycle line is out at once, and the waiting access line before it.
-        assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == [
-            "an access line",
-            "serving",
-        ]
-    finally:
-        for named in (logger, lifecycle):
-            named.removeHandler(handler)
-        handler.close()
+        assert messages(stream) == ["an access line", "serving"]
 
 
 class FailingOnce(io.StringIO):
@@ -126,17 +128,11 @@ def test_a_failed_write_is_reported_and_later_lines_still_go_out(
     logger: logging.Logger, capsys: pytest.CaptureFixture[str]
 ) -> None:
     stream = FailingOnce()
-    handler = BatchedLinesHandler(stream, interval=3600, batched=[logger.name])
-    handler.setFormatter(JsonFormatter())
-    logger.addHandler(handler)
-    try:
+    with attached(stream, logger):
         logger.warning("lost")
         logger.warning("kept")
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
     assert "no space left on device" in capsys.readouterr().err
-    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == ["kept"]
+    assert messages(stream) == ["kept"]
 
 
 class Picky(JsonFormatter):
@@ -150,16 +146,9 @@ def test_a_line_that_cannot_be_formatted_is_reported_and_the_others_are_written(
     logger: logging.Logger, capsys: pytest.CaptureFixture[str]
 ) -> None:
     stream = io.StringIO()
-    handler = BatchedLinesHandler(stream, interval=3600, batched=[logger.name])
-    handler.setFormatter(Picky())
-    logger.addHandler(handler)
-    try:
+    with attached(stream, logger, formatter=Picky()):
         logger.info("before")
         logger.info("unformattable")
         logger.info("after")
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
     assert "cannot format this one" in capsys.readouterr().err
-    lines = [json.loads(line)["message"] for line in stream.getvalue().splitlines()]
-    assert lines == ["before", "after"]
+    assert messages(stream) == ["before", "after"]
