@@ -173,9 +173,11 @@ class TokenVerifier:
         if self._audience not in audiences:
             raise errors.TokenInvalid("the token is meant for another audience")
         email = claims.get("email")
+        if not isinstance(email, str) or "\x00" in email:
+            email = ""  # a profile's email is PostgreSQL text, which cannot hold NUL
         return UserPrincipal(
             user_id=_user_id(claims.get("sub")),
-            email=email if isinstance(email, str) else "",
+            email=email,
             token=token,
             claims=claims,
         )

@@ -79,6 +79,15 @@ async def test_first_call_of_a_user_creates_their_profile(credits: Stub) -> None
     assert profile.create_time.seconds > 0
 
 
+async def test_an_email_claim_postgres_cannot_store_is_left_out_of_the_profile(
+    credits: Stub,
+) -> None:
+    # A verified token may carry any string: PostgreSQL text cannot hold NUL.
+    user = new_user(email="ada\x00@example.com")
+    profile = (await credits.GetProfile(pb.GetProfileRequest(), metadata=user.metadata)).profile
+    assert (profile.user_id, profile.email) == (user.user_id, "")
+
+
 async def test_concurrent_first_calls_create_one_profile(credits: Stub) -> None:
     user = new_user()
     replies = await asyncio.gather(
