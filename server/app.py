@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import logging
@@ -21,7 +20,7 @@ from credits.v1 import (
     generation_service_pb2,
     generation_service_pb2_grpc,
 )
-from server import reflection, serving
+from server import reflection, runtime, serving
 from server.api.credit_servicer import CreditServicer
 from server.api.generation_servicer import GenerationServicer
 from server.auth.secret_store import load_or_create_jwt_secret
@@ -100,9 +99,7 @@ class Application:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.queue_tracker is not None:
-            self.queue_tracker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.queue_tracker
+            await runtime.stop(self.queue_tracker)
         await self.workers.stop()
         await self.sweeper.stop()
         await self.backend.close()

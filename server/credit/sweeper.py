@@ -8,9 +8,9 @@ once; the SQL skips users another transaction holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from server import runtime
 from server.errors import CreditsError
 from server.repository.credits import CreditRepository
 
@@ -40,9 +40,7 @@ class HoldSweeper:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await runtime.stop(self._task)
             self._task = None
 
     async def _run(self) -> None:

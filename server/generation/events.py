@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from server import runtime
 from server.generation.models import GenerationState
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,7 @@ class PostgresChangeFeed(ChangeFeed):
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await runtime.stop(self._task)
 
     async def _run(self) -> None:
         while True:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from server import runtime
 from server.errors import CreditsError
 from server.generation.events import ChangeFeed
 from server.generation.models import GenerationState, ModelSpec
@@ -109,9 +110,7 @@ class Worker:
             await self._fail(job, "the provider failed unexpectedly", retryable=True)
             return
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            await runtime.stop(keeper)
         await self._complete(job, output)
 
     async def _generate(self, provider: Provider, call: Job, limit_seconds: int) -> Output:
@@ -191,9 +190,5 @@ class WorkerPool:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        tasks, self._tasks = self._tasks, []
+        await runtime.stop(*tasks)

@@ -16,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -23,12 +24,15 @@ import pytest
 from credits.v1 import generation_pb2
 from credits.v1 import generation_service_pb2 as gpb
 from server import app as application
+from server.generation.worker import Worker, load_providers
+from server.repository.generations import GenerationRepository
 from tests.fixtures.process import CREDITS, embedded_env
 from tests.fixtures.server import TEST_JWT_SECRET, TEST_MODELS, User
 from tests.fixtures.workers import (
     CANCELLED,
     COST,
     FAILED,
+    FAST,
     FINAL,
     RUNNING,
     SUCCEEDED,
@@ -248,6 +252,56 @@ async def test_a_claim_skips_a_job_whose_owner_is_busy(
         assert elapsed < 1.0, f"the claim took {elapsed:.1f} s while the profile was busy"
     finally:
         await cancel_unfinished(generations, [created.generation_id])
+
+
+# Stopping workers
+
+
+class FailureSignal:
+    """The real generation repository, with `recorded` set once it has recorded a failure."""
+
+    def __init__(self, inner: GenerationRepository) -> None:
+        self._inner = inner
+        self.recorded = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def fail(self, *args: Any, **kwargs: Any) -> Any:
+        ended = await self._inner.fail(*args, **kwargs)
+        self.recorded.set()
+        return ended
+
+
+async def test_a_worker_stops_at_once_when_cancelled_just_after_recording_a_failure(
+    server: application.Application, credits: CreditStub, generations: GenerationStub
+) -> None:
+    """The cancel lands while the worker is stopping its lease keeper: the moment a caller first
+    sees FAILED. The worker once took the keeper's cancellation for its own and swallowed the
+    one meant for it: it kept claiming jobs, and its pool's stop never returned."""
+    backend = server.backend
+    repository = FailureSignal(backend.generations)
+    worker = Worker(
+        repository,  # type: ignore[arg-type]
+        backend.catalogue,
+        load_providers(backend.catalogue),
+        backend.feed,
+        FAST,
+        name="cancelled-after-failing",
+    )
+    user = await funded(credits, START)
+    created = await create(generations, user, parameters={"fail": "always"})
+    running = asyncio.create_task(worker.run())
+    async with asyncio.timeout(15):  # not wait_for: its own task would make the test late
+        await repository.recorded.wait()
+    running.cancel()  # what WorkerPool.stop does
+    done, _ = await asyncio.wait({running}, timeout=5)
+    if not done:  # leave no worker behind: a second cancel ends it
+        running.cancel()
+        await asyncio.wait({running})
+    assert done, "the worker was still running 5 s after it was cancelled"
+    assert running.cancelled()
+    assert (await get(generations, user, created.generation_id)).state == FAILED
 
 
 # A worker process killed mid-job (PostgreSQL only: `credits worker` needs DATABASE_URL)
