@@ -10,7 +10,7 @@ import uuid
 from datetime import timedelta
 
 from server import app, checks, processes, runtime
-from server.auth.tokens import mint_service_token, mint_user_token
+from server.auth.tokens import DEFAULT_ISSUER, mint_service_token, mint_user_token
 from server.config import Settings
 from server.observability import logs
 
@@ -35,7 +35,12 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
         user = uuid.uuid4()
         print(f"user id: {user}", file=sys.stderr)
     token = mint_user_token(
-        settings.jwt_secret, user, email=args.email, ttl=ttl, audience=settings.jwt_audience
+        settings.jwt_secret,
+        user,
+        email=args.email,
+        ttl=ttl,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer or DEFAULT_ISSUER,
     )
     print(token)
     return 0

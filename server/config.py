@@ -32,6 +32,8 @@ class Settings:
     jwt_secret: str | None = None
     jwks_url: str | None = None
     jwt_audience: str = "authenticated"
+    # The `iss` users' tokens must carry; None: not checked.
+    jwt_issuer: str | None = None
     data_dir: Path = Path(".data")
     signup_credits: int = 0
     metrics_listen: str | None = None
@@ -103,8 +105,12 @@ class Settings:
 
         supabase_url = get("SUPABASE_URL")
         jwks_url = get("CREDITS_JWKS_URL")
-        if jwks_url is None and supabase_url:
-            jwks_url = supabase_url.rstrip("/") + "/auth/v1/.well-known/jwks.json"
+        jwt_issuer = get("CREDITS_JWT_ISSUER")
+        if supabase_url:
+            # Supabase Auth signs as the project's auth endpoint and publishes its keys there.
+            auth_url = supabase_url.rstrip("/") + "/auth/v1"
+            jwks_url = jwks_url or auth_url + "/.well-known/jwks.json"
+            jwt_issuer = jwt_issuer or auth_url
         signup = get("CREDITS_SIGNUP_CREDITS") or "0"
         if not signup.isdigit():
             raise ValueError("CREDITS_SIGNUP_CREDITS must be a whole number >= 0")
@@ -131,6 +137,7 @@ class Settings:
             jwt_secret=get("SUPABASE_JWT_SECRET"),
             jwks_url=jwks_url,
             jwt_audience=get("CREDITS_JWT_AUDIENCE") or "authenticated",
+            jwt_issuer=jwt_issuer,
             data_dir=Path(get("CREDITS_DATA_DIR") or ".data"),
             signup_credits=int(signup),
             metrics_listen=_address(get, "CREDITS_METRICS_LISTEN"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -50,6 +51,7 @@ class TokenVerifier:
         hs256_secret: str | None = None,
         jwks_url: str | None = None,
         audience: str = "authenticated",
+        issuer: str | None = None,
         service_keys: Iterable[str] = (),
         leeway: float = 10.0,
         jwks_lifespan: float = 600.0,
@@ -58,7 +60,9 @@ class TokenVerifier:
     ) -> None:
         self._secret = hs256_secret.encode() if hs256_secret else None
         self._audience = audience
+        self._issuer = issuer
         self._service_keys = tuple(key.encode() for key in service_keys if key)
+        # Seconds of the issuer's clock skew allowed for `iat` and `nbf`; never for `exp`.
         self._leeway = leeway
         # No per-kid LRU (cache_keys): it never expires, so a revoked key would keep verifying.
         # The JWK set itself is cached for `jwks_lifespan` seconds.
@@ -82,6 +86,7 @@ class TokenVerifier:
             hs256_secret=settings.jwt_secret,
             jwks_url=settings.jwks_url,
             audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
             service_keys=[key for key in keys if key],
         )
 
@@ -143,11 +148,12 @@ class TokenVerifier:
 
     def _decode(self, token: str, key: bytes | jwt.PyJWK, alg: str) -> dict[str, Any]:
         try:
-            return jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 key,
                 algorithms=[alg],
-                # aud is checked per role below: service-role keys carry none.
+                # aud and iss are checked per role below: service-role keys carry no aud, and
+                # Supabase's legacy ones say iss "supabase".
                 options={"require": ["exp"], "verify_aud": False},
                 leeway=self._leeway,
             )
@@ -161,6 +167,11 @@ class TokenVerifier:
             raise errors.TokenInvalid(f"the token lacks the {err.claim!r} claim") from None
         except jwt.PyJWTError:
             raise errors.TokenInvalid() from None
+        # `exp` in the future, with no leeway (PyJWT's applies to it too); PyJWT has checked
+        # that it is a number.
+        if float(claims["exp"]) <= time.time():
+            raise errors.TokenExpired()
+        return claims
 
     def _principal(self, token: str, claims: Mapping[str, Any]) -> Principal:
         role = claims.get("role")
@@ -172,6 +183,8 @@ class TokenVerifier:
         audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         if self._audience not in audiences:
             raise errors.TokenInvalid("the token is meant for another audience")
+        if self._issuer is not None and claims.get("iss") != self._issuer:
+            raise errors.TokenInvalid("the token was issued by another project")
         email = claims.get("email")
         if not isinstance(email, str) or "\x00" in email:
             email = ""  # a profile's email is PostgreSQL text, which cannot hold NUL

@@ -137,7 +137,9 @@ def keys() -> Iterator[Keys]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def channel(keys: Keys) -> AsyncIterator[grpc.aio.Channel]:
-    verifier = TokenVerifier(hs256_secret=SECRET, jwks_url=keys.jwks_url, service_keys=[API_KEY])
+    verifier = TokenVerifier(
+        hs256_secret=SECRET, jwks_url=keys.jwks_url, issuer=ISSUER, service_keys=[API_KEY]
+    )
     server = GuardedServer(grpc.aio.server(), CallInterceptor(verifier))
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(EchoCredits(), server)  # type: ignore[abstract]
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
@@ -153,12 +155,23 @@ async def channel(keys: Keys) -> AsyncIterator[grpc.aio.Channel]:
     await server.stop(None)
 
 
+# The issuer this server requires of user tokens (Supabase Auth's, as SUPABASE_URL sets it);
+# service-role tokens keep Supabase's own "supabase".
+ISSUER = "https://abcdefghijklmnopqrst.supabase.co/auth/v1"
+
+
 def claims(**overrides: Any) -> dict[str, Any]:
     """Valid user claims; an override of None drops that claim."""
     now = int(time.time())
     base: dict[str, Any] = {"sub": str(USER_ID), "aud": "authenticated", "role": "authenticated"}
+    base["iss"] = ISSUER
     base |= {"iat": now, "exp": now + 600, **overrides}
     return {k: v for k, v in base.items() if v is not None}
+
+
+def user_token(user_id: uuid.UUID, email: str | None = None) -> str:
+    """A user token as Supabase Auth mints it for this server's project."""
+    return mint_user_token(SECRET, user_id, email=email, issuer=ISSUER)
 
 
 def hs256(payload: dict[str, Any], secret: str = SECRET) -> str:
@@ -193,6 +206,15 @@ REJECTED: dict[str, tuple[Callable[[Keys], Metadata], str]] = {
     "garbage token": (lambda _: bearer("garbage"), "TOKEN_INVALID"),
     "wrong secret": (lambda _: bearer(hs256(claims(), OTHER_SECRET)), "TOKEN_INVALID"),
     "expired": (lambda _: bearer(hs256(claims(exp=NOW - 120))), "TOKEN_EXPIRED"),
+    "expired this second": (
+        lambda _: bearer(hs256(claims(exp=int(time.time())))),
+        "TOKEN_EXPIRED",
+    ),
+    "another project's issuer": (
+        lambda _: bearer(hs256(claims(iss="https://elsewhere.supabase.co/auth/v1"))),
+        "TOKEN_INVALID",
+    ),
+    "no issuer": (lambda _: bearer(hs256(claims(iss=None))), "TOKEN_INVALID"),
     "not yet valid": (lambda _: bearer(hs256(claims(nbf=NOW + 600))), "TOKEN_INVALID"),
     "wrong audience": (lambda _: bearer(hs256(claims(aud="elsewhere"))), "TOKEN_INVALID"),
     "missing audience": (lambda _: bearer(hs256(claims(aud=None))), "TOKEN_INVALID"),
@@ -246,7 +268,7 @@ async def test_streaming_call_is_rejected(channel: grpc.aio.Channel, keys: Keys,
 
 ACCEPTED: dict[str, tuple[Callable[[Keys], Metadata], str]] = {
     "HS256 user token": (
-        lambda _: bearer(mint_user_token(SECRET, USER_ID, email="ada@example.com")),
+        lambda _: bearer(user_token(USER_ID, email="ada@example.com")),
         str(USER_ID),
     ),
     "service_role token": (lambda _: bearer(mint_service_token(SECRET)), "service:service"),
@@ -303,7 +325,7 @@ async def test_rejected_bidi_call_ends_without_reading_requests(
 
 async def test_principal_is_bound_in_async_generator_handlers(channel: grpc.aio.Channel) -> None:
     chat: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream("/test.Raw/Chat")
-    call = chat(metadata=bearer(mint_user_token(SECRET, USER_ID)))
+    call = chat(metadata=bearer(user_token(USER_ID)))
     for _ in range(2):
         await call.write(b"hi")
         assert await call.read() == str(USER_ID).encode()
@@ -318,9 +340,7 @@ async def test_principal_does_not_leak_between_concurrent_calls(
     users = [uuid.uuid4() for _ in range(20)]
     replies = await asyncio.gather(
         *(
-            stub.GetBalance(
-                credit_service_pb2.GetBalanceRequest(), metadata=bearer(mint_user_token(SECRET, u))
-            )
+            stub.GetBalance(credit_service_pb2.GetBalanceRequest(), metadata=bearer(user_token(u)))
             for u in users
         )
     )
@@ -340,9 +360,7 @@ async def test_a_request_that_does_not_parse_is_invalid_argument(
     channel: grpc.aio.Channel,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await raw_get_balance(channel)(
-            NOT_A_MESSAGE, metadata=bearer(mint_user_token(SECRET, USER_ID))
-        )
+        await raw_get_balance(channel)(NOT_A_MESSAGE, metadata=bearer(user_token(USER_ID)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
     assert status is not None

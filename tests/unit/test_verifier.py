@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import os
+import sys
 import threading
 import time
 import uuid
@@ -152,9 +155,37 @@ async def test_service_api_key_gives_service_principal(verifier: TokenVerifier) 
     assert isinstance(await verifier.authenticate(f"Bearer {API_KEY}"), ServicePrincipal)
 
 
-async def test_expiry_within_leeway_is_accepted(verifier: TokenVerifier) -> None:
+async def test_a_token_past_its_exp_by_a_moment_is_expired(verifier: TokenVerifier) -> None:
+    # PyJWT's leeway (for the issuer's clock skew in iat and nbf) does not stretch `exp`.
+    with pytest.raises(errors.TokenExpired):
+        await verifier.verify(hs256(claims(exp=int(time.time()))))
+
+
+async def test_an_iat_a_moment_ahead_of_this_clock_is_accepted(verifier: TokenVerifier) -> None:
     now = int(time.time())
-    assert isinstance(await verifier.verify(hs256(claims(exp=now - 2))), UserPrincipal)
+    assert isinstance(await verifier.verify(hs256(claims(iat=now + 5))), UserPrincipal)
+
+
+ISSUER = "https://abcdefghijklmnopqrst.supabase.co/auth/v1"
+
+
+async def test_a_configured_issuer_is_required_of_user_tokens() -> None:
+    checked = TokenVerifier(hs256_secret=SECRET, issuer=ISSUER)
+    assert isinstance(await checked.verify(hs256(claims(iss=ISSUER))), UserPrincipal)
+    for iss in ("https://another-project.supabase.co/auth/v1", ISSUER + "/", None):
+        with pytest.raises(errors.TokenInvalid, match="issued by another project"):
+            await checked.verify(hs256(claims(iss=iss)))
+
+
+async def test_service_role_tokens_keep_supabases_own_issuer() -> None:
+    # Supabase's legacy service-role key says iss "supabase", not the auth endpoint.
+    checked = TokenVerifier(hs256_secret=SECRET, issuer=ISSUER)
+    assert isinstance(await checked.verify(mint_service_token(SECRET)), ServicePrincipal)
+
+
+async def test_without_a_configured_issuer_any_is_accepted(verifier: TokenVerifier) -> None:
+    principal = await verifier.verify(hs256(claims(iss="https://elsewhere.example/auth/v1")))
+    assert isinstance(principal, UserPrincipal)
 
 
 @pytest.mark.parametrize("alg", ["ES256", "RS256"])
@@ -271,3 +302,35 @@ async def test_from_settings_accepts_the_configured_jwt_service_role_key_verbati
     # Any other service_role JWT must carry a valid signature.
     with pytest.raises(errors.TokenInvalid):
         await verifier.verify(mint_service_token(OTHER_SECRET, ttl=timedelta(hours=2)))
+
+
+def test_a_supabase_project_sets_the_issuer_and_the_jwks_of_its_auth_endpoint() -> None:
+    settings = Settings.from_env({"SUPABASE_URL": "https://abcdefghijklmnopqrst.supabase.co/"})
+    assert settings.jwt_issuer == ISSUER
+    assert settings.jwks_url == ISSUER + "/.well-known/jwks.json"
+
+
+def test_the_issuer_can_be_named_and_is_unchecked_by_default() -> None:
+    named = {"SUPABASE_URL": "https://x.supabase.co", "CREDITS_JWT_ISSUER": "https://auth.example"}
+    assert Settings.from_env(named).jwt_issuer == "https://auth.example"
+    assert Settings.from_env({"DATABASE_URL": "postgresql://db/credits"}).jwt_issuer is None
+
+
+async def test_credits_token_mints_for_the_configured_issuer() -> None:
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "DATABASE_URL": "postgresql://unused/credits",  # not embedded: nothing is started
+        "SUPABASE_JWT_SECRET": SECRET,
+        "CREDITS_JWT_ISSUER": ISSUER,
+    }
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "server", "token", "--user", str(USER_ID)),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0
+    minted = output.decode().strip()
+    principal = await TokenVerifier.from_settings(Settings.from_env(env)).verify(minted)
+    assert isinstance(principal, UserPrincipal)
+    assert principal.claims["iss"] == ISSUER
