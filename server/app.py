@@ -245,7 +245,7 @@ async def _grpc_server(
         grpc.aio.server(
             options=serving.channel_options(settings), compression=serving.compression(settings)
         ),
-        CallInterceptor(TokenVerifier.from_settings(settings)),
+        CallInterceptor(TokenVerifier.from_settings(settings), backend.credits.ensure_profile),
     )
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
         CreditServicer(CreditLedger(backend.credits)), server

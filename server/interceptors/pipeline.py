@@ -1,6 +1,6 @@
 """What every RPC but health checks and reflection passes: a request id, the caller verified
-once and bound as a Principal, errors turned into the contract's statuses, and one access-log
-line at the end.
+once and bound as a Principal (a user's profile made sure of), errors turned into the contract's
+statuses, and one access-log line at the end.
 
 Each method's handler is guarded once, on its first call, and reused: rebuilding a handler, a
 closure and a context manager for every call was a large part of a unary RPC's time here. The
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
@@ -22,7 +22,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from server import errors
-from server.auth.principal import set_principal
+from server.auth.principal import UserPrincipal, set_principal
 from server.auth.verifier import TokenVerifier
 from server.interceptors import access_log
 from server.interceptors.auth import authorization, is_public
@@ -37,8 +37,14 @@ Metadata = Iterable[tuple[str, str | bytes]] | None
 class CallInterceptor:
     """Guards the handlers of a server's methods (installed by serving.GuardedServer)."""
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        provision: Callable[[UserPrincipal], Awaitable[None]] | None = None,
+    ) -> None:
+        """`provision` makes sure a user has a profile; it is awaited before each user's call."""
         self._verifier = verifier
+        self._provision = provision
         # method -> (the handler as registered, its guarded version)
         self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
@@ -65,6 +71,8 @@ class CallInterceptor:
             # No reset afterwards: grpc.aio serves each RPC in a task of its own, whose context
             # ends with it.
             set_principal(principal)
+            if self._provision is not None and isinstance(principal, UserPrincipal):
+                await self._provision(principal)
             return _parsed_stream(request, parse) if streaming_requests else _parse(parse, request)
 
         if inspect.isasyncgenfunction(behaviour):

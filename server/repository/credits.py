@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from server.auth.principal import Principal
+from server.auth.principal import Principal, UserPrincipal
 from server.credit.models import (
     Capture,
     LedgerResult,
@@ -29,6 +29,9 @@ class CreditRepository:
         await self._layers.call_as_service(
             functions.CONFIGURE, {"p_signup_credits": signup_credits}
         )
+
+    async def ensure_profile(self, principal: UserPrincipal) -> None:
+        await self._layers.ensure_profile(principal)
 
     async def get_profile(self, principal: Principal, user_id: uuid.UUID) -> Profile:
         row = await self._layers.call(principal, functions.GET_PROFILE, {"p_user_id": user_id})

@@ -1,11 +1,13 @@
 """Layered access: the service layer, then the user's own JWT, then provisioning.
 
 The user layer is a fallback for refused service credentials only, never for a business error
-or a timeout. A missing profile is created only for the authenticated caller's own id.
+or a timeout. A missing profile is created only for the authenticated caller's own id: before
+any call of theirs is served (`ensure_profile`), and again should it have gone meanwhile.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,11 +19,24 @@ from server.repository.breaker import CredentialBreaker
 from server.repository.functions import SqlFunction
 from server.repository.transport import CredentialsRejected, Transport
 
+# Users whose profile this process has made sure of, oldest first out past this many.
+KNOWN_PROFILES = 100_000
+
 
 class LayeredRepository:
-    def __init__(self, transport: Transport, breaker: CredentialBreaker) -> None:
+    def __init__(
+        self, transport: Transport, breaker: CredentialBreaker, known_profiles: int = KNOWN_PROFILES
+    ) -> None:
         self._transport = transport
         self._breaker = breaker
+        self._known: dict[uuid.UUID, None] = {}  # insertion-ordered: a bounded set
+        self._known_limit = known_profiles
+
+    async def ensure_profile(self, principal: UserPrincipal) -> None:
+        """Create the caller's profile unless this process has already made sure of it: a
+        user's first call creates their profile, whatever it asks (the contract)."""
+        if principal.user_id not in self._known:
+            await self._provision(principal)
 
     async def call(
         self, principal: Principal, function: SqlFunction, args: Mapping[str, object]
@@ -33,11 +48,8 @@ class LayeredRepository:
             if not _is_own(principal, args.get("p_user_id")):
                 raise
         assert isinstance(principal, UserPrincipal)
-        await self._call_layers(
-            principal,
-            functions.PROVISION_PROFILE,
-            {"p_user_id": principal.user_id, "p_email": principal.email},
-        )
+        self._known.pop(principal.user_id, None)
+        await self._provision(principal)
         return await self._call_layers(principal, function, args)
 
     async def call_as_service(self, function: SqlFunction, args: Mapping[str, object]) -> Any:
@@ -47,6 +59,16 @@ class LayeredRepository:
         except CredentialsRejected as rejected:
             self._breaker.trip(str(rejected))
             raise ServiceCredentialsRejected() from None
+
+    async def _provision(self, principal: UserPrincipal) -> None:
+        await self._call_layers(
+            principal,
+            functions.PROVISION_PROFILE,
+            {"p_user_id": principal.user_id, "p_email": principal.email},
+        )
+        self._known[principal.user_id] = None
+        if len(self._known) > self._known_limit:
+            del self._known[next(iter(self._known))]
 
     async def _call_layers(
         self, principal: Principal, function: SqlFunction, args: Mapping[str, object]

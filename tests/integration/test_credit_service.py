@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import grpc
@@ -13,13 +14,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from credits.v1 import credit_service_pb2 as pb
-from credits.v1 import credit_service_pb2_grpc, ledger_pb2
+from credits.v1 import credit_service_pb2_grpc, generation_service_pb2_grpc, ledger_pb2
+from credits.v1 import generation_service_pb2 as gpb
 from server import app as application
 from server.config import Settings
 from tests.fixtures.errors import failure
 from tests.fixtures.server import SERVICE, TEST_JWT_SECRET, User, bearer, new_user
 
 Stub = credit_service_pb2_grpc.CreditServiceStub
+GenerationStub = generation_service_pb2_grpc.GenerationServiceStub
 
 
 async def grant(credits: Stub, user: User, amount: int, key: str | None = None) -> int:
@@ -77,6 +80,33 @@ async def test_first_call_of_a_user_creates_their_profile(credits: Stub) -> None
     assert profile.user_id == user.user_id
     assert profile.email == "first@example.com"
     assert profile.create_time.seconds > 0
+
+
+# A first call that never reads the profile: name -> the call, as `user`.
+FIRST_CALLS: dict[str, Callable[[Stub, GenerationStub, User], Awaitable[object]]] = {
+    "ListModels": lambda _, g, u: g.ListModels(gpb.ListModelsRequest(), metadata=u.metadata),
+    "GetGeneration": lambda _, g, u: g.GetGeneration(
+        gpb.GetGenerationRequest(generation_id=str(uuid.uuid4())), metadata=u.metadata
+    ),
+    "CaptureCredits": lambda c, _, u: c.CaptureCredits(
+        pb.CaptureCreditsRequest(hold_id=str(uuid.uuid4()), idempotency_key="k"),
+        metadata=u.metadata,
+    ),
+    "GrantCredits (refused)": lambda c, _, u: c.GrantCredits(
+        pb.GrantCreditsRequest(amount=1, idempotency_key="k"), metadata=u.metadata
+    ),
+}
+
+
+@pytest.mark.parametrize("first", FIRST_CALLS)
+async def test_a_users_first_call_creates_their_profile_whatever_it_asks(
+    credits: Stub, generations: GenerationStub, first: str
+) -> None:
+    user = new_user()
+    with contextlib.suppress(grpc.aio.AioRpcError):  # NOT_FOUND, PERMISSION_DENIED: still a call
+        await FIRST_CALLS[first](credits, generations, user)
+    reply = await credits.GetBalance(pb.GetBalanceRequest(user_id=user.user_id), metadata=SERVICE)
+    assert (reply.user_id, reply.balance) == (user.user_id, 0)
 
 
 async def test_an_email_claim_postgres_cannot_store_is_left_out_of_the_profile(
