@@ -16,6 +16,8 @@ from server.generation.events import ChangeFeed, StateChange
 from server.generation.models import Generation, GenerationPage, ModelSpec
 from server.repository.generations import GenerationRepository
 
+# credit_models.model: a longer name never entered a catalogue, so no generation has it.
+MAX_MODEL_LENGTH = 100
 MAX_PROMPT_LENGTH = 4000
 MAX_PARAMETERS = 16
 MAX_PARAMETER_KEY_LENGTH = 64
@@ -50,21 +52,39 @@ class Generations:
         parameters: Mapping[str, str],
         request_id: str,
     ) -> Generation:
+        """Queues a generation and reserves its cost, or returns the one `request_id` made.
+
+        The database judges the request_id before the model: a replay returns its generation
+        even after the model left the catalogue, and a key used with other parameters is
+        IDEMPOTENCY_KEY_REUSED whatever model it names. Only a request that would create a
+        generation is refused for its model, in the same round trip.
+        """
         target = access.target_user(principal, user_id)
-        if model not in self._catalogue:
-            offered = ", ".join(sorted(self._catalogue))
-            raise InvalidArgument.one("model", f"is not in the catalogue ({offered})")
-        generation = await self._repository.create(
-            principal,
-            target,
-            model=model,
-            prompt=_prompt(prompt),
-            parameters=_parameters(parameters),
-            request_id=validation.idempotency_key(request_id, "request_id"),
-        )
+        prompt = _prompt(prompt)
+        parameters = _parameters(parameters)
+        request_id = validation.idempotency_key(request_id, "request_id")
+        if not _could_be_catalogued(model):
+            raise self._unknown_model()
+        try:
+            generation = await self._repository.create(
+                principal,
+                target,
+                model=model,
+                prompt=prompt,
+                parameters=parameters,
+                request_id=request_id,
+            )
+        except InvalidArgument as refused:
+            if model not in self._catalogue and [v.field for v in refused.violations] == ["model"]:
+                raise self._unknown_model() from None
+            raise
         # Wakes this process's idle workers at once, also where no NOTIFY arrives (Supabase).
         self._feed.queued.set()
         return generation
+
+    def _unknown_model(self) -> InvalidArgument:
+        offered = ", ".join(sorted(self._catalogue))
+        return InvalidArgument.one("model", f"is not in the catalogue ({offered})")
 
     async def get(self, principal: Principal, generation_id: str) -> Generation:
         return await self._repository.get(
@@ -134,6 +154,12 @@ def _apply(generation: Generation, change: StateChange) -> Generation:
 def _owner(principal: Principal) -> uuid.UUID | None:
     """Whose generations the caller may see: a user their own, a service anyone's (None)."""
     return principal.user_id if isinstance(principal, UserPrincipal) else None
+
+
+def _could_be_catalogued(model: str) -> bool:
+    """Whether `model` fits the database's catalogue (`credit_models.model`), so that a
+    generation of it may exist."""
+    return 1 <= len(model) <= MAX_MODEL_LENGTH and "\x00" not in model
 
 
 def _prompt(prompt: str) -> str:
