@@ -22,10 +22,15 @@ MAX_HOLD_TTL = timedelta(hours=24)
 
 
 def parse_uuid(field: str, value: str) -> uuid.UUID:
+    """`value` in the canonical 8-4-4-4-12 form (either case), as the service writes ids; the
+    braced, URN and undashed forms uuid.UUID also reads are refused."""
     try:
-        return uuid.UUID(value)
+        parsed = uuid.UUID(value)
     except ValueError:
-        raise InvalidArgument.one(field, "must be a UUID") from None
+        parsed = None
+    if parsed is None or str(parsed) != value.lower():
+        raise InvalidArgument.one(field, "must be a UUID (8-4-4-4-12 hex digits)")
+    return parsed
 
 
 def positive_amount(amount: int, field: str = "amount") -> int:

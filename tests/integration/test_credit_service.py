@@ -442,6 +442,10 @@ def _invalid_requests(user_id: str) -> list[tuple[str, str, object]]:
         ),
         ("CheckCredits", "amount", pb.CheckCreditsRequest(amount=0)),
         ("GetBalance", "user_id", pb.GetBalanceRequest(user_id="12345")),
+        # Only the canonical form: not braced, URN or undashed, as uuid.UUID would read them.
+        ("GetBalance", "user_id", pb.GetBalanceRequest(user_id="{" + user_id + "}")),
+        ("GetBalance", "user_id", pb.GetBalanceRequest(user_id="urn:uuid:" + user_id)),
+        ("GetBalance", "user_id", pb.GetBalanceRequest(user_id=user_id.replace("-", ""))),
         ("ListTransactions", "page_size", pb.ListTransactionsRequest(page_size=-1)),
         ("ListTransactions", "page_token", pb.ListTransactionsRequest(page_token="garbage!")),
         (
@@ -465,6 +469,14 @@ async def test_each_invalid_argument_names_its_field(credits: Stub) -> None:
             [field],
         ), f"{method} {field}"
     assert (await credits.GetBalance(pb.GetBalanceRequest(), metadata=user.metadata)).balance == 10
+
+
+async def test_a_uuid_in_capitals_names_the_same_user(credits: Stub) -> None:
+    user = await funded(credits, 7)
+    reply = await credits.GetBalance(
+        pb.GetBalanceRequest(user_id=user.user_id.upper()), metadata=SERVICE
+    )
+    assert (reply.user_id, reply.balance) == (user.user_id, 7)
 
 
 async def test_a_service_must_name_the_user(credits: Stub) -> None:
