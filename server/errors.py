@@ -102,8 +102,32 @@ class InsufficientCredits(CreditsError):
 
 
 class HoldNotPending(CreditsError):
+    """The hold is not (or no longer) the caller's to capture or release.
+
+    `state` is the hold's state now (pending, captured, released or expired); `generation_id`
+    names the generation that owns the hold, whose lifecycle alone settles it. Both go into the
+    ErrorInfo metadata when known.
+    """
+
     reason = "HOLD_NOT_PENDING"
     default_message = "the hold is no longer pending"
+
+    def __init__(self, state: str = "", generation_id: str = "") -> None:
+        self.state = state
+        self.generation_id = generation_id
+        if generation_id:
+            message = (
+                f"the hold belongs to generation {generation_id}: it is captured when the"
+                " generation succeeds and released when it fails or is cancelled"
+            )
+        elif state == "expired":
+            message = f"{self.default_message}: it expired"
+        elif state:
+            message = f"{self.default_message}: it was already {state}"
+        else:
+            message = self.default_message
+        known = {"state": state, "generation_id": generation_id}
+        super().__init__(message, **{key: value for key, value in known.items() if value})
 
 
 class RefundExceedsDebit(CreditsError):

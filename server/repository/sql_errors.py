@@ -39,6 +39,11 @@ def domain_error(sqlstate: str, message: str, detail: str | None) -> errors.Cred
             required=int(str(fields.get("required", 0))),
             available=int(str(fields.get("available", 0))),
         )
+    if sqlstate == "CR005":
+        fields = _details(detail)
+        return errors.HoldNotPending(
+            state=str(fields.get("state", "")), generation_id=str(fields.get("generation_id", ""))
+        )
     if sqlstate == "CR008":
         fields = _details(detail)
         return errors.InvalidArgument.one(
@@ -48,7 +53,6 @@ def domain_error(sqlstate: str, message: str, detail: str | None) -> errors.Cred
         "CR002": errors.IdempotencyKeyReused,
         "CR003": errors.ProfileNotFound,
         "CR004": errors.HoldNotFound,
-        "CR005": errors.HoldNotPending,
         "CR006": errors.TransactionNotFound,
         "CR007": errors.RefundExceedsDebit,
         "CR009": errors.GenerationNotFound,

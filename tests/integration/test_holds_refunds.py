@@ -181,21 +181,35 @@ async def test_a_replayed_capture_charges_once(credits: Stub) -> None:
     assert await balance(credits, user) == (90, 0, 90)
 
 
-async def test_release_returns_the_credits_and_is_repeatable(credits: Stub) -> None:
+async def test_release_returns_the_credits_once(credits: Stub) -> None:
     user = await funded(credits, 100)
     hold = (await reserve(credits, user, 30)).hold
     release = pb.ReleaseCreditsRequest(hold_id=hold.hold_id)
     first = await credits.ReleaseCredits(release, metadata=user.metadata)
-    again = await credits.ReleaseCredits(release, metadata=user.metadata)
     assert (first.hold.state, first.available) == (RELEASED, 100)
-    assert again == first
+    # A second release (a retry after a lost reply, say) tells what became of the hold.
+    for metadata in (user.metadata, SERVICE):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await credits.ReleaseCredits(release, metadata=metadata)
+        assert raised.value.details() == "the hold is no longer pending: it was already released"
+        found = failure(raised.value)
+        assert (found.code, found.reason, found.metadata) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "HOLD_NOT_PENDING",
+            {"state": "released"},
+        )
     found = await fails(
         credits.CaptureCredits(
             pb.CaptureCreditsRequest(hold_id=hold.hold_id, idempotency_key="late"),
             metadata=user.metadata,
         )
     )
-    assert (found.code, found.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "HOLD_NOT_PENDING")
+    assert (found.code, found.reason, found.metadata) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "HOLD_NOT_PENDING",
+        {"state": "released"},
+    )
+    assert await balance(credits, user) == (100, 0, 100)
 
 
 async def test_a_captured_hold_cannot_be_released(credits: Stub) -> None:
@@ -208,7 +222,7 @@ async def test_a_captured_hold_cannot_be_released(credits: Stub) -> None:
     found = await fails(
         credits.ReleaseCredits(pb.ReleaseCreditsRequest(hold_id=hold.hold_id), metadata=SERVICE)
     )
-    assert found.reason == "HOLD_NOT_PENDING"
+    assert (found.reason, found.metadata) == ("HOLD_NOT_PENDING", {"state": "captured"})
     assert await balance(credits, user) == (70, 0, 70)
 
 
@@ -249,11 +263,15 @@ async def test_an_expired_hold_stops_counting_before_any_sweep(
             metadata=user.metadata,
         )
     )
-    assert (found.code, found.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "HOLD_NOT_PENDING")
+    assert (found.code, found.reason, found.metadata) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "HOLD_NOT_PENDING",
+        {"state": "expired"},
+    )
     found = await fails(
         credits.ReleaseCredits(pb.ReleaseCreditsRequest(hold_id=hold.hold_id), metadata=SERVICE)
     )
-    assert found.reason == "HOLD_NOT_PENDING"
+    assert (found.reason, found.metadata) == ("HOLD_NOT_PENDING", {"state": "expired"})
 
 
 async def test_the_sweeper_marks_overdue_holds_expired(

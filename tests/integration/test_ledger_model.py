@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -332,12 +332,14 @@ class LedgerMachine(RuleBasedStateMachine):
         hold = self.pick_hold(data)
         request = pb.ReleaseCreditsRequest(hold_id=hold.hold_id)
         outcome = attempt(self.stub.ReleaseCredits, request, self.user.metadata)
-        if hold.state == "captured":
-            assert_refused(outcome, HOLD_NOT_PENDING)
+        if hold.state != "pending":
+            # Captured or released already: refused, saying which.
+            state = {"state": hold.state}
+            assert_refused(outcome, replace(HOLD_NOT_PENDING, metadata=state))
             return
         response = succeeded(outcome)
-        event(f"done: release of a {hold.state} hold")
-        hold.state = "released"  # a released hold is returned as it is
+        event("done: release")
+        hold.state = "released"
         assert (response.hold.hold_id, response.hold.amount, response.hold.state) == (
             hold.hold_id,
             hold.amount,

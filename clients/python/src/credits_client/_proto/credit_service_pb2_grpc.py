@@ -148,13 +148,18 @@ class CreditServiceServicer:
 
     def CaptureCredits(self, request, context):
         """Charges all or part of a pending hold and releases the rest. Idempotent by idempotency_key.
+        A hold no longer pending, or a generation's hold (only the generation settles it), is
+        FAILED_PRECONDITION / HOLD_NOT_PENDING.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseCredits(self, request, context):
-        """Releases a pending hold without charging it.
+        """Releases a pending hold without charging it. A hold no longer pending (already captured,
+        released or expired; a second release too) is FAILED_PRECONDITION / HOLD_NOT_PENDING, with
+        the hold's state in the ErrorInfo metadata ("state"); so is a generation's hold, which only
+        the generation releases (metadata "generation_id" names it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,9 +52,16 @@ class CreditServiceStub:
     ReserveCredits: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.ReserveCreditsRequest, _credit_service_pb2.ReserveCreditsResponse]
     """Sets credits aside until captured, released or expired. Idempotent by idempotency_key."""
     CaptureCredits: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.CaptureCreditsRequest, _credit_service_pb2.CaptureCreditsResponse]
-    """Charges all or part of a pending hold and releases the rest. Idempotent by idempotency_key."""
+    """Charges all or part of a pending hold and releases the rest. Idempotent by idempotency_key.
+    A hold no longer pending, or a generation's hold (only the generation settles it), is
+    FAILED_PRECONDITION / HOLD_NOT_PENDING.
+    """
     ReleaseCredits: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.ReleaseCreditsRequest, _credit_service_pb2.ReleaseCreditsResponse]
-    """Releases a pending hold without charging it."""
+    """Releases a pending hold without charging it. A hold no longer pending (already captured,
+    released or expired; a second release too) is FAILED_PRECONDITION / HOLD_NOT_PENDING, with
+    the hold's state in the ErrorInfo metadata ("state"); so is a generation's hold, which only
+    the generation releases (metadata "generation_id" names it).
+    """
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.ListTransactionsRequest, _credit_service_pb2.ListTransactionsResponse]
     """The user's ledger, newest first."""
 
@@ -82,9 +89,16 @@ class CreditServiceAsyncStub(CreditServiceStub):
     ReserveCredits: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.ReserveCreditsRequest, _credit_service_pb2.ReserveCreditsResponse]  # type: ignore[assignment]
     """Sets credits aside until captured, released or expired. Idempotent by idempotency_key."""
     CaptureCredits: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.CaptureCreditsRequest, _credit_service_pb2.CaptureCreditsResponse]  # type: ignore[assignment]
-    """Charges all or part of a pending hold and releases the rest. Idempotent by idempotency_key."""
+    """Charges all or part of a pending hold and releases the rest. Idempotent by idempotency_key.
+    A hold no longer pending, or a generation's hold (only the generation settles it), is
+    FAILED_PRECONDITION / HOLD_NOT_PENDING.
+    """
     ReleaseCredits: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.ReleaseCreditsRequest, _credit_service_pb2.ReleaseCreditsResponse]  # type: ignore[assignment]
-    """Releases a pending hold without charging it."""
+    """Releases a pending hold without charging it. A hold no longer pending (already captured,
+    released or expired; a second release too) is FAILED_PRECONDITION / HOLD_NOT_PENDING, with
+    the hold's state in the ErrorInfo metadata ("state"); so is a generation's hold, which only
+    the generation releases (metadata "generation_id" names it).
+    """
     ListTransactions: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.ListTransactionsRequest, _credit_service_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """The user's ledger, newest first."""
 
@@ -157,7 +171,10 @@ class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _credit_service_pb2.CaptureCreditsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_credit_service_pb2.CaptureCreditsResponse, _abc.Awaitable[_credit_service_pb2.CaptureCreditsResponse]]:
-        """Charges all or part of a pending hold and releases the rest. Idempotent by idempotency_key."""
+        """Charges all or part of a pending hold and releases the rest. Idempotent by idempotency_key.
+        A hold no longer pending, or a generation's hold (only the generation settles it), is
+        FAILED_PRECONDITION / HOLD_NOT_PENDING.
+        """
 
     @_abc_1.abstractmethod
     def ReleaseCredits(
@@ -165,7 +182,11 @@ class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _credit_service_pb2.ReleaseCreditsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_credit_service_pb2.ReleaseCreditsResponse, _abc.Awaitable[_credit_service_pb2.ReleaseCreditsResponse]]:
-        """Releases a pending hold without charging it."""
+        """Releases a pending hold without charging it. A hold no longer pending (already captured,
+        released or expired; a second release too) is FAILED_PRECONDITION / HOLD_NOT_PENDING, with
+        the hold's state in the ErrorInfo metadata ("state"); so is a generation's hold, which only
+        the generation releases (metadata "generation_id" names it).
+        """
 
     @_abc_1.abstractmethod
     def ListTransactions(
