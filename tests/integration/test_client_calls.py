@@ -15,6 +15,7 @@ from credits_client import (
     AsyncCreditsClient,
     CreditsClient,
     GenerationNotCancellable,
+    HoldNotPending,
     InsufficientCredits,
     PermissionDenied,
     ServiceKey,
@@ -62,6 +63,9 @@ async def test_async_client_every_rpc(server: application.Application) -> None:
         second = await me.reserve_credits(amount=3)
         released = await me.release_credits(hold_id=second.hold.hold_id)
         assert (released.hold.state, released.available) == (t.HOLD_STATE_RELEASED, 89)
+        with pytest.raises(HoldNotPending) as settled:
+            await me.release_credits(hold_id=second.hold.hold_id)
+        assert (settled.value.state, settled.value.generation_id) == ("released", None)
         page = await me.list_transactions(page_size=2)
         assert len(page.transactions) == 2
         assert page.next_page_token
@@ -73,6 +77,9 @@ async def test_async_client_every_rpc(server: application.Application) -> None:
 
         assert MODEL in [m.model for m in (await me.list_models()).models]
         doomed = await me.create_generation(model=MODEL, prompt="never mind")
+        with pytest.raises(HoldNotPending) as owned:
+            await me.capture_credits(hold_id=doomed.generation.hold_id)
+        assert owned.value.generation_id == doomed.generation.generation_id
         cancelled = await me.cancel_generation(generation_id=doomed.generation.generation_id)
         assert cancelled.generation.state == t.GENERATION_STATE_CANCELLED
         with pytest.raises(GenerationNotCancellable):

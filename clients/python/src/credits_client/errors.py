@@ -277,9 +277,20 @@ class InsufficientCredits(FailedPrecondition):
 
 
 class HoldNotPending(FailedPrecondition):
-    """The hold was already captured, released or expired."""
+    """The hold was already captured, released or expired, or it belongs to a generation
+    (which alone captures or releases it)."""
 
     reasons = ("HOLD_NOT_PENDING",)
+
+    @property
+    def state(self) -> str | None:
+        """The hold's state now: captured, released, expired (or pending, for a generation's)."""
+        return self.metadata.get("state")
+
+    @property
+    def generation_id(self) -> str | None:
+        """The generation the hold belongs to, if it is a generation's."""
+        return self.metadata.get("generation_id")
 
 
 class RefundExceedsDebit(FailedPrecondition):
