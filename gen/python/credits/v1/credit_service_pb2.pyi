@@ -414,11 +414,15 @@ class ReserveCreditsResponse(_message.Message):
     AVAILABLE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     available: _builtins.int
-    """The user's available credits right after the reservation."""
+    """The user's available credits right after the reservation (on a replay too: the original
+    reservation's figure).
+    """
     replayed: _builtins.bool
     @_builtins.property
     def hold(self) -> _ledger_pb2.Hold:
-        """On a replay: the same hold, in its current state."""
+        """On a replay: the original result, the hold as the reservation created it (pending),
+        whatever happened to it since.
+        """
 
     def __init__(
         self,
