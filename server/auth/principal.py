@@ -42,6 +42,11 @@ def current_principal() -> Principal:
     return principal
 
 
+def bound_principal() -> Principal | None:
+    """The principal of the RPC being served, or None before (or without) authentication."""
+    return _current.get()
+
+
 def set_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
     """Bind `principal` to the current context (the auth interceptor's job)."""
     return _current.set(principal)

@@ -1,6 +1,6 @@
 """What every RPC but health checks and reflection passes: a request id, the caller verified
-once and bound as a Principal (a user's profile made sure of), errors turned into the contract's
-statuses, and one access-log line at the end.
+once and bound as a Principal, errors turned into the contract's statuses, a user's profile
+made sure of, and one access-log line at the end.
 
 Each method's handler is guarded once, on its first call, and reused: rebuilding a handler, a
 closure and a context manager for every call was a large part of a unary RPC's time here. The
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn
 
@@ -22,13 +23,15 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from server import errors
-from server.auth.principal import UserPrincipal, set_principal
+from server.auth.principal import UserPrincipal, bound_principal, set_principal
 from server.auth.verifier import TokenVerifier
 from server.interceptors import access_log
 from server.interceptors.auth import authorization, is_public
 from server.interceptors.errors import abort, abort_unexpected
 from server.interceptors.handlers import Context, Handler, behaviour_of, rebuild
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord, open_call
+
+log = logging.getLogger(__name__)
 
 Parse = Callable[[bytes], Any]
 Metadata = Iterable[tuple[str, str | bytes]] | None
@@ -42,7 +45,7 @@ class CallInterceptor:
         verifier: TokenVerifier,
         provision: Callable[[UserPrincipal], Awaitable[None]] | None = None,
     ) -> None:
-        """`provision` makes sure a user has a profile; it is awaited before each user's call."""
+        """`provision` makes sure a user has a profile; it is awaited as each user's call ends."""
         self._verifier = verifier
         self._provision = provision
         # method -> (the handler as registered, its guarded version)
@@ -71,8 +74,6 @@ class CallInterceptor:
             # No reset afterwards: grpc.aio serves each RPC in a task of its own, whose context
             # ends with it.
             set_principal(principal)
-            if self._provision is not None and isinstance(principal, UserPrincipal):
-                await self._provision(principal)
             return _parsed_stream(request, parse) if streaming_requests else _parse(parse, request)
 
         if inspect.isasyncgenfunction(behaviour):
@@ -84,7 +85,9 @@ class CallInterceptor:
                     admitted = await admit(metadata, record, request)
                     async for response in behaviour(admitted, context):
                         yield response
+                    await self._settle()
                 except BaseException as error:
+                    await self._settle(error)
                     await _end(context, record, error)
                 finally:
                     access_log.finish(record)
@@ -97,13 +100,33 @@ class CallInterceptor:
             metadata = context.invocation_metadata()
             record = _open(method, context, metadata)
             try:
-                return await behaviour(await admit(metadata, record, request), context)
+                response = await behaviour(await admit(metadata, record, request), context)
+                await self._settle()
+                return response
             except BaseException as error:
+                await self._settle(error)
                 await _end(context, record, error)
             finally:
                 access_log.finish(record)
 
         return rebuild(handler, call)
+
+    async def _settle(self, error: BaseException | None = None) -> None:
+        """A user's first call creates their profile, whatever it asks (the contract). Done as
+        the call ends, before its status goes out: most calls have made sure of it by then (so
+        it costs nothing), and one that cannot leaves it to the user's next call. Not for a
+        call ending by cancellation or an abort (its status is out already)."""
+        principal = bound_principal()
+        if self._provision is None or not isinstance(principal, UserPrincipal):
+            return
+        if error is not None and (
+            not isinstance(error, Exception) or isinstance(error, grpc.aio.AbortError)
+        ):
+            return
+        try:
+            await self._provision(principal)
+        except errors.CreditsError as error:
+            log.warning("the profile of %s is not made yet (%s)", principal.user_id, error.reason)
 
 
 def _open(method: str, context: Context, metadata: Metadata) -> CallRecord:

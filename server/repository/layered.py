@@ -1,8 +1,9 @@
 """Layered access: the service layer, then the user's own JWT, then provisioning.
 
 The user layer is a fallback for refused service credentials only, never for a business error
-or a timeout. A missing profile is created only for the authenticated caller's own id: before
-any call of theirs is served (`ensure_profile`), and again should it have gone meanwhile.
+or a timeout. A missing profile is created only for the authenticated caller's own id: when a
+call of theirs finds it missing, and after any call of theirs that did not see it
+(`ensure_profile`), so that a user's first call creates it whatever it asks.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class LayeredRepository:
         self._known_limit = known_profiles
 
     async def ensure_profile(self, principal: UserPrincipal) -> None:
-        """Create the caller's profile unless this process has already made sure of it: a
-        user's first call creates their profile, whatever it asks (the contract)."""
+        """Create the caller's profile unless this process has seen it: a user's first call
+        creates their profile, whatever it asks (the contract). Free for a user whose calls
+        have read or written their own profile before."""
         if principal.user_id not in self._known:
             await self._provision(principal)
 
@@ -42,15 +44,17 @@ class LayeredRepository:
         self, principal: Principal, function: SqlFunction, args: Mapping[str, object]
     ) -> Any:
         """Calls `function` for `principal`, creating the caller's own missing profile once."""
+        caller = _own(principal, args.get("p_user_id"))
         try:
-            return await self._call_layers(principal, function, args)
+            result = await self._call_layers(principal, function, args)
         except ProfileNotFound:
-            if not _is_own(principal, args.get("p_user_id")):
+            if caller is None:
                 raise
-        assert isinstance(principal, UserPrincipal)
-        self._known.pop(principal.user_id, None)
-        await self._provision(principal)
-        return await self._call_layers(principal, function, args)
+            await self._provision(caller)
+            return await self._call_layers(principal, function, args)
+        if caller is not None:  # every function of a p_user_id needs its profile
+            self._remember(caller.user_id)
+        return result
 
     async def call_as_service(self, function: SqlFunction, args: Mapping[str, object]) -> Any:
         """Calls `function` with the service role only (start-up configuration, sweeping)."""
@@ -66,9 +70,14 @@ class LayeredRepository:
             functions.PROVISION_PROFILE,
             {"p_user_id": principal.user_id, "p_email": principal.email},
         )
-        self._known[principal.user_id] = None
-        if len(self._known) > self._known_limit:
-            del self._known[next(iter(self._known))]
+        self._remember(principal.user_id)
+
+    def _remember(self, user_id: uuid.UUID) -> None:
+        """`user_id` has a profile (a call of theirs found it, or made it)."""
+        if user_id not in self._known:
+            self._known[user_id] = None
+            if len(self._known) > self._known_limit:
+                del self._known[next(iter(self._known))]
 
     async def _call_layers(
         self, principal: Principal, function: SqlFunction, args: Mapping[str, object]
@@ -84,5 +93,8 @@ class LayeredRepository:
         return await self._transport.as_user(principal).call(function, args)
 
 
-def _is_own(principal: Principal, user_id: object) -> bool:
-    return isinstance(principal, UserPrincipal) and user_id == principal.user_id
+def _own(principal: Principal, user_id: object) -> UserPrincipal | None:
+    """The calling user, if `user_id` is theirs."""
+    if isinstance(principal, UserPrincipal) and user_id == principal.user_id:
+        return principal
+    return None

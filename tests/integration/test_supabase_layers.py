@@ -15,7 +15,8 @@ import grpc.aio
 import pytest
 
 from credits.v1 import credit_service_pb2 as pb
-from credits.v1 import credit_service_pb2_grpc
+from credits.v1 import credit_service_pb2_grpc, generation_service_pb2_grpc
+from credits.v1 import generation_service_pb2 as gpb
 from server import app as application
 from server import checks
 from tests.fakes.supabase import FakeSupabase
@@ -34,6 +35,7 @@ class Deployment:
     fake: FakeSupabase
     app: application.Application
     credits: Stub
+    channel: grpc.aio.Channel
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ async def deployment(database_url: str) -> AsyncIterator[Deployment]:
     app = await application.start(settings)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-            yield Deployment(fake, app, Stub(channel))
+            yield Deployment(fake, app, Stub(channel), channel)
     finally:
         await app.stop(grace=1)
         await fake.stop()
@@ -286,3 +288,22 @@ async def test_the_new_key_formats_work_like_the_legacy_ones(database_url: str) 
     finally:
         await app.stop(grace=1)
         await fake.stop()
+
+
+PROVISION = ("service_role", "/rest/v1/rpc/credit_provision_profile")
+
+
+async def test_a_users_profile_is_made_sure_of_once_not_on_every_call(
+    deployment: Deployment,
+) -> None:
+    credits, fake = deployment.credits, deployment.fake
+    generations = generation_service_pb2_grpc.GenerationServiceStub(deployment.channel)
+    known, newcomer = await funded(credits, 5), new_user()
+    fake.reset_counts()
+    for _ in range(3):  # a call that never reads the profile, by a user seen before: free
+        await generations.ListModels(gpb.ListModelsRequest(), metadata=known.metadata)
+        await credits.GetBalance(pb.GetBalanceRequest(), metadata=known.metadata)
+    assert fake.requests[PROVISION] == 0
+    for _ in range(3):  # a newcomer's: made the first time only
+        await generations.ListModels(gpb.ListModelsRequest(), metadata=newcomer.metadata)
+    assert fake.requests[PROVISION] == 1
