@@ -126,21 +126,21 @@ async def _service_probe(transport: Transport, name: str) -> Check:
 
 
 async def _migration_probe(transport: SupabaseTransport) -> Check:
-    """The newest migration's functions exist: renewing the lease of a job that does not exist
-    answers false and changes nothing."""
-
-    async def probe() -> object:
-        return await transport.service().call(
-            functions.RENEW_GENERATION_LEASE,
-            {"p_generation_id": uuid.uuid4(), "p_worker": "check-config", "p_lease_seconds": 1},
-        )
-
-    outcome = await _attempt(probe)
-    ok = outcome is False
+    """The project has applied every migration this service ships (or a newer one): the
+    newest version it records is at least the newest file's."""
+    newest = migrate.discover()[-1].version
+    outcome = await _attempt(
+        lambda: transport.service().call(functions.SCHEMA_VERSION, {}),
+    )
+    if isinstance(outcome, str):
+        ok = outcome >= newest
+        detail = "all applied" if ok else f"{newest} is not applied (the newest is {outcome})"
+    else:  # no such function: applied before the migration that made it
+        ok, detail = False, f"{newest} is not applied ({_describe(outcome)})"
     return Check(
         "migrations applied",
         ok,
-        "the newest ledger functions exist" if ok else _describe(outcome),
+        detail,
         "apply supabase/migrations with the Supabase CLI: `supabase db push`",
     )
 

@@ -65,3 +65,4 @@ FAIL_GENERATION = SqlFunction(
     ("p_generation_id", "p_worker", "p_error", "p_retryable", "p_retry_delay_seconds"),
 )
 QUEUE_STATS = SqlFunction("credit_queue_stats", ())
+SCHEMA_VERSION = SqlFunction("credit_schema_version", ())

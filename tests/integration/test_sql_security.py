@@ -977,6 +977,7 @@ FUNCTION_MATRIX = [
         overdue=True,
     ),
     Entry("credit_queue_stats()", "select public.credit_queue_stats()", (), SERVICE_ONLY),
+    Entry("credit_schema_version()", "select public.credit_schema_version()", (), SERVICE_ONLY),
     Entry(
         "credit_sync_models(jsonb)",
         "select public.credit_sync_models($1::jsonb)",

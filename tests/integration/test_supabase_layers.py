@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shutil
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Literal
 
 import grpc
@@ -19,6 +21,7 @@ from credits.v1 import credit_service_pb2_grpc, generation_service_pb2_grpc
 from credits.v1 import generation_service_pb2 as gpb
 from server import app as application
 from server import checks
+from server.db import migrate
 from tests.fakes.supabase import FakeSupabase
 from tests.fixtures.errors import failure
 from tests.fixtures.server import SERVICE, TEST_JWT_SECRET, User, new_user, settings_for
@@ -203,6 +206,24 @@ async def test_check_config_passes_on_a_healthy_project(deployment: Deployment) 
         ("token keys", True),
         ("serving", True),
     ]
+
+
+async def test_check_config_names_the_newest_migration_a_project_lacks(
+    fresh_database_url: str, tmp_path: Path
+) -> None:
+    shipped = migrate.discover()
+    for migration in shipped[:-1]:  # a project that has not pushed the newest one yet
+        shutil.copy(migration.path, tmp_path)
+    await migrate.migrate(fresh_database_url, migrations_dir=tmp_path)
+    fake = await FakeSupabase.start(fresh_database_url, jwt_secret=TEST_JWT_SECRET)
+    try:
+        results = await checks.run(settings_for("supabase", fresh_database_url, fake))
+    finally:
+        await fake.stop()
+    applied = next(r for r in results if r.name == "migrations applied")
+    assert not applied.ok
+    assert f"{shipped[-1].version} is not applied" in applied.detail
+    assert "supabase db push" in applied.hint
 
 
 async def test_check_config_names_a_refused_service_key(deployment: Deployment) -> None:
