@@ -19,7 +19,8 @@ from credits.v1 import credit_service_pb2 as pb
 from credits.v1 import credit_service_pb2_grpc, ledger_pb2
 from server import app as application
 from tests.fixtures.errors import failure
-from tests.fixtures.server import SERVICE, User, new_user
+from tests.fixtures.server import SERVICE, User
+from tests.fixtures.workers import funded, owner_connection
 
 Stub = credit_service_pb2_grpc.CreditServiceStub
 PENDING, CAPTURED = ledger_pb2.HOLD_STATE_PENDING, ledger_pb2.HOLD_STATE_CAPTURED
@@ -29,21 +30,8 @@ RELEASED, EXPIRED = ledger_pb2.HOLD_STATE_RELEASED, ledger_pb2.HOLD_STATE_EXPIRE
 @pytest.fixture
 async def owner(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection as the schema's owner, to look at (and age) rows directly."""
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with owner_connection(database_url) as conn:
         yield conn
-    finally:
-        await conn.close()
-
-
-async def funded(credits: Stub, amount: int) -> User:
-    user = new_user()
-    await credits.GetBalance(pb.GetBalanceRequest(), metadata=user.metadata)
-    await credits.GrantCredits(
-        pb.GrantCreditsRequest(user_id=user.user_id, amount=amount, idempotency_key="seed"),
-        metadata=SERVICE,
-    )
-    return user
 
 
 def seconds(value: float) -> Duration:
