@@ -113,8 +113,6 @@ class HoldNotPending(CreditsError):
     default_message = "the hold is no longer pending"
 
     def __init__(self, state: str = "", generation_id: str = "") -> None:
-        self.state = state
-        self.generation_id = generation_id
         if generation_id:
             message = (
                 f"the hold belongs to generation {generation_id}: it is captured when the"

@@ -125,8 +125,8 @@ class CallInterceptor:
             return
         try:
             await self._provision(principal)
-        except errors.CreditsError as error:
-            log.warning("the profile of %s is not made yet (%s)", principal.user_id, error.reason)
+        except errors.CreditsError as failed:
+            log.warning("the profile of %s is not made yet (%s)", principal.user_id, failed.reason)
 
 
 def _open(method: str, context: Context, metadata: Metadata) -> CallRecord:

@@ -25,13 +25,10 @@ KNOWN_PROFILES = 100_000
 
 
 class LayeredRepository:
-    def __init__(
-        self, transport: Transport, breaker: CredentialBreaker, known_profiles: int = KNOWN_PROFILES
-    ) -> None:
+    def __init__(self, transport: Transport, breaker: CredentialBreaker) -> None:
         self._transport = transport
         self._breaker = breaker
         self._known: dict[uuid.UUID, None] = {}  # insertion-ordered: a bounded set
-        self._known_limit = known_profiles
 
     async def ensure_profile(self, principal: UserPrincipal) -> None:
         """Create the caller's profile unless this process has seen it: a user's first call
@@ -52,7 +49,7 @@ class LayeredRepository:
                 raise
             await self._provision(caller)
             return await self._call_layers(principal, function, args)
-        if caller is not None:  # every function of a p_user_id needs its profile
+        if caller is not None:  # a function of a p_user_id answers only if the profile exists
             self._remember(caller.user_id)
         return result
 
@@ -76,7 +73,7 @@ class LayeredRepository:
         """`user_id` has a profile (a call of theirs found it, or made it)."""
         if user_id not in self._known:
             self._known[user_id] = None
-            if len(self._known) > self._known_limit:
+            if len(self._known) > KNOWN_PROFILES:
                 del self._known[next(iter(self._known))]
 
     async def _call_layers(
