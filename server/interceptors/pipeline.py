@@ -115,12 +115,14 @@ class CallInterceptor:
         """A user's first call creates their profile, whatever it asks (the contract). Done as
         the call ends, before its status goes out: most calls have made sure of it by then (so
         it costs nothing), and one that cannot leaves it to the user's next call. Not for a
-        call ending by cancellation or an abort (its status is out already)."""
+        call ending by cancellation or an abort (its status is out already), nor by an
+        unavailable database (a second wait for it would only double the caller's)."""
         principal = bound_principal()
         if self._provision is None or not isinstance(principal, UserPrincipal):
             return
         if error is not None and (
-            not isinstance(error, Exception) or isinstance(error, grpc.aio.AbortError)
+            not isinstance(error, Exception)
+            or isinstance(error, grpc.aio.AbortError | errors.BackendUnavailable)
         ):
             return
         try:
