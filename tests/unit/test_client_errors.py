@@ -31,8 +31,9 @@ from google.rpc import error_details_pb2, status_pb2
 from server import errors as server_errors
 from server.api import error_table
 
-# The public contract lives in shared/ beside the repository (for developers and CI alike).
-CONTRACT = Path(__file__).resolve().parents[3] / "shared" / "api-contract.md"
+# The public contract is the repository's own docs/api-contract.md; its "## Errors" table is
+# what this registry must agree with.
+CONTRACT = Path(__file__).resolve().parents[2] / "docs" / "api-contract.md"
 
 
 class FakeRpcError(grpc.RpcError):
@@ -66,7 +67,7 @@ def contract_errors(text: str) -> list[tuple[grpc.StatusCode, str]]:
 
 
 def contract_text() -> str:
-    assert CONTRACT.exists(), f"the public contract belongs at {CONTRACT}, beside the repository"
+    assert CONTRACT.exists(), f"the public contract belongs at {CONTRACT}, in the repository"
     return CONTRACT.read_text()
 
 
