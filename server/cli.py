@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import sys
 import uuid
 from datetime import timedelta
@@ -65,8 +66,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    """The installed distribution's version (what pip installed, or the editable checkout's)."""
+    try:
+        return importlib.metadata.version("credits")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree never installed
+        return "unknown"
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="credits", description=__doc__)
+    root.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = root.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC service")
     serve.set_defaults(run=_serve)

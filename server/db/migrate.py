@@ -1,4 +1,8 @@
-"""Apply `supabase/migrations/*.sql` to a PostgreSQL, recording them as the Supabase CLI does.
+"""Apply the shipped migrations to a PostgreSQL, recording them as the Supabase CLI does.
+
+The migration files are package data, `server/db/migrations/*.sql` (read through
+importlib.resources, so an installed wheel finds them too); the repository's
+`supabase/migrations` is a symlink to that directory for `supabase db push`.
 
 Applied versions live in `supabase_migrations.schema_migrations`, the CLI's own table, so this
 runner and `supabase db push` agree on what is applied. Everything runs under one advisory lock:
@@ -12,14 +16,17 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 
 import asyncpg
 
 _logger = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "supabase" / "migrations"
-BOOTSTRAP_SQL = Path(__file__).resolve().with_name("bootstrap.sql")
+# Traversables, not paths: a pathlib.Path for an ordinary install, but a zip or any other
+# importer's resources work too. A Path given in their place (tests, tools) is one as well.
+MIGRATIONS_DIR: Traversable = resources.files("server.db") / "migrations"
+BOOTSTRAP_SQL: Traversable = resources.files("server.db") / "bootstrap.sql"
 
 # Any fixed bigint works; this one spells "credits" plus 1 in ASCII to stay recognisable.
 MIGRATION_LOCK_KEY = 0x63726564697473_01
@@ -49,15 +56,15 @@ class Migration:
 
     version: str
     name: str
-    path: Path
+    path: Traversable
 
 
-def discover(migrations_dir: Path = MIGRATIONS_DIR) -> list[Migration]:
+def discover(migrations_dir: Traversable = MIGRATIONS_DIR) -> list[Migration]:
     """The migrations in `migrations_dir`, in version order; hidden files are ignored."""
     if not migrations_dir.is_dir():
         raise MigrationError(f"migrations directory not found: {migrations_dir}")
     found: dict[str, Migration] = {}
-    for path in sorted(migrations_dir.iterdir()):
+    for path in sorted(migrations_dir.iterdir(), key=lambda entry: entry.name):
         if path.name.startswith("."):
             continue  # .gitkeep and editor files
         match = _FILE_PATTERN.match(path.name)
@@ -77,7 +84,7 @@ def discover(migrations_dir: Path = MIGRATIONS_DIR) -> list[Migration]:
 async def migrate(
     conn_or_url: asyncpg.Connection | str,
     *,
-    migrations_dir: Path = MIGRATIONS_DIR,
+    migrations_dir: Traversable = MIGRATIONS_DIR,
     bootstrap: bool = True,
 ) -> list[str]:
     """Bring the database up to date; return the versions applied by this call, in order.
@@ -104,7 +111,7 @@ async def migrate(
 
 
 async def pending(
-    conn_or_url: asyncpg.Connection | str, *, migrations_dir: Path = MIGRATIONS_DIR
+    conn_or_url: asyncpg.Connection | str, *, migrations_dir: Traversable = MIGRATIONS_DIR
 ) -> list[str]:
     """The versions in `migrations_dir` that the database has not recorded as applied."""
     migrations = discover(migrations_dir)

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 from server.generation.models import ModelSpec
 
-DEFAULT_CATALOGUE = Path(__file__).with_name("models.toml")
+# Package data, found through importlib.resources so that an installed wheel has it too.
+DEFAULT_CATALOGUE: Traversable = resources.files("server.generation") / "models.toml"
 
 
 class CatalogueError(ValueError):
     """The catalogue file is missing, unreadable or wrong; the message says where."""
 
 
-def load(path: Path = DEFAULT_CATALOGUE) -> dict[str, ModelSpec]:
+def load(path: Traversable = DEFAULT_CATALOGUE) -> dict[str, ModelSpec]:
+    """The models in the catalogue at `path` (a pathlib.Path or a package resource)."""
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as error:
@@ -37,7 +40,7 @@ def load(path: Path = DEFAULT_CATALOGUE) -> dict[str, ModelSpec]:
     return {name: _spec(path, name, entry) for name, entry in entries.items()}
 
 
-def _spec(path: Path, name: str, entry: Mapping[str, Any]) -> ModelSpec:
+def _spec(path: Traversable, name: str, entry: Mapping[str, Any]) -> ModelSpec:
     where = f"{path}: models.{name}"
     unknown = set(entry) - {
         "cost",

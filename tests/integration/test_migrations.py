@@ -9,7 +9,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from server.db.migrate import MIGRATIONS_DIR, MigrationError, is_supabase, migrate, pending
+from server.db.migrate import (
+    MIGRATIONS_DIR,
+    MigrationError,
+    discover,
+    is_supabase,
+    migrate,
+    pending,
+)
 from tests.fixtures.database import database_of
 
 V1, V2, V3 = "20250101000000", "20250102000000", "20250103000000"
@@ -174,6 +181,15 @@ async def test_empty_and_comment_only_migrations_apply(
         tmp_path / "m", {f"{V1}_empty.sql": "", f"{V2}_comments.sql": "-- to do\n/* later */"}
     )
     assert await migrate(fresh_database_url, migrations_dir=migrations) == [V1, V2]
+
+
+def test_the_supabase_cli_reads_the_packaged_migrations() -> None:
+    # `supabase db push` reads supabase/migrations at the repository root: a symlink to the
+    # package's directory, so the CLI and an installed server apply the very same files.
+    cli_dir = Path(__file__).resolve().parents[2] / "supabase" / "migrations"
+    assert cli_dir.is_symlink()
+    assert cli_dir.resolve() == Path(str(MIGRATIONS_DIR)).resolve()
+    assert [m.version for m in discover(cli_dir)] == [m.version for m in discover()]
 
 
 async def test_session_database_has_every_migration(database_url: str) -> None:

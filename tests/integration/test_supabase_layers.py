@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -213,7 +212,7 @@ async def test_check_config_names_the_newest_migration_a_project_lacks(
 ) -> None:
     shipped = migrate.discover()
     for migration in shipped[:-1]:  # a project that has not pushed the newest one yet
-        shutil.copy(migration.path, tmp_path)
+        (tmp_path / migration.path.name).write_bytes(migration.path.read_bytes())
     await migrate.migrate(fresh_database_url, migrations_dir=tmp_path)
     fake = await FakeSupabase.start(fresh_database_url, jwt_secret=TEST_JWT_SECRET)
     try:
