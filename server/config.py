@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,67 +97,92 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
-
-        def get(name: str) -> str | None:
-            value = env.get(name, "").strip()
-            return value or None
-
-        supabase_url = get("SUPABASE_URL")
-        jwks_url = get("CREDITS_JWKS_URL")
-        jwt_issuer = get("CREDITS_JWT_ISSUER")
-        if supabase_url:
-            # Supabase Auth signs as the project's auth endpoint and publishes its keys there.
-            auth_url = supabase_url.rstrip("/") + "/auth/v1"
-            jwks_url = jwks_url or auth_url + "/.well-known/jwks.json"
-            jwt_issuer = jwt_issuer or auth_url
-        signup = get("CREDITS_SIGNUP_CREDITS") or "0"
-        if not signup.isdigit():
-            raise ValueError("CREDITS_SIGNUP_CREDITS must be a whole number >= 0")
-        workers, lease = get("CREDITS_WORKERS") or "2", get("CREDITS_WORKER_LEASE_SECONDS") or "30"
-        if not workers.isdigit():
-            raise ValueError("CREDITS_WORKERS must be a whole number >= 0")
-        if not lease.isdigit() or int(lease) < 1:
-            raise ValueError("CREDITS_WORKER_LEASE_SECONDS must be a whole number >= 1")
-        models = get("CREDITS_MODELS")
-        breaker = get("CREDITS_BREAKER_SECONDS") or "30"
-        try:
-            breaker_seconds = float(breaker)
-        except ValueError:
-            raise ValueError("CREDITS_BREAKER_SECONDS must be a number of seconds") from None
-        compression = (get("CREDITS_COMPRESSION") or "none").lower()
-        if compression not in COMPRESSIONS:
-            raise ValueError(f"CREDITS_COMPRESSION must be one of {', '.join(COMPRESSIONS)}")
+        """Settings from the environment; ValueError naming the variable for a bad value."""
+        read = _Reader(os.environ if env is None else env)
+        supabase_url = read.text("SUPABASE_URL")
+        # Supabase Auth signs as the project's auth endpoint and publishes its keys there.
+        auth_url = supabase_url.rstrip("/") + "/auth/v1" if supabase_url else None
         return cls(
-            listen=_address(get, "CREDITS_LISTEN") or "127.0.0.1:50051",
-            database_url=get("DATABASE_URL"),
+            listen=read.address("CREDITS_LISTEN") or "127.0.0.1:50051",
+            database_url=read.text("DATABASE_URL"),
             supabase_url=supabase_url,
-            supabase_anon_key=get("SUPABASE_ANON_KEY"),
-            supabase_service_role_key=get("SUPABASE_SERVICE_ROLE_KEY"),
-            jwt_secret=get("SUPABASE_JWT_SECRET"),
-            jwks_url=jwks_url,
-            jwt_audience=get("CREDITS_JWT_AUDIENCE") or "authenticated",
-            jwt_issuer=jwt_issuer,
-            data_dir=Path(get("CREDITS_DATA_DIR") or ".data"),
-            signup_credits=int(signup),
-            metrics_listen=_address(get, "CREDITS_METRICS_LISTEN"),
-            service_api_key=get("CREDITS_SERVICE_API_KEY"),
-            breaker_seconds=breaker_seconds,
-            models_path=_path(models),
-            workers=int(workers),
-            worker_lease_seconds=int(lease),
-            tls_cert=_path(get("CREDITS_TLS_CERT")),
-            tls_key=_path(get("CREDITS_TLS_KEY")),
-            tls_client_ca=_path(get("CREDITS_TLS_CLIENT_CA")),
-            max_receive_message_bytes=_whole(get, "CREDITS_MAX_RECEIVE_MESSAGE_BYTES", 4 * MIB),
-            max_send_message_bytes=_whole(get, "CREDITS_MAX_SEND_MESSAGE_BYTES", 16 * MIB),
-            keepalive_seconds=_whole(get, "CREDITS_KEEPALIVE_SECONDS", 60),
-            keepalive_timeout_seconds=_whole(get, "CREDITS_KEEPALIVE_TIMEOUT_SECONDS", 20),
-            max_concurrent_streams=_whole(get, "CREDITS_MAX_CONCURRENT_STREAMS", 100),
-            compression=compression,
-            processes=_whole(get, "CREDITS_PROCESSES", 1),
-            db_pool_size=_whole(get, "CREDITS_DB_POOL_SIZE", 10),
+            supabase_anon_key=read.text("SUPABASE_ANON_KEY"),
+            supabase_service_role_key=read.text("SUPABASE_SERVICE_ROLE_KEY"),
+            jwt_secret=read.text("SUPABASE_JWT_SECRET"),
+            jwks_url=read.text("CREDITS_JWKS_URL")
+            or (auth_url and auth_url + "/.well-known/jwks.json"),
+            jwt_audience=read.text("CREDITS_JWT_AUDIENCE") or "authenticated",
+            jwt_issuer=read.text("CREDITS_JWT_ISSUER") or auth_url,
+            data_dir=read.path("CREDITS_DATA_DIR") or Path(".data"),
+            signup_credits=read.whole("CREDITS_SIGNUP_CREDITS", 0, minimum=0),
+            metrics_listen=read.address("CREDITS_METRICS_LISTEN"),
+            service_api_key=read.text("CREDITS_SERVICE_API_KEY"),
+            breaker_seconds=read.seconds("CREDITS_BREAKER_SECONDS", 30.0),
+            models_path=read.path("CREDITS_MODELS"),
+            workers=read.whole("CREDITS_WORKERS", 2, minimum=0),
+            worker_lease_seconds=read.whole("CREDITS_WORKER_LEASE_SECONDS", 30),
+            tls_cert=read.path("CREDITS_TLS_CERT"),
+            tls_key=read.path("CREDITS_TLS_KEY"),
+            tls_client_ca=read.path("CREDITS_TLS_CLIENT_CA"),
+            max_receive_message_bytes=read.whole("CREDITS_MAX_RECEIVE_MESSAGE_BYTES", 4 * MIB),
+            max_send_message_bytes=read.whole("CREDITS_MAX_SEND_MESSAGE_BYTES", 16 * MIB),
+            keepalive_seconds=read.whole("CREDITS_KEEPALIVE_SECONDS", 60),
+            keepalive_timeout_seconds=read.whole("CREDITS_KEEPALIVE_TIMEOUT_SECONDS", 20),
+            max_concurrent_streams=read.whole("CREDITS_MAX_CONCURRENT_STREAMS", 100),
+            compression=read.choice("CREDITS_COMPRESSION", COMPRESSIONS),
+            processes=read.whole("CREDITS_PROCESSES", 1),
+            db_pool_size=read.whole("CREDITS_DB_POOL_SIZE", 10),
         )
+
+
+class _Reader:
+    """Typed reads of environment variables; each bad value is a ValueError naming it."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str) -> str | None:
+        """The variable, stripped; None when unset or blank."""
+        return self._env.get(name, "").strip() or None
+
+    def path(self, name: str) -> Path | None:
+        text = self.text(name)
+        return Path(text) if text else None
+
+    def address(self, name: str) -> str | None:
+        """A host:port address; None when unset."""
+        address = self.text(name)
+        if address is not None:
+            try:
+                host_port(address)
+            except ValueError:
+                raise ValueError(f"{name} must be host:port (got {address!r})") from None
+        return address
+
+    def whole(self, name: str, default: int, *, minimum: int = 1) -> int:
+        """A whole number >= `minimum`, or `default` when unset."""
+        text = self.text(name)
+        if text is None:
+            return default
+        if not (text.isascii() and text.isdigit()) or int(text) < minimum:
+            raise ValueError(f"{name} must be a whole number >= {minimum} (got {text!r})")
+        return int(text)
+
+    def seconds(self, name: str, default: float) -> float:
+        text = self.text(name)
+        if text is None:
+            return default
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a number of seconds (got {text!r})") from None
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        """One of `choices` (any case); the first when unset."""
+        text = (self.text(name) or choices[0]).lower()
+        if text not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}")
+        return text
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -167,28 +192,3 @@ def host_port(address: str) -> tuple[str, int]:
     if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"not a host:port address: {address!r}")
     return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def _address(get: Callable[[str], str | None], name: str) -> str | None:
-    """The variable `name`, checked to be a host:port address; None when unset."""
-    address = get(name)
-    if address is not None:
-        try:
-            host_port(address)
-        except ValueError:
-            raise ValueError(f"{name} must be host:port (got {address!r})") from None
-    return address
-
-
-def _whole(get: Callable[[str], str | None], name: str, default: int) -> int:
-    """The variable `name` as a whole number >= 1, or `default` when unset."""
-    text = get(name)
-    if text is None:
-        return default
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise ValueError(f"{name} must be a whole number >= 1 (got {text!r})")
-    return int(text)
-
-
-def _path(value: str | None) -> Path | None:
-    return Path(value) if value else None
