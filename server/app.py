@@ -27,11 +27,12 @@ from server.auth.secret_store import load_or_create_jwt_secret
 from server.auth.verifier import TokenVerifier
 from server.config import Settings
 from server.credit.ledger import CreditLedger
+from server.credit.profiles import ProfileKeeper
 from server.credit.sweeper import HoldSweeper
 from server.db import embedded, migrate
 from server.errors import ServiceCredentialsRejected
 from server.generation import catalogue as catalogue_file
-from server.generation.events import ChangeFeed, PostgresChangeFeed
+from server.generation.feed import ChangeFeed
 from server.generation.lifecycle import Generations
 from server.generation.models import ModelSpec
 from server.generation.worker import Worker, WorkerPool, WorkerSettings, load_providers
@@ -44,6 +45,7 @@ from server.repository.generations import GenerationRepository
 from server.repository.layered import LayeredRepository
 from server.repository.transport import Transport
 from server.tls import server_credentials
+from server.transports.change_feed import PostgresChangeFeed
 from server.transports.postgres import PostgresTransport
 from server.transports.supabase import SupabaseTransport
 
@@ -73,8 +75,7 @@ class Backend:
     feed: ChangeFeed
 
     async def close(self) -> None:
-        if isinstance(self.feed, PostgresChangeFeed):
-            await self.feed.close()
+        await self.feed.close()
         await self.transport.close()
         if self.database is not None:
             await self.database.astop()
@@ -133,6 +134,35 @@ def resolve(settings: Settings) -> Settings:
     return settings
 
 
+def token_verifier(settings: Settings) -> TokenVerifier:
+    """How tokens are verified for `settings` (resolved)."""
+    return TokenVerifier.from_settings(settings)
+
+
+async def connect(settings: Settings, url: str | None, pool_size: int) -> Transport:
+    """The transport to the Supabase project the settings name, or to the PostgreSQL at
+    `url` (the embedded one, or DATABASE_URL)."""
+    project = settings.supabase_project
+    if project is not None:
+        return SupabaseTransport.connect(project)
+    assert url is not None
+    return await PostgresTransport.connect(url, min_size=min(2, pool_size), max_size=pool_size)
+
+
+def start_shared_database(settings: Settings) -> tuple[embedded.EmbeddedPostgres | None, Settings]:
+    """For several server processes: the embedded PostgreSQL started and migrated once by
+    their supervisor (a blocking call), and the settings that point the processes at it."""
+    if not settings.embedded:
+        return None, settings
+    database = embedded.EmbeddedPostgres.start_blocking(settings.data_dir)
+    try:
+        asyncio.run(migrate.migrate(database.uri))
+    except BaseException:
+        database.stop()
+        raise
+    return database, dataclasses.replace(settings, database_url=database.uri)
+
+
 async def open_store(
     settings: Settings,
 ) -> tuple[Transport, embedded.EmbeddedPostgres | None, str | None]:
@@ -142,16 +172,14 @@ async def open_store(
     On PostgreSQL (embedded or DATABASE_URL) the service applies the migrations itself; on a
     Supabase project they are applied with the Supabase CLI (see the README).
     """
-    project = settings.supabase_project
-    if project is not None:
-        return SupabaseTransport.connect(project), None, None
+    if settings.supabase_project is not None:
+        return await connect(settings, None, settings.db_pool_size), None, None
     database = await embedded.start(settings.data_dir) if settings.embedded else None
     url = database.uri if database is not None else settings.database_url
     assert url is not None
     try:
         await migrate.migrate(url)
-        transport = await PostgresTransport.connect(url, max_size=settings.db_pool_size)
-        return transport, database, url
+        return await connect(settings, url, settings.db_pool_size), database, url
     except BaseException:
         if database is not None:
             await database.astop()
@@ -195,7 +223,8 @@ def worker_pool(backend: Backend, count: int) -> WorkerPool:
         [
             Worker(backend.generations, backend.catalogue, providers, backend.feed, settings)
             for _ in range(count)
-        ]
+        ],
+        providers.values(),
     )
 
 
@@ -238,14 +267,12 @@ async def _grpc_server(
     settings: Settings, backend: Backend
 ) -> tuple[grpc.aio.Server, HealthServicer]:
     """The server with both services, health (NOT_SERVING until told) and reflection."""
-    # Without LISTEN (the Supabase API), watchers re-read on a short timer instead.
-    recheck = 5.0 if isinstance(backend.feed, PostgresChangeFeed) else 0.5
-    generations = Generations(backend.generations, backend.catalogue, backend.feed, recheck)
+    generations = Generations(backend.generations, backend.catalogue, backend.feed)
     server = serving.GuardedServer(
         grpc.aio.server(
             options=serving.channel_options(settings), compression=serving.compression(settings)
         ),
-        CallInterceptor(TokenVerifier.from_settings(settings), backend.credits.ensure_profile),
+        CallInterceptor(token_verifier(settings), ProfileKeeper(backend.credits)),
     )
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
         CreditServicer(CreditLedger(backend.credits)), server

@@ -15,15 +15,13 @@ import jwt
 from postgrest import AsyncPostgrestClient
 from postgrest.exceptions import APIError
 
-from server import errors, serving
+from server import app, errors, serving
 from server.auth.principal import ServicePrincipal
-from server.auth.verifier import TokenVerifier
-from server.config import Settings, SupabaseProject
+from server.config import Settings
 from server.db import migrate
 from server.repository import functions
 from server.repository.transport import CredentialsRejected, Transport
-from server.transports.postgres import PostgresTransport
-from server.transports.supabase import SupabaseTransport
+from server.transports.sql_errors import INSUFFICIENT_PRIVILEGE
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -44,9 +42,9 @@ async def run(settings: Settings, token: str | None = None) -> list[Check]:
     results: list[Check] = []
     project = settings.supabase_project
     if project is not None:
-        results += await _supabase_checks(project)
+        results += await _supabase_checks(settings, project.url, project.anon_key)
     elif settings.database_url:
-        results += await _postgres_checks(settings.database_url)
+        results += await _postgres_checks(settings, settings.database_url)
     else:
         results.append(
             Check(
@@ -64,9 +62,9 @@ async def run(settings: Settings, token: str | None = None) -> list[Check]:
     return results
 
 
-async def _postgres_checks(url: str) -> list[Check]:
+async def _postgres_checks(settings: Settings, url: str) -> list[Check]:
     try:
-        transport = await PostgresTransport.connect(url, min_size=1, max_size=1)
+        transport = await app.connect(settings, url, pool_size=1)
     except (errors.CreditsError, CredentialsRejected) as error:
         return [
             Check(
@@ -93,13 +91,13 @@ async def _postgres_checks(url: str) -> list[Check]:
         await transport.close()
 
 
-async def _supabase_checks(project: SupabaseProject) -> list[Check]:
-    transport = SupabaseTransport.connect(project)
+async def _supabase_checks(settings: Settings, url: str, anon_key: str) -> list[Check]:
+    transport = await app.connect(settings, None, pool_size=1)
     try:
         return [
             await _service_probe(transport, "service key accepted"),
             await _migration_probe(transport),
-            await _anon_probe(project.url, project.anon_key),
+            await _anon_probe(url, anon_key),
         ]
     finally:
         await transport.close()
@@ -109,7 +107,7 @@ async def _service_probe(transport: Transport, name: str) -> Check:
     """The service layer can call a read-only ledger function (for an unknown user)."""
 
     async def probe() -> object:
-        return await transport.service().call(functions.GET_PROFILE, {"p_user_id": uuid.uuid4()})
+        return await transport.service().call(functions.GetProfile(uuid.uuid4()))
 
     outcome = await _attempt(probe)
     if isinstance(outcome, errors.ProfileNotFound):
@@ -125,12 +123,12 @@ async def _service_probe(transport: Transport, name: str) -> Check:
     return Check(name, False, _describe(outcome), "is the database reachable and migrated?")
 
 
-async def _migration_probe(transport: SupabaseTransport) -> Check:
+async def _migration_probe(transport: Transport) -> Check:
     """The project has applied every migration this service ships (or a newer one): the
     newest version it records is at least the newest file's."""
     newest = migrate.discover()[-1].version
     outcome = await _attempt(
-        lambda: transport.service().call(functions.SCHEMA_VERSION, {}),
+        lambda: transport.service().call(functions.SchemaVersion()),
     )
     if isinstance(outcome, str):
         ok = outcome >= newest
@@ -152,7 +150,8 @@ async def _anon_probe(url: str, anon_key: str) -> Check:
         headers={"apiKey": anon_key, "Authorization": f"Bearer {anon_key}"},
     )
     try:
-        await client.rpc("credit_get_profile", {"p_user_id": str(uuid.uuid4())}).execute()
+        probe = functions.GetProfile(uuid.uuid4())
+        await client.rpc(probe.function, {"p_user_id": str(probe.user_id)}).execute()
         return Check(
             "anon key accepted",
             False,
@@ -160,7 +159,7 @@ async def _anon_probe(url: str, anon_key: str) -> Check:
             "revoke execute on public.credit_* from anon (see the migrations)",
         )
     except APIError as error:
-        if error.code == "42501":
+        if error.code == INSUFFICIENT_PRIVILEGE:
             return Check(
                 "anon key accepted", True, "accepted; the anon role is refused, as it should be"
             )
@@ -207,7 +206,7 @@ async def _jwks_check(settings: Settings) -> Check:
 
 async def _token_check(settings: Settings, token: str) -> Check:
     try:
-        principal = await TokenVerifier.from_settings(settings).verify(token)
+        principal = await app.token_verifier(settings).verify(token)
     except errors.CreditsError as error:
         return Check(
             "token verifies",

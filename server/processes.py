@@ -39,7 +39,7 @@ from types import FrameType
 from server import app as application
 from server import runtime
 from server.config import Settings, host_port
-from server.db import embedded, migrate
+from server.db import embedded
 from server.observability import logs
 
 log = logging.getLogger(__name__)
@@ -327,11 +327,9 @@ def supervise(settings: Settings) -> int:
     supervisor: Supervisor | None = None
     ok = True
     try:
-        children = dataclasses.replace(settings, listen=listen)
-        if settings.embedded:
-            database = embedded.EmbeddedPostgres.start_blocking(settings.data_dir)
-            asyncio.run(migrate.migrate(database.uri))
-            children = dataclasses.replace(children, database_url=database.uri)
+        database, children = application.start_shared_database(
+            dataclasses.replace(settings, listen=listen)
+        )
         supervisor = Supervisor(children, stop)
         if not stop.requested and supervisor.start():
             log.info(

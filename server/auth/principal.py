@@ -42,15 +42,6 @@ def current_principal() -> Principal:
     return principal
 
 
-def bound_principal() -> Principal | None:
-    """The principal of the RPC being served, or None before (or without) authentication."""
-    return _current.get()
-
-
 def set_principal(principal: Principal | None) -> contextvars.Token[Principal | None]:
     """Bind `principal` to the current context (the auth interceptor's job)."""
     return _current.set(principal)
-
-
-def reset_principal(token: contextvars.Token[Principal | None]) -> None:
-    _current.reset(token)

@@ -1,38 +1,39 @@
-"""The credit operations of the contract: who may call, what is valid, then the repository."""
+"""The credit operations of the contract: who may call, what is valid, then the store."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from datetime import timedelta
 
-from server import paging
-from server.auth.principal import Principal, UserPrincipal
-from server.credit import access, validation
+from server.auth.principal import Principal
 from server.credit.models import (
     Capture,
     CreditCheck,
+    HoldRequest,
     LedgerResult,
+    Movement,
     Profile,
+    RefundRequest,
     Release,
     Reservation,
     TransactionFilter,
     TransactionPage,
 )
-from server.repository.credits import CreditRepository
+from server.credit.ports import CreditStore
+from server.domain import access, paging, validation
 
 
 class CreditLedger:
-    def __init__(self, repository: CreditRepository) -> None:
-        self._repository = repository
+    def __init__(self, store: CreditStore) -> None:
+        self._store = store
 
     async def get_profile(self, principal: Principal, user_id: str) -> Profile:
-        return await self._repository.get_profile(principal, access.target_user(principal, user_id))
+        return await self._store.get_profile(principal, access.target_user(principal, user_id))
 
     async def check(self, principal: Principal, user_id: str, amount: int) -> CreditCheck:
         target = access.target_user(principal, user_id)
         validation.positive_amount(amount)
-        profile = await self._repository.get_profile(principal, target)
+        profile = await self._store.get_profile(principal, target)
         shortfall = max(0, amount - profile.available)
         return CreditCheck(shortfall == 0, profile.available, shortfall)
 
@@ -47,8 +48,8 @@ class CreditLedger:
         metadata: Mapping[str, str],
     ) -> LedgerResult:
         target = access.target_user(principal, user_id)
-        movement = validation.movement(amount, idempotency_key, description, metadata)
-        return await self._repository.debit(principal, target, movement)
+        movement = _movement(amount, idempotency_key, description, metadata)
+        return await self._store.debit(principal, target, movement)
 
     async def grant(
         self,
@@ -62,8 +63,8 @@ class CreditLedger:
     ) -> LedgerResult:
         access.require_service(principal)
         target = access.target_user(principal, user_id)
-        movement = validation.movement(amount, idempotency_key, description, metadata)
-        return await self._repository.grant(principal, target, movement)
+        movement = _movement(amount, idempotency_key, description, metadata)
+        return await self._store.grant(principal, target, movement)
 
     async def refund(
         self,
@@ -77,14 +78,13 @@ class CreditLedger:
     ) -> LedgerResult:
         access.require_service(principal)
         target = access.target_user(principal, user_id)
-        return await self._repository.refund(
-            principal,
-            target,
+        refund = RefundRequest(
             transaction_id=validation.parse_uuid("transaction_id", transaction_id),
             amount=validation.amount_or_zero(amount, "what is left of the transaction"),
             idempotency_key=validation.idempotency_key(idempotency_key),
             description=validation.description(description),
         )
+        return await self._store.refund(principal, target, refund)
 
     async def reserve(
         self,
@@ -97,29 +97,28 @@ class CreditLedger:
         description: str,
     ) -> Reservation:
         target = access.target_user(principal, user_id)
-        return await self._repository.reserve(
-            principal,
-            target,
+        hold = HoldRequest(
             amount=validation.positive_amount(amount),
             idempotency_key=validation.idempotency_key(idempotency_key),
             ttl_seconds=validation.hold_ttl_seconds(ttl),
             description=validation.description(description),
         )
+        return await self._store.reserve(principal, target, hold)
 
     async def capture(
         self, principal: Principal, hold_id: str, *, amount: int, idempotency_key: str
     ) -> Capture:
-        return await self._repository.capture(
+        return await self._store.capture(
             principal,
             validation.parse_uuid("hold_id", hold_id),
-            _owner(principal),
+            access.owner(principal),
             amount=validation.amount_or_zero(amount, "the whole hold"),
             idempotency_key=validation.idempotency_key(idempotency_key),
         )
 
     async def release(self, principal: Principal, hold_id: str) -> Release:
-        return await self._repository.release(
-            principal, validation.parse_uuid("hold_id", hold_id), _owner(principal)
+        return await self._store.release(
+            principal, validation.parse_uuid("hold_id", hold_id), access.owner(principal)
         )
 
     async def list_transactions(
@@ -132,18 +131,24 @@ class CreditLedger:
     ) -> TransactionPage:
         where = where or TransactionFilter()
         target = access.target_user(principal, user_id)
-        limit = validation.page_size(page_size)
+        validation.page_size(page_size)  # judged before the time range, as fields come
         validation.time_range(where.start, where.end)
-        scope = paging.listing("transactions", sorted(where.kinds), where.start, where.end)
-        before = paging.decode(page_token, target, scope)
-        # One extra row tells whether another page follows.
-        rows = await self._repository.list_transactions(principal, target, limit + 1, before, where)
-        page = rows[:limit]
-        more = len(rows) > limit
-        token = paging.encode(target, scope, page[-1].seq) if more else ""
+        page, token = await paging.read_page(
+            lambda limit, before: self._store.list_transactions(
+                principal, target, limit, before, where
+            ),
+            user_id=target,
+            scope=paging.listing("transactions", sorted(where.kinds), where.start, where.end),
+            page_size=page_size,
+            page_token=page_token,
+        )
         return TransactionPage(page, token)
 
 
-def _owner(principal: Principal) -> uuid.UUID | None:
-    """Whose holds the caller may touch: a user their own, a service anyone's (None)."""
-    return principal.user_id if isinstance(principal, UserPrincipal) else None
+def _movement(amount: int, key: str, text: str, entries: Mapping[str, str]) -> Movement:
+    return Movement(
+        validation.positive_amount(amount),
+        validation.idempotency_key(key),
+        validation.description(text),
+        validation.metadata(entries),
+    )

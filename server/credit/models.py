@@ -66,6 +66,26 @@ class Movement:
 
 
 @dataclass(frozen=True, slots=True)
+class RefundRequest:
+    """A validated request to refund (part of) a debit; amount 0 refunds what is left."""
+
+    transaction_id: uuid.UUID
+    amount: int
+    idempotency_key: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRequest:
+    """A validated request to set credits aside for `ttl_seconds`."""
+
+    amount: int
+    idempotency_key: str
+    ttl_seconds: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerResult:
     """What a money movement returns: the entry, the balance after it, and whether it is a
     replay of an earlier call with the same idempotency key."""

@@ -11,17 +11,15 @@ import asyncio
 import logging
 
 from server import runtime
+from server.credit.ports import HoldExpiry
 from server.errors import CreditsError
-from server.repository.credits import CreditRepository
 
 log = logging.getLogger(__name__)
 
 
 class HoldSweeper:
-    def __init__(
-        self, repository: CreditRepository, interval: float = 30.0, batch: int = 100
-    ) -> None:
-        self._repository = repository
+    def __init__(self, store: HoldExpiry, interval: float = 30.0, batch: int = 100) -> None:
+        self._store = store
         self._interval = interval
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
@@ -30,7 +28,7 @@ class HoldSweeper:
         """Expire every overdue hold now; returns how many users' holds were swept."""
         total = 0
         while True:
-            swept = await self._repository.expire_holds(self._batch)
+            swept = await self._store.expire_holds(self._batch)
             total += swept
             if swept < self._batch:
                 return total

@@ -1,20 +1,18 @@
 """The GenerationService operations of the contract: who may call, what is valid, then the
-repository. Watching follows the change feed and re-reads the generation at each change."""
+store. Watching follows the change feed and re-reads the generation at each change."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 
-from server import paging
-from server.auth.principal import Principal, UserPrincipal
-from server.credit import access, validation
+from server.auth.principal import Principal
+from server.domain import access, paging, validation
 from server.errors import InvalidArgument
-from server.generation.events import ChangeFeed, StateChange
+from server.generation.feed import ChangeFeed, StateChange
 from server.generation.models import Generation, GenerationPage, ModelSpec
-from server.repository.generations import GenerationRepository
+from server.generation.ports import GenerationStore
 
 # credit_models.model: a longer name never entered a catalogue, so no generation has it.
 MAX_MODEL_LENGTH = 100
@@ -22,22 +20,23 @@ MAX_PROMPT_LENGTH = 4000
 MAX_PARAMETERS = 16
 MAX_PARAMETER_KEY_LENGTH = 64
 MAX_PARAMETER_VALUE_LENGTH = 1000
-# A watcher re-reads at least this often, in case a notification was lost (feed reconnecting).
+# A watcher re-reads at least this often: in case a notification was lost (the feed
+# reconnecting), or often where no feed publishes changes as they happen (the Supabase API).
 WATCH_RECHECK_SECONDS = 5.0
+POLL_SECONDS = 0.5
 
 
 class Generations:
     def __init__(
         self,
-        repository: GenerationRepository,
+        store: GenerationStore,
         catalogue: Mapping[str, ModelSpec],
         feed: ChangeFeed,
-        recheck_seconds: float = WATCH_RECHECK_SECONDS,
     ) -> None:
-        self._repository = repository
+        self._store = store
         self._catalogue = catalogue
         self._feed = feed
-        self._recheck_seconds = recheck_seconds
+        self._recheck_seconds = WATCH_RECHECK_SECONDS if feed.live else POLL_SECONDS
 
     def models(self) -> Sequence[ModelSpec]:
         return sorted(self._catalogue.values(), key=lambda m: (m.cost, m.model))
@@ -66,7 +65,7 @@ class Generations:
         if not _could_be_catalogued(model):
             raise self._unknown_model()
         try:
-            generation = await self._repository.create(
+            generation = await self._store.create(
                 principal,
                 target,
                 model=model,
@@ -87,25 +86,30 @@ class Generations:
         return InvalidArgument.one("model", f"is not in the catalogue ({offered})")
 
     async def get(self, principal: Principal, generation_id: str) -> Generation:
-        return await self._repository.get(
-            principal, validation.parse_uuid("generation_id", generation_id), _owner(principal)
+        return await self._store.get(
+            principal,
+            validation.parse_uuid("generation_id", generation_id),
+            access.owner(principal),
         )
 
     async def list(
         self, principal: Principal, user_id: str, page_size: int, page_token: str
     ) -> GenerationPage:
         target = access.target_user(principal, user_id)
-        limit = validation.page_size(page_size)
-        scope = paging.listing("generations")
-        before = paging.decode(page_token, target, scope)
-        rows = await self._repository.list(principal, target, limit + 1, before)
-        page = rows[:limit]
-        token = paging.encode(target, scope, page[-1].seq) if len(rows) > limit else ""
+        page, token = await paging.read_page(
+            lambda limit, before: self._store.list(principal, target, limit, before),
+            user_id=target,
+            scope=paging.listing("generations"),
+            page_size=page_size,
+            page_token=page_token,
+        )
         return GenerationPage(page, token)
 
     async def cancel(self, principal: Principal, generation_id: str) -> Generation:
-        return await self._repository.cancel(
-            principal, validation.parse_uuid("generation_id", generation_id), _owner(principal)
+        return await self._store.cancel(
+            principal,
+            validation.parse_uuid("generation_id", generation_id),
+            access.owner(principal),
         )
 
     async def watch(self, principal: Principal, generation_id: str) -> AsyncIterator[Generation]:
@@ -116,21 +120,21 @@ class Generations:
         no change arrives for a while (no feed, or a lost notification), it re-reads.
         """
         target = validation.parse_uuid("generation_id", generation_id)
-        owner = _owner(principal)
+        owner = access.owner(principal)
         async with self._feed.changes(target) as changes:
-            current = await self._repository.get(principal, target, owner)
+            current = await self._store.get(principal, target, owner)
             yield current
             while not current.state.final:
                 try:
                     async with asyncio.timeout(self._recheck_seconds):
                         change = await changes.get()
                 except TimeoutError:
-                    latest = await self._repository.get(principal, target, owner)
+                    latest = await self._store.get(principal, target, owner)
                 else:
                     if change.update_time <= current.update_time:
                         continue  # already in what was sent
                     latest = (
-                        await self._repository.get(principal, target, owner)
+                        await self._store.get(principal, target, owner)
                         if change.state.final
                         else _apply(current, change)
                     )
@@ -149,11 +153,6 @@ def _apply(generation: Generation, change: StateChange) -> Generation:
         output_mime_type=change.output_mime_type,
         update_time=change.update_time,
     )
-
-
-def _owner(principal: Principal) -> uuid.UUID | None:
-    """Whose generations the caller may see: a user their own, a service anyone's (None)."""
-    return principal.user_id if isinstance(principal, UserPrincipal) else None
 
 
 def _could_be_catalogued(model: str) -> bool:

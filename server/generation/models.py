@@ -63,3 +63,21 @@ class Generation:
 class GenerationPage:
     generations: Sequence[Generation]
     next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A queued generation a worker has claimed, under a lease it must renew."""
+
+    generation_id: uuid.UUID
+    model: str
+    prompt: str
+    parameters: Mapping[str, str]
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    queued: int
+    running: int
+    oldest_queued_seconds: float

@@ -15,17 +15,17 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from server import runtime
 from server.errors import CreditsError
-from server.generation.events import ChangeFeed
-from server.generation.models import GenerationState, ModelSpec
+from server.generation.feed import ChangeFeed
+from server.generation.models import ClaimedJob, GenerationState, ModelSpec
+from server.generation.ports import JobQueue
 from server.generation.providers import registry
-from server.generation.providers.base import Job, Output, Provider, ProviderError
+from server.generation.providers.base import Closable, Job, Output, Provider, ProviderError
 from server.observability import metrics
-from server.repository.generations import ClaimedJob, GenerationRepository
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ def load_providers(catalogue: Mapping[str, ModelSpec]) -> dict[str, Provider]:
 class Worker:
     def __init__(
         self,
-        repository: GenerationRepository,
+        queue: JobQueue,
         catalogue: Mapping[str, ModelSpec],
         providers: Mapping[str, Provider],
         feed: ChangeFeed,
         settings: WorkerSettings = WorkerSettings(),
         name: str | None = None,
     ) -> None:
-        self._repository = repository
+        self._queue = queue
         self._catalogue = catalogue
         self._providers = providers
         self._feed = feed
@@ -67,7 +67,7 @@ class Worker:
         """Claim and run jobs until cancelled."""
         while True:
             try:
-                job = await self._repository.claim(self.name, self._settings.lease_seconds)
+                job = await self._queue.claim(self.name, self._settings.lease_seconds)
             except CreditsError as error:
                 log.warning("worker %s cannot claim (%s)", self.name, error.reason)
                 job = None
@@ -133,7 +133,7 @@ class Worker:
         while True:
             await asyncio.sleep(interval)
             try:
-                ours = await self._repository.renew_lease(
+                ours = await self._queue.renew_lease(
                     job.generation_id, self.name, self._settings.lease_seconds
                 )
             except CreditsError as error:
@@ -145,7 +145,7 @@ class Worker:
 
     async def _complete(self, job: ClaimedJob, output: Output) -> None:
         try:
-            charged = await self._repository.complete(
+            charged = await self._queue.complete(
                 job.generation_id, self.name, output.data, output.mime_type
             )
         except CreditsError as error:
@@ -162,7 +162,7 @@ class Worker:
             self._settings.retry_max_seconds,
         )
         try:
-            ended = await self._repository.fail(
+            ended = await self._queue.fail(
                 job.generation_id,
                 self.name,
                 message[:1000],
@@ -177,10 +177,12 @@ class Worker:
 
 
 class WorkerPool:
-    """`count` workers sharing one process's providers and change feed."""
+    """Workers sharing one process's providers and change feed; stopping the pool closes the
+    providers."""
 
-    def __init__(self, workers: list[Worker]) -> None:
+    def __init__(self, workers: list[Worker], providers: Iterable[Provider] = ()) -> None:
         self._workers = workers
+        self._providers = list(providers)
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -192,3 +194,7 @@ class WorkerPool:
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
         await runtime.stop(*tasks)
+        providers, self._providers = self._providers, []
+        for provider in providers:
+            if isinstance(provider, Closable):
+                await provider.aclose()

@@ -1,6 +1,6 @@
 """What every RPC but health checks and reflection passes: a request id, the caller verified
-once and bound as a Principal, errors turned into the contract's statuses, a user's profile
-made sure of, and one access-log line at the end.
+once and bound as a Principal, the call run through the profile keeper (server/credit/
+profiles.py), errors turned into the contract's statuses, and one access-log line at the end.
 
 Each method's handler is guarded once, on its first call, and reused: rebuilding a handler, a
 closure and a context manager for every call was a large part of a unary RPC's time here. The
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, NoReturn
 
 import grpc
@@ -23,15 +22,14 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from server import errors
-from server.auth.principal import UserPrincipal, bound_principal, set_principal
+from server.auth.principal import Principal, set_principal
 from server.auth.verifier import TokenVerifier
+from server.credit.profiles import ProfileKeeper
 from server.interceptors import access_log
 from server.interceptors.auth import authorization, is_public
 from server.interceptors.errors import abort, abort_unexpected
 from server.interceptors.handlers import Context, Handler, behaviour_of, rebuild
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord, open_call
-
-log = logging.getLogger(__name__)
 
 Parse = Callable[[bytes], Any]
 Metadata = Iterable[tuple[str, str | bytes]] | None
@@ -40,14 +38,10 @@ Metadata = Iterable[tuple[str, str | bytes]] | None
 class CallInterceptor:
     """Guards the handlers of a server's methods (installed by serving.GuardedServer)."""
 
-    def __init__(
-        self,
-        verifier: TokenVerifier,
-        provision: Callable[[UserPrincipal], Awaitable[None]] | None = None,
-    ) -> None:
-        """`provision` makes sure a user has a profile; it is awaited as each user's call ends."""
+    def __init__(self, verifier: TokenVerifier, profiles: ProfileKeeper | None = None) -> None:
+        """`profiles` runs each user's call so that it leaves a profile (None: no database)."""
         self._verifier = verifier
-        self._provision = provision
+        self._profiles = profiles
         # method -> (the handler as registered, its guarded version)
         self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
@@ -57,78 +51,88 @@ class CallInterceptor:
             return handler
         known = self._guarded.get(method)
         if known is None or known[0] is not handler:
-            known = self._guarded[method] = (handler, self._guard(method, handler))
+            guarded = _Guarded(method, handler, self._verifier, self._profiles)
+            known = self._guarded[method] = (handler, guarded.handler())
         return known[1]
 
-    def _guard(self, method: str, handler: Handler) -> Handler:
-        """`handler` run behind the request id, authentication, the error table and the access
-        log; it receives the request unparsed."""
-        behaviour = behaviour_of(handler)
-        parse: Parse = handler.request_deserializer or _raw
-        streaming_requests = handler.request_streaming
 
-        async def admit(metadata: Metadata, record: CallRecord, request: Any) -> Any:
-            """The parsed request, once the caller is verified and bound to this call."""
-            principal = await self._verifier.authenticate(authorization(metadata))
-            record.identify(principal)
-            # No reset afterwards: grpc.aio serves each RPC in a task of its own, whose context
-            # ends with it.
-            set_principal(principal)
-            return _parsed_stream(request, parse) if streaming_requests else _parse(parse, request)
+class _Guarded:
+    """One method's handler run behind the request id, authentication, the error table and the
+    access log; it receives the request unparsed."""
 
-        if inspect.isasyncgenfunction(behaviour):
+    def __init__(
+        self,
+        method: str,
+        handler: Handler,
+        verifier: TokenVerifier,
+        profiles: ProfileKeeper | None,
+    ) -> None:
+        self._method = method
+        self._handler = handler
+        self._behaviour = behaviour_of(handler)
+        self._parse: Parse = handler.request_deserializer or _raw
+        self._verifier = verifier
+        self._profiles = profiles
 
-            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                metadata = context.invocation_metadata()
-                record = _open(method, context, metadata)
-                try:
-                    admitted = await admit(metadata, record, request)
-                    async for response in behaviour(admitted, context):
-                        yield response
-                    await self._settle()
-                except BaseException as error:
-                    await self._settle(error)
-                    await _end(context, record, error)
-                finally:
-                    access_log.finish(record)
+    def handler(self) -> Handler:
+        if inspect.isasyncgenfunction(self._behaviour):
+            return rebuild(self._handler, self._stream)
+        if not inspect.iscoroutinefunction(self._behaviour):
+            raise TypeError(
+                f"{self._behaviour!r} is not async; this server serves async handlers only"
+            )
+        return rebuild(self._handler, self._unary)
 
-            return rebuild(handler, stream)
-        if not inspect.iscoroutinefunction(behaviour):
-            raise TypeError(f"{behaviour!r} is not async; this server serves async handlers only")
-
-        async def call(request: Any, context: Context) -> Any:
-            metadata = context.invocation_metadata()
-            record = _open(method, context, metadata)
-            try:
-                response = await behaviour(await admit(metadata, record, request), context)
-                await self._settle()
-                return response
-            except BaseException as error:
-                await self._settle(error)
-                await _end(context, record, error)
-            finally:
-                access_log.finish(record)
-
-        return rebuild(handler, call)
-
-    async def _settle(self, error: BaseException | None = None) -> None:
-        """A user's first call creates their profile, whatever it asks (the contract). Done as
-        the call ends, before its status goes out: most calls have made sure of it by then (so
-        it costs nothing), and one that cannot leaves it to the user's next call. Not for a
-        call ending by cancellation or an abort (its status is out already), nor by an
-        unavailable database (a second wait for it would only double the caller's)."""
-        principal = bound_principal()
-        if self._provision is None or not isinstance(principal, UserPrincipal):
-            return
-        if error is not None and (
-            not isinstance(error, Exception)
-            or isinstance(error, grpc.aio.AbortError | errors.BackendUnavailable)
-        ):
-            return
+    async def _unary(self, request: Any, context: Context) -> Any:
+        metadata = context.invocation_metadata()
+        record = _open(self._method, context, metadata)
         try:
-            await self._provision(principal)
-        except errors.CreditsError as failed:
-            log.warning("the profile of %s is not made yet (%s)", principal.user_id, failed.reason)
+            principal = await self._admit(metadata, record)
+            if self._profiles is None:
+                return await self._behaviour(self._request(request), context)
+            return await self._profiles.run(
+                principal, lambda: self._behaviour(self._request(request), context)
+            )
+        except BaseException as error:
+            await _end(context, record, error)
+        finally:
+            access_log.finish(record)
+
+    async def _stream(self, request: Any, context: Context) -> AsyncIterator[Any]:
+        metadata = context.invocation_metadata()
+        record = _open(self._method, context, metadata)
+        principal: Principal | None = None
+        try:
+            principal = await self._admit(metadata, record)
+            async for response in self._behaviour(self._request(request), context):
+                yield response
+            await self._settle(principal)
+        except BaseException as error:
+            await self._settle(principal, error)
+            await _end(context, record, error)
+        finally:
+            access_log.finish(record)
+
+    async def _admit(self, metadata: Metadata, record: CallRecord) -> Principal:
+        """The caller, verified and bound to this call."""
+        principal = await self._verifier.authenticate(authorization(metadata))
+        record.identify(principal)
+        # No reset afterwards: grpc.aio serves each RPC in a task of its own, whose context
+        # ends with it.
+        set_principal(principal)
+        return principal
+
+    def _request(self, request: Any) -> Any:
+        """The request parsed (a stream of them, parsed one by one, for streaming requests)."""
+        if self._handler.request_streaming:
+            return _parsed_stream(request, self._parse)
+        return _parse(self._parse, request)
+
+    async def _settle(
+        self, principal: Principal | None, error: BaseException | None = None
+    ) -> None:
+        if self._profiles is not None and principal is not None:
+            await self._profiles.settle(principal, error)
 
 
 def _open(method: str, context: Context, metadata: Metadata) -> CallRecord:

@@ -1,7 +1,8 @@
-"""The record of the RPC being served, filled in by the interceptors and logged once at its end.
+"""The record of the RPC being served, filled in as the call passes the pipeline and logged
+once at its end (server/interceptors/pipeline.py).
 
-The access-log interceptor opens it; the auth interceptor adds who called; the error
-interceptor (or an auth rejection) adds how it ended. No token, key or prompt ever goes in.
+It is opened with the call's request id and method; authentication adds who called; the error
+table (or a rejection) adds how it ended. No token, key or prompt ever goes in.
 """
 
 from __future__ import annotations
@@ -64,7 +65,3 @@ def current_call() -> CallRecord | None:
 
 def open_call(record: CallRecord) -> contextvars.Token[CallRecord | None]:
     return _current.set(record)
-
-
-def close_call(token: contextvars.Token[CallRecord | None]) -> None:
-    _current.reset(token)

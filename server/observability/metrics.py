@@ -20,7 +20,7 @@ from server.config import host_port
 from server.errors import CreditsError
 
 if TYPE_CHECKING:
-    from server.repository.generations import QueueStats
+    from server.generation.models import QueueStats
 
 log = logging.getLogger(__name__)
 

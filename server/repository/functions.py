@@ -1,68 +1,280 @@
-"""The SQL functions of supabase/migrations, the only way the service reads or moves credits.
+"""The SQL functions of the migrations: the only way the service reads or moves credits.
 
-Both transports call these by name: PostgREST as `rpc(name, params)`, PostgreSQL directly with
-named arguments. Names and parameters are constants here, never built from input.
+Each function is declared once, as a frozen dataclass whose fields are its parameters in order
+(`p_` + the field's name) and whose `decode` turns the function's JSON result into a typed
+value. A missing or misspelled argument is a TypeError where the call is built, never a NULL
+in SQL. Both transports call a function by its declared name with named arguments, rendered
+from these declarations only, never from input.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import dataclasses
+import functools
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, ClassVar, Generic, TypeVar, dataclass_transform
+
+from server.credit.models import (
+    Capture,
+    LedgerResult,
+    Profile,
+    Release,
+    Reservation,
+    Transaction,
+)
+from server.generation.models import ClaimedJob, Generation, QueueStats
+from server.repository import records
+
+T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class SqlFunction:
-    name: str
-    params: tuple[str, ...]
+@dataclass_transform(frozen_default=True)
+class SqlCall(Generic[T]):
+    """One call of a SQL function. A subclass names the function in its class arguments
+    (`function=`, and `batched=` for a batched form) and becomes a frozen dataclass of its
+    arguments."""
+
+    function: ClassVar[str] = ""
     # The batched form, taking each parameter as an array (see *_credits_batched_calls.sql).
-    each: str | None = None
+    batched: ClassVar[str | None] = None
+
+    def __init_subclass__(
+        cls, *, function: str = "", batched: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if function:
+            cls.function, cls.batched = function, batched
+        dataclasses.dataclass(frozen=True)(cls)
+
+    @classmethod
+    @functools.cache
+    def params(cls) -> tuple[str, ...]:
+        """The function's parameter names, in order."""
+        return tuple(f"p_{name}" for name in cls._fields())
+
+    @classmethod
+    @functools.cache
+    def _fields(cls) -> tuple[str, ...]:
+        return tuple(field.name for field in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    def values(self) -> tuple[object, ...]:
+        """The arguments, in the order of `params()`."""
+        return tuple(getattr(self, name) for name in self._fields())
+
+    def decode(self, raw: Any) -> T:
+        """The function's JSON result as a typed value."""
+        raise NotImplementedError
 
 
-CONFIGURE = SqlFunction("credit_configure", ("p_signup_credits",))
-PROVISION_PROFILE = SqlFunction("credit_provision_profile", ("p_user_id", "p_email"))
-GET_PROFILE = SqlFunction("credit_get_profile", ("p_user_id",), each="credit_get_profile_each")
-LIST_TRANSACTIONS = SqlFunction(
-    "credit_list_transactions",
-    ("p_user_id", "p_limit", "p_before_seq", "p_kinds", "p_start", "p_end"),
-)
-DEBIT = SqlFunction(
-    "credit_debit",
-    ("p_user_id", "p_amount", "p_idempotency_key", "p_description", "p_metadata"),
-    each="credit_debit_each",
-)
-GRANT = SqlFunction(
-    "credit_grant",
-    ("p_user_id", "p_amount", "p_idempotency_key", "p_description", "p_metadata"),
-)
-RESERVE = SqlFunction(
-    "credit_reserve",
-    ("p_user_id", "p_amount", "p_idempotency_key", "p_ttl_seconds", "p_description"),
-)
-CAPTURE = SqlFunction("credit_capture", ("p_hold_id", "p_owner", "p_amount", "p_idempotency_key"))
-RELEASE = SqlFunction("credit_release", ("p_hold_id", "p_owner"))
-REFUND = SqlFunction(
-    "credit_refund",
-    ("p_user_id", "p_transaction_id", "p_amount", "p_idempotency_key", "p_description"),
-)
-EXPIRE_HOLDS = SqlFunction("credit_expire_holds", ("p_users",))
-SYNC_MODELS = SqlFunction("credit_sync_models", ("p_models",))
-CREATE_GENERATION = SqlFunction(
-    "credit_create_generation",
-    ("p_user_id", "p_model", "p_prompt", "p_parameters", "p_request_id"),
-)
-GET_GENERATION = SqlFunction("credit_get_generation", ("p_generation_id", "p_owner"))
-LIST_GENERATIONS = SqlFunction("credit_list_generations", ("p_user_id", "p_limit", "p_before_seq"))
-CANCEL_GENERATION = SqlFunction("credit_cancel_generation", ("p_generation_id", "p_owner"))
-CLAIM_GENERATION = SqlFunction("credit_claim_generation", ("p_worker", "p_lease_seconds"))
-RENEW_GENERATION_LEASE = SqlFunction(
-    "credit_renew_generation_lease", ("p_generation_id", "p_worker", "p_lease_seconds")
-)
-COMPLETE_GENERATION = SqlFunction(
-    "credit_complete_generation",
-    ("p_generation_id", "p_worker", "p_output", "p_output_mime_type"),
-)
-FAIL_GENERATION = SqlFunction(
-    "credit_fail_generation",
-    ("p_generation_id", "p_worker", "p_error", "p_retryable", "p_retry_delay_seconds"),
-)
-QUEUE_STATS = SqlFunction("credit_queue_stats", ())
-SCHEMA_VERSION = SqlFunction("credit_schema_version", ())
+class _NoResult(SqlCall[None]):
+    def decode(self, raw: Any) -> None:
+        return None
+
+
+# Configuration (service role)
+
+
+class Configure(_NoResult, function="credit_configure"):
+    signup_credits: int
+
+
+class SyncModels(_NoResult, function="credit_sync_models"):
+    models: list[dict[str, object]]
+
+
+class SchemaVersion(SqlCall[str], function="credit_schema_version"):
+    def decode(self, raw: Any) -> str:
+        return str(raw or "")
+
+
+# Profiles and the ledger
+
+
+class ProvisionProfile(_NoResult, function="credit_provision_profile"):
+    user_id: uuid.UUID
+    email: str
+
+
+class GetProfile(
+    SqlCall[Profile], function="credit_get_profile", batched="credit_get_profile_each"
+):
+    user_id: uuid.UUID
+
+    def decode(self, raw: Any) -> Profile:
+        return records.profile(raw)
+
+
+class ListTransactions(SqlCall[list[Transaction]], function="credit_list_transactions"):
+    user_id: uuid.UUID
+    limit: int
+    before_seq: int | None
+    kinds: list[str] | None
+    start: datetime | None
+    end: datetime | None
+
+    def decode(self, raw: Any) -> list[Transaction]:
+        return [records.transaction(row) for row in raw]
+
+
+class _Movement(SqlCall[LedgerResult]):
+    def decode(self, raw: Any) -> LedgerResult:
+        return records.ledger_result(raw)
+
+
+class Debit(_Movement, function="credit_debit", batched="credit_debit_each"):
+    user_id: uuid.UUID
+    amount: int
+    idempotency_key: str
+    description: str
+    metadata: Mapping[str, str]
+
+
+class Grant(_Movement, function="credit_grant"):
+    user_id: uuid.UUID
+    amount: int
+    idempotency_key: str
+    description: str
+    metadata: Mapping[str, str]
+
+
+class Refund(_Movement, function="credit_refund"):
+    user_id: uuid.UUID
+    transaction_id: uuid.UUID
+    amount: int
+    idempotency_key: str
+    description: str
+
+
+class Reserve(SqlCall[Reservation], function="credit_reserve"):
+    user_id: uuid.UUID
+    amount: int
+    idempotency_key: str
+    ttl_seconds: int
+    description: str
+
+    def decode(self, raw: Any) -> Reservation:
+        return records.reservation(raw)
+
+
+class CaptureHold(SqlCall[Capture], function="credit_capture"):
+    hold_id: uuid.UUID
+    owner: uuid.UUID | None
+    amount: int
+    idempotency_key: str
+
+    def decode(self, raw: Any) -> Capture:
+        return records.capture(raw)
+
+
+class ReleaseHold(SqlCall[Release], function="credit_release"):
+    hold_id: uuid.UUID
+    owner: uuid.UUID | None
+
+    def decode(self, raw: Any) -> Release:
+        return records.release(raw)
+
+
+class ExpireHolds(SqlCall[int], function="credit_expire_holds"):
+    users: int
+
+    def decode(self, raw: Any) -> int:
+        return int(raw)
+
+
+# Generations
+
+
+class _OneGeneration(SqlCall[Generation]):
+    def decode(self, raw: Any) -> Generation:
+        return records.generation(raw)
+
+
+class CreateGeneration(SqlCall[Generation], function="credit_create_generation"):
+    user_id: uuid.UUID
+    model: str
+    prompt: str
+    parameters: Mapping[str, str]
+    request_id: str
+
+    def decode(self, raw: Any) -> Generation:
+        return records.generation(raw["generation"])
+
+
+class GetGeneration(_OneGeneration, function="credit_get_generation"):
+    generation_id: uuid.UUID
+    owner: uuid.UUID | None
+
+
+class ListGenerations(SqlCall[list[Generation]], function="credit_list_generations"):
+    user_id: uuid.UUID
+    limit: int
+    before_seq: int | None
+
+    def decode(self, raw: Any) -> list[Generation]:
+        return [records.generation(row) for row in raw]
+
+
+class CancelGeneration(_OneGeneration, function="credit_cancel_generation"):
+    generation_id: uuid.UUID
+    owner: uuid.UUID | None
+
+
+class GetQueueStats(SqlCall[QueueStats], function="credit_queue_stats"):
+    def decode(self, raw: Any) -> QueueStats:
+        return QueueStats(raw["queued"], raw["running"], float(raw["oldest_queued_seconds"]))
+
+
+# The workers' side (service role)
+
+
+class ClaimGeneration(SqlCall[ClaimedJob | None], function="credit_claim_generation"):
+    worker: str
+    lease_seconds: int
+
+    def decode(self, raw: Any) -> ClaimedJob | None:
+        if not raw:
+            return None
+        return ClaimedJob(
+            generation_id=uuid.UUID(raw["generation_id"]),
+            model=raw["model"],
+            prompt=raw["prompt"],
+            parameters=raw["parameters"],
+            attempt=raw["attempt"],
+        )
+
+
+class RenewGenerationLease(SqlCall[bool], function="credit_renew_generation_lease"):
+    generation_id: uuid.UUID
+    worker: str
+    lease_seconds: int
+
+    def decode(self, raw: Any) -> bool:
+        return bool(raw)
+
+
+class CompleteGeneration(SqlCall[bool], function="credit_complete_generation"):
+    generation_id: uuid.UUID
+    worker: str
+    output: str  # base64: the function takes the bytes as text
+    output_mime_type: str
+
+    @classmethod
+    def of(
+        cls, generation_id: uuid.UUID, worker: str, output: bytes, mime_type: str
+    ) -> CompleteGeneration:
+        return cls(generation_id, worker, base64.b64encode(output).decode(), mime_type)
+
+    def decode(self, raw: Any) -> bool:
+        """Whether the generation was charged (False: its result was discarded)."""
+        return bool(raw["charged"])
+
+
+class FailGeneration(_OneGeneration, function="credit_fail_generation"):
+    generation_id: uuid.UUID
+    worker: str
+    error: str
+    retryable: bool
+    retry_delay_seconds: int

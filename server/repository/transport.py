@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from server.auth.principal import UserPrincipal
-from server.repository.functions import SqlFunction
+from server.repository.functions import SqlCall
 
 
 class CredentialsRejected(Exception):
@@ -17,8 +16,8 @@ class CredentialsRejected(Exception):
 class Session(Protocol):
     """One identity's access to the database."""
 
-    async def call(self, function: SqlFunction, args: Mapping[str, object]) -> Any:
-        """Calls a SQL function and returns its decoded JSON result.
+    async def call(self, call: SqlCall[Any]) -> Any:
+        """Calls a SQL function and returns its JSON result, undecoded.
 
         Raises domain errors (server.errors) for what the function refuses, BackendUnavailable
         when the database cannot be reached, and CredentialsRejected for refused credentials.

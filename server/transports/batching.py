@@ -1,7 +1,7 @@
 """Concurrent calls of one SQL function, joined into one round trip while the pool is busy.
 
 When every pooled connection is in use, a call of a function with a batched form
-(`SqlFunction.each`) waits here rather than in the pool's queue. One waiter per function asks
+(`SqlCall.batched`) waits here rather than in the pool's queue. One waiter per function asks
 the pool for a connection; the connection it gets takes up to MAX_BATCH of the calls waiting by
 then and sends them as one call of the batched form: one round trip and one commit instead of
 one each. A call that finds a connection free goes alone, so a quiet service pays nothing.
@@ -21,7 +21,7 @@ from server.transports.pool import ConnectionPool, reusable_after
 # At most this many calls in one batch, so that a long queue spreads over the connections as they
 # free up (one backend runs a batch's calls one after another): at concurrency 32, batches of 8
 # did as many debits a second as batches of 32, with a p99 a sixth lower. The SQL side refuses
-# more than 32 (supabase/migrations/*_credits_batched_calls.sql).
+# more than 32 (*_credits_batched_calls.sql).
 MAX_BATCH = 8
 
 Values = Sequence[object]

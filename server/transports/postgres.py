@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -19,11 +19,11 @@ import asyncpg
 from server.auth.principal import UserPrincipal
 from server.errors import BackendUnavailable
 from server.observability import metrics
-from server.repository.functions import SqlFunction
-from server.repository.sql_errors import domain_error, is_transient
+from server.repository.functions import SqlCall
 from server.repository.transport import CredentialsRejected
 from server.transports.batching import Batcher, Values
 from server.transports.pool import ConnectionPool, PoolClosed, reusable_after
+from server.transports.sql_errors import domain_error, is_transient
 
 # SQLSTATE class 28: invalid authorization.
 _CREDENTIALS_CLASS = "28"
@@ -38,20 +38,33 @@ _SET_USER_CONTEXT = (
 )
 
 
-# Both rendered from the constant registry in server/repository/functions.py only.
-@functools.cache
-def _statement(function: SqlFunction) -> str:
-    return f"select public.{function.name}({_arguments(function)})"
+Declared = type[SqlCall[Any]]
 
 
-@functools.cache
-def _each_statement(function: SqlFunction) -> str:
-    columns = "ordinal, result, error_code, error_message, error_detail"
-    return f"select {columns} from public.{function.each}({_arguments(function)})"  # noqa: S608
+# Both rendered from the declarations in server/repository/functions.py only, once each.
+_statements: dict[Declared, str] = {}
+_each_statements: dict[Declared, str] = {}
 
 
-def _arguments(function: SqlFunction) -> str:
-    return ", ".join(f"{param} => ${i}" for i, param in enumerate(function.params, start=1))
+def _statement(declared: Declared) -> str:
+    statement = _statements.get(declared)
+    if statement is None:
+        statement = f"select public.{declared.function}({_arguments(declared)})"
+        _statements[declared] = statement
+    return statement
+
+
+def _each_statement(declared: Declared) -> str:
+    statement = _each_statements.get(declared)
+    if statement is None:
+        columns = "ordinal, result, error_code, error_message, error_detail"
+        statement = f"select {columns} from public.{declared.batched}({_arguments(declared)})"  # noqa: S608
+        _each_statements[declared] = statement
+    return statement
+
+
+def _arguments(declared: Declared) -> str:
+    return ", ".join(f"{param} => ${i}" for i, param in enumerate(declared.params(), start=1))
 
 
 class PostgresTransport:
@@ -108,8 +121,8 @@ class _Session:
         self._pool = pool
         self._claims = claims
 
-    async def call(self, function: SqlFunction, args: Mapping[str, object]) -> Any:
-        values = [args.get(param) for param in function.params]
+    async def call(self, call: SqlCall[Any]) -> Any:
+        statement, values = _statement(type(call)), call.values()
         try:
             conn = await self._pool.acquire()
         except (PoolClosed, TimeoutError):
@@ -118,11 +131,11 @@ class _Session:
         reusable = False
         try:
             if self._claims is None:
-                result = await conn.fetchval(_statement(function), *values)
+                result = await conn.fetchval(statement, *values)
             else:
                 async with conn.transaction():
                     await conn.execute(_SET_USER_CONTEXT, self._claims)
-                    result = await conn.fetchval(_statement(function), *values)
+                    result = await conn.fetchval(statement, *values)
             reusable = True
             return result
         except asyncpg.PostgresError as exc:
@@ -139,32 +152,33 @@ class _ServiceSession(_Session):
 
     def __init__(self, pool: ConnectionPool) -> None:
         super().__init__(pool, None)
-        self._batchers: dict[SqlFunction, Batcher] = {}
+        self._batchers: dict[Declared, Batcher] = {}
 
-    async def call(self, function: SqlFunction, args: Mapping[str, object]) -> Any:
-        if function.each is None or not self._pool.busy():
-            return await super().call(function, args)
-        batcher = self._batchers.get(function)
+    async def call(self, call: SqlCall[Any]) -> Any:
+        declared = type(call)
+        if declared.batched is None or not self._pool.busy():
+            return await super().call(call)
+        batcher = self._batchers.get(declared)
         if batcher is None:
-            send = functools.partial(_send_batch, function)
-            batcher = Batcher(function.name, self._pool, send, _batch_failed)
-            self._batchers[function] = batcher
-        return await batcher.call([args.get(param) for param in function.params])
+            send = functools.partial(_send_batch, declared)
+            batcher = Batcher(declared.function, self._pool, send, _batch_failed)
+            self._batchers[declared] = batcher
+        return await batcher.call(call.values())
 
 
 async def _send_batch(
-    function: SqlFunction, conn: asyncpg.Connection, calls: Sequence[Values]
+    declared: Declared, conn: asyncpg.Connection, calls: Sequence[Values]
 ) -> list[object]:
     """Each call's result, or the domain error it raised, in the order of `calls`."""
     if len(calls) == 1:
         try:
-            return [await conn.fetchval(_statement(function), *calls[0])]
+            return [await conn.fetchval(_statement(declared), *calls[0])]
         except asyncpg.PostgresError as exc:
             return [_translate(exc)]
     columns = [list(column) for column in zip(*calls, strict=True)]
     outcomes: list[object] = [None] * len(calls)
     for ordinal, result, code, message, detail in await conn.fetch(
-        _each_statement(function), *columns
+        _each_statement(declared), *columns
     ):
         if code is None:
             outcomes[ordinal - 1] = result

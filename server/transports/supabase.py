@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -27,9 +26,9 @@ from supabase import AsyncClient, AsyncClientOptions
 from server import errors
 from server.auth.principal import UserPrincipal
 from server.config import SupabaseProject
-from server.repository.functions import SqlFunction
-from server.repository.sql_errors import domain_error, is_transient
+from server.repository.functions import SqlCall
 from server.repository.transport import CredentialsRejected
+from server.transports.sql_errors import domain_error, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +81,13 @@ class _Session:
         self._client = client
         self._is_service = service
 
-    async def call(self, function: SqlFunction, args: Mapping[str, object]) -> Any:
-        params = {name: _json_value(args.get(name)) for name in function.params}
+    async def call(self, call: SqlCall[Any]) -> Any:
+        params = {
+            name: _json_value(value)
+            for name, value in zip(call.params(), call.values(), strict=True)
+        }
         try:
-            response = await self._client.rpc(function.name, params).execute()
+            response = await self._client.rpc(call.function, params).execute()
         except APIError as error:
             raise translate_error(error, service=self._is_service) from error
         except httpx.TransportError as error:  # timeouts, refused and reset connections

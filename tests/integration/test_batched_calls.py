@@ -45,32 +45,14 @@ async def owner(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 async def new_user(transport: PostgresTransport, credits: int) -> uuid.UUID:
     user_id = uuid.uuid4()
     service = transport.service()
-    await service.call(functions.PROVISION_PROFILE, {"p_user_id": user_id, "p_email": ""})
+    await service.call(functions.ProvisionProfile(user_id, ""))
     if credits:
-        await service.call(
-            functions.GRANT,
-            {
-                "p_user_id": user_id,
-                "p_amount": credits,
-                "p_idempotency_key": f"fund-{user_id}",
-                "p_description": "",
-                "p_metadata": {},
-            },
-        )
+        await service.call(functions.Grant(user_id, credits, f"fund-{user_id}", "", {}))
     return user_id
 
 
 def debit(transport: PostgresTransport, user_id: uuid.UUID, amount: int, key: str) -> Any:
-    return transport.service().call(
-        functions.DEBIT,
-        {
-            "p_user_id": user_id,
-            "p_amount": amount,
-            "p_idempotency_key": key,
-            "p_description": "batched",
-            "p_metadata": {"key": key},
-        },
-    )
+    return transport.service().call(functions.Debit(user_id, amount, key, "batched", {"key": key}))
 
 
 def start_debits(
@@ -140,9 +122,9 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def batched_calls(function: functions.SqlFunction) -> float:
-    """Calls of `function` sent in batches so far (this process's metric)."""
-    labels = {"function": function.name}
+def batched_calls(declared: type[functions.SqlCall[Any]]) -> float:
+    """Calls of `declared` sent in batches so far (this process's metric)."""
+    labels = {"function": declared.function}
     return REGISTRY.get_sample_value("credits_db_batch_calls_sum", labels) or 0.0
 
 
@@ -255,17 +237,17 @@ async def test_profile_reads_join_and_a_missing_profile_fails_only_its_own_call(
     known = [await new_user(transport, credits) for credits in (7, 9)]
     missing = uuid.uuid4()
     await blocker.start()
-    before = batched_calls(functions.GET_PROFILE)
+    before = batched_calls(functions.GetProfile)
     service = transport.service()
     calls = [
-        asyncio.create_task(service.call(functions.GET_PROFILE, {"p_user_id": user_id}))
+        asyncio.create_task(service.call(functions.GetProfile(user_id)))
         for user_id in (known[0], missing, known[1])
     ]
     await settle()
     await blocker.release()
     first, absent, second = await asyncio.gather(*calls, return_exceptions=True)
 
-    assert batched_calls(functions.GET_PROFILE) - before == 3
+    assert batched_calls(functions.GetProfile) - before == 3
     assert isinstance(absent, errors.ProfileNotFound)
     assert (first["user_id"], first["balance"]) == (str(known[0]), 7)
     assert (second["user_id"], second["balance"]) == (str(known[1]), 9)
@@ -276,7 +258,7 @@ async def test_a_caller_that_gives_up_while_waiting_is_never_sent(
 ) -> None:
     user_id = await new_user(transport, 20)
     await blocker.start()
-    before = batched_calls(functions.DEBIT)
+    before = batched_calls(functions.Debit)
     keys = [f"kept-{user_id}", f"gave-up-{user_id}"]
     kept, gave_up = (asyncio.create_task(debit(transport, user_id, 1, key)) for key in keys)
     await settle()
@@ -285,7 +267,7 @@ async def test_a_caller_that_gives_up_while_waiting_is_never_sent(
     assert (await kept)["balance"] == 19
     with pytest.raises(asyncio.CancelledError):
         await gave_up
-    assert batched_calls(functions.DEBIT) - before == 1
+    assert batched_calls(functions.Debit) - before == 1
     assert [row["idempotency_key"] for row in await ledger_rows(owner, keys)] == [keys[0]]
 
 

@@ -1,6 +1,6 @@
-"""The call interceptor makes sure of a user's profile as their call ends, on a real server: before
-the status goes out, after failures of the call itself too, but not while the database is down,
-and never for a service or a rejected caller."""
+"""The profile keeper, behind the call interceptor, makes sure of a user's profile as their call
+ends, on a real server: before the status goes out, after failures of the call itself too, but
+not while the database is down, and never for a service or a rejected caller."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from server import errors
 from server.auth.principal import UserPrincipal
 from server.auth.tokens import mint_service_token, mint_user_token
 from server.auth.verifier import TokenVerifier
+from server.credit.profiles import ProfileKeeper
 from server.interceptors import CallInterceptor
 from server.serving import GuardedServer
 
@@ -32,9 +33,9 @@ OUTCOMES: dict[str, BaseException | None] = {
 
 
 class Provisioned(list[uuid.UUID]):
-    """The users the interceptor made sure of, in order."""
+    """A fake profile store: the users whose profile was made sure of, in order."""
 
-    async def __call__(self, principal: UserPrincipal) -> None:
+    async def provision(self, principal: UserPrincipal) -> None:
         self.append(principal.user_id)
 
 
@@ -52,7 +53,8 @@ class ScriptedCredits(credit_service_pb2_grpc.CreditServiceServicer):
 async def served() -> AsyncIterator[tuple[credit_service_pb2_grpc.CreditServiceStub, Provisioned]]:
     provisioned = Provisioned()
     server = GuardedServer(
-        grpc.aio.server(), CallInterceptor(TokenVerifier(hs256_secret=SECRET), provisioned)
+        grpc.aio.server(),
+        CallInterceptor(TokenVerifier(hs256_secret=SECRET), ProfileKeeper(provisioned)),
     )
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(ScriptedCredits(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")

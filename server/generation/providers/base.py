@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,14 @@ class Provider(Protocol):
     worker enforces the model's timeout by cancelling the call."""
 
     async def generate(self, job: Job) -> Output: ...
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """A provider holding resources (connections) implements this; it is called once, when
+    the workers stop."""
+
+    async def aclose(self) -> None: ...
 
 
 class ProviderFactory(Protocol):

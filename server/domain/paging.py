@@ -12,7 +12,10 @@ import binascii
 import hashlib
 import json
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
 
+from server.domain import validation
 from server.errors import InvalidArgument
 
 
@@ -42,3 +45,31 @@ def decode(token: str, user_id: uuid.UUID, scope: str) -> int | None:
     if not isinstance(before, int) or isinstance(before, bool):
         raise InvalidArgument.one("page_token", "is not a token this service issued")
     return before
+
+
+class Positioned(Protocol):
+    """A listed row: its position in the listing's total order."""
+
+    @property
+    def seq(self) -> int: ...
+
+
+R = TypeVar("R", bound=Positioned)
+
+
+async def read_page(
+    fetch: Callable[[int, int | None], Awaitable[Sequence[R]]],
+    *,
+    user_id: uuid.UUID,
+    scope: str,
+    page_size: int,
+    page_token: str,
+) -> tuple[Sequence[R], str]:
+    """One page of `user_id`'s rows of listing `scope`, and the token of the next one ("" when
+    none follows). `fetch(limit, before_seq)` reads the rows, newest first."""
+    limit = validation.page_size(page_size)
+    before = decode(page_token, user_id, scope)
+    # One extra row tells whether another page follows.
+    rows = await fetch(limit + 1, before)
+    page = rows[:limit]
+    return page, encode(user_id, scope, page[-1].seq) if len(rows) > limit else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from server.auth.principal import Principal, ServicePrincipal, UserPrincipal
-from server.credit.validation import parse_uuid
+from server.domain.validation import parse_uuid
 from server.errors import InvalidArgument, PermissionDenied
 
 
@@ -28,3 +28,9 @@ def require_service(principal: Principal) -> None:
     """Refuses anyone but a trusted service."""
     if not isinstance(principal, ServicePrincipal):
         raise PermissionDenied("only a service may call this")
+
+
+def owner(principal: Principal) -> uuid.UUID | None:
+    """Whose holds and generations the caller may touch by id: a user their own, a service
+    anyone's (None)."""
+    return principal.user_id if isinstance(principal, UserPrincipal) else None

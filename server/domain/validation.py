@@ -7,7 +7,6 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
-from server.credit.models import Movement
 from server.errors import InvalidArgument
 
 MAX_KEY_LENGTH = 255
@@ -94,12 +93,6 @@ def metadata(entries: Mapping[str, str]) -> dict[str, str]:
             )
         storable("metadata", key, value)
     return dict(entries)
-
-
-def movement(amount: int, key: str, text: str, entries: Mapping[str, str]) -> Movement:
-    return Movement(
-        positive_amount(amount), idempotency_key(key), description(text), metadata(entries)
-    )
 
 
 def page_size(size: int) -> int:

@@ -1,6 +1,6 @@
 """The errors the SQL functions raise on purpose, as domain errors (shared by all transports).
 
-See the header of supabase/migrations/*_credits_ledger.sql for the SQLSTATEs.
+See the header of the migration *_credits_ledger.sql for the SQLSTATEs.
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""What the credit domain needs from storage; the repository implements it, a fake can too.
+
+Every method takes the caller's principal: the store decides through which layer it reaches
+the database (the service role, or the caller's own JWT), never whether the caller may act.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from server.auth.principal import Principal, UserPrincipal
+from server.credit.models import (
+    Capture,
+    HoldRequest,
+    LedgerResult,
+    Movement,
+    Profile,
+    RefundRequest,
+    Release,
+    Reservation,
+    Transaction,
+    TransactionFilter,
+)
+
+
+class CreditStore(Protocol):
+    async def get_profile(self, principal: Principal, user_id: uuid.UUID) -> Profile: ...
+
+    async def list_transactions(
+        self,
+        principal: Principal,
+        user_id: uuid.UUID,
+        limit: int,
+        before_seq: int | None,
+        where: TransactionFilter,
+    ) -> Sequence[Transaction]: ...
+
+    async def debit(
+        self, principal: Principal, user_id: uuid.UUID, movement: Movement
+    ) -> LedgerResult: ...
+
+    async def grant(
+        self, principal: Principal, user_id: uuid.UUID, movement: Movement
+    ) -> LedgerResult: ...
+
+    async def refund(
+        self, principal: Principal, user_id: uuid.UUID, refund: RefundRequest
+    ) -> LedgerResult: ...
+
+    async def reserve(
+        self, principal: Principal, user_id: uuid.UUID, hold: HoldRequest
+    ) -> Reservation: ...
+
+    async def capture(
+        self,
+        principal: Principal,
+        hold_id: uuid.UUID,
+        owner: uuid.UUID | None,
+        *,
+        amount: int,
+        idempotency_key: str,
+    ) -> Capture: ...
+
+    async def release(
+        self, principal: Principal, hold_id: uuid.UUID, owner: uuid.UUID | None
+    ) -> Release: ...
+
+
+class HoldExpiry(Protocol):
+    async def expire_holds(self, users: int) -> int:
+        """Marks overdue holds expired for up to `users` users; returns how many it swept."""
+        ...
+
+
+class ProfileStore(Protocol):
+    async def provision(self, principal: UserPrincipal) -> None:
+        """Creates the caller's own profile if it does not exist (with the signup credits)."""
+        ...

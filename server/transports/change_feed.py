@@ -1,0 +1,92 @@
+"""The generation change feed fed by PostgreSQL's LISTEN/NOTIFY.
+
+One listening connection per process (not one of the pool's) publishes the `credit_generations`
+notifications into the domain's ChangeFeed. If the connection drops, it is opened again;
+watchers also re-read on a slow timer, so a notification lost in between delays a message but
+never loses the final state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from server import runtime
+from server.generation.feed import ChangeFeed, StateChange
+from server.generation.models import GenerationState
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "credit_generations"
+
+
+def state_change(payload: str) -> StateChange:
+    """The change a notification's JSON payload describes."""
+    event = json.loads(payload)
+    transaction = event.get("transaction_id")
+    return StateChange(
+        generation_id=uuid.UUID(event["generation_id"]),
+        state=GenerationState(event["state"]),
+        attempts=int(event["attempts"]),
+        error_message=str(event["error_message"]),
+        transaction_id=uuid.UUID(transaction) if transaction else None,
+        output_mime_type=str(event["output_mime_type"]),
+        update_time=datetime.fromisoformat(event["update_time"]),
+    )
+
+
+class PostgresChangeFeed(ChangeFeed):
+    """A ChangeFeed fed by LISTEN on its own connection."""
+
+    live = True
+
+    def __init__(self, url: str, reconnect_delay: float = 1.0) -> None:
+        super().__init__()
+        self._url = url
+        self._reconnect_delay = reconnect_delay
+        self._task: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="generation-change-feed")
+        await self._listening.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await runtime.stop(self._task)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                conn = await asyncpg.connect(self._url)
+            except (OSError, asyncpg.PostgresError) as error:
+                log.warning("change feed cannot connect (%s); retrying", type(error).__name__)
+                await asyncio.sleep(self._reconnect_delay)
+                continue
+            try:
+                await self._listen(conn)
+                log.warning("change feed connection lost; listening again")
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _listen(self, conn: asyncpg.Connection) -> None:
+        """Deliver notifications until the connection is lost."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        await conn.add_listener(CHANNEL, self._notified)
+        self._listening.set()
+        await lost.wait()
+
+    def _notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        try:
+            self.publish(state_change(str(payload)))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed %s notification", CHANNEL)
