@@ -44,6 +44,7 @@ from tests.fixtures.transcript import (
 )
 
 README = REPO_ROOT / "README.md"
+SUPABASE_GUIDE = REPO_ROOT / "docs" / "supabase.md"
 SECTION = "## Try it with grpcurl"
 
 
@@ -68,7 +69,7 @@ def session() -> Session:
 @pytest.fixture(scope="module", params=["embedded", "supabase"])
 def run(request: pytest.FixtureRequest, session: Session) -> Iterator[SessionRun]:
     """A fresh server, and every command of the session run against it in order: on its
-    embedded PostgreSQL, or on the Supabase stand-in as the README's Supabase section says."""
+    embedded PostgreSQL, or on the Supabase stand-in as docs/supabase.md says."""
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(scratch_dir("credits-e2e-readme-"))
         exports = stack.enter_context(fake_supabase()) if request.param == "supabase" else {}
@@ -132,13 +133,10 @@ def test_normaliser_keeps_typed_ids_and_maps_made_ones_consistently() -> None:
 
 
 def test_readme_check_config_output_is_what_the_stand_in_gives() -> None:
-    """The Supabase section's `check-config` output is what the stand-in makes it print."""
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Running on a Supabase project") :]
-    documented = re.search(
-        r"credits check-config\n\s*```\n\s*```\n(.*?)\n\s*```", section, re.DOTALL
-    )
-    assert documented, "the Supabase section shows no check-config output"
+    """docs/supabase.md's `check-config` output is what the stand-in makes it print."""
+    text = SUPABASE_GUIDE.read_text(encoding="utf-8")
+    documented = re.search(r"credits check-config\n\s*```\n\s*```\n(.*?)\n\s*```", text, re.DOTALL)
+    assert documented, "docs/supabase.md shows no check-config output"
     expected = [line.strip() for line in documented.group(1).splitlines()]
     with fake_supabase() as exports:
         env = embedded_env(REPO_ROOT / ".data-unused", free_port(), exports)
