@@ -170,7 +170,7 @@ async def open_store(
     the PostgreSQL URL when there is direct access (for LISTEN).
 
     On PostgreSQL (embedded or DATABASE_URL) the service applies the migrations itself; on a
-    Supabase project they are applied with the Supabase CLI (see the README).
+    Supabase project they are applied with the Supabase CLI (see docs/supabase.md).
     """
     if settings.supabase_project is not None:
         return await connect(settings, None, settings.db_pool_size), None, None
