@@ -6,6 +6,7 @@ status code. Dynamic values go into `metadata` (strings, as ErrorInfo carries th
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -49,8 +50,14 @@ class AccessDeniedByPolicy(CreditsError):
 
 
 class ProfileNotFound(CreditsError):
+    """No profile for the user a call was about (`user_id`, in the metadata, when known)."""
+
     reason = "PROFILE_NOT_FOUND"
     default_message = "no credit profile for this user"
+
+    def __init__(self, message: str | None = None, *, user_id: uuid.UUID | None = None) -> None:
+        super().__init__(message, **({"user_id": user_id} if user_id is not None else {}))
+        self.user_id = user_id
 
 
 class TransactionNotFound(CreditsError):

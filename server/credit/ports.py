@@ -78,3 +78,8 @@ class ProfileStore(Protocol):
     async def provision(self, principal: UserPrincipal) -> None:
         """Creates the caller's own profile if it does not exist (with the signup credits)."""
         ...
+
+    async def provision_known(self, user_id: uuid.UUID) -> None:
+        """Creates the profile of a user the identity provider knows (auth.users) if it does
+        not exist; ProfileNotFound for a user it does not know."""
+        ...

@@ -1,8 +1,10 @@
-"""A user's first call creates their profile, whatever it asks (the contract): decided here.
+"""When a profile is made, decided here: a user's first call creates their profile, whatever it
+asks, and a service's call for a user the identity provider knows creates theirs (the contract).
 
-Every user call runs through the keeper. A call that finds the caller's own profile missing
-has it created and runs once more; any other call of a user this process has not seen yet
-makes sure of the profile as it ends, before its answer goes out. Users seen are remembered
+Every call runs through the keeper. A call that finds the profile it needs missing has it
+created (the caller's own; for a service, one of a user in auth.users) and runs once more; any
+other call of a user this process has not seen yet makes sure of the profile as it ends,
+before its answer goes out. Users seen are remembered
 (a bounded set), so steady-state calls pay no extra round trip. Services never have a profile
 made for them, and nothing is made while the database is unavailable: a second wait for it
 would only double the caller's.
@@ -34,13 +36,11 @@ class ProfileKeeper:
         self._known: dict[uuid.UUID, None] = {}  # insertion-ordered: a bounded set
 
     async def run(self, principal: Principal, call: Callable[[], Awaitable[T]]) -> T:
-        """`call()` for `principal`, with the caller's profile made sure of."""
-        if not isinstance(principal, UserPrincipal):
-            return await call()
+        """`call()` for `principal`, with the profiles it needs made sure of."""
         try:
             result = await call()
-        except ProfileNotFound:
-            await self._provision(principal)
+        except ProfileNotFound as missing:
+            await self._create(principal, missing)
             return await call()
         except Exception as error:
             await self.settle(principal, error)
@@ -62,6 +62,18 @@ class ProfileKeeper:
             await self._provision(principal)
         except CreditsError as failed:
             log.warning("the profile of %s is not made yet (%s)", principal.user_id, failed.reason)
+
+    async def _create(self, principal: Principal, missing: ProfileNotFound) -> None:
+        """Create the profile `missing` asked for, or raise it again if it cannot be made."""
+        if isinstance(principal, UserPrincipal):
+            await self._provision(principal)
+            return
+        if missing.user_id is None:
+            raise missing
+        try:
+            await self._store.provision_known(missing.user_id)
+        except ProfileNotFound:
+            raise missing from None
 
     async def _provision(self, principal: UserPrincipal) -> None:
         await self._store.provision(principal)

@@ -33,6 +33,9 @@ class CreditRepository:
     async def provision(self, principal: UserPrincipal) -> None:
         await self._layers.call(principal, fn.ProvisionProfile(principal.user_id, principal.email))
 
+    async def provision_known(self, user_id: uuid.UUID) -> None:
+        await self._layers.call_as_service(fn.ProvisionKnownUser(user_id))
+
     async def get_profile(self, principal: Principal, user_id: uuid.UUID) -> Profile:
         return await self._layers.call(principal, fn.GetProfile(user_id))
 

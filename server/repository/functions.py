@@ -98,6 +98,10 @@ class ProvisionProfile(_NoResult, function="credit_provision_profile"):
     email: str
 
 
+class ProvisionKnownUser(_NoResult, function="credit_provision_known_user"):
+    user_id: uuid.UUID
+
+
 class GetProfile(
     SqlCall[Profile], function="credit_get_profile", batched="credit_get_profile_each"
 ):

@@ -7,10 +7,11 @@ while instead of paying a refused round trip each.
 
 from __future__ import annotations
 
+import uuid
 from typing import TypeVar
 
 from server.auth.principal import Principal, UserPrincipal
-from server.errors import ServiceCredentialsRejected
+from server.errors import ProfileNotFound, ServiceCredentialsRejected
 from server.observability import metrics
 from server.repository.breaker import CredentialBreaker
 from server.repository.functions import SqlCall
@@ -25,7 +26,17 @@ class LayeredRepository:
         self._breaker = breaker
 
     async def call(self, principal: Principal, call: SqlCall[T]) -> T:
-        """`call` for `principal`: as the service, or as the user when the service is refused."""
+        """`call` for `principal`: as the service, or as the user when the service is refused.
+        A missing profile is reported with the user the call was about."""
+        try:
+            return await self._call_layers(principal, call)
+        except ProfileNotFound as missing:
+            user_id = getattr(call, "user_id", None)
+            if missing.user_id is None and isinstance(user_id, uuid.UUID):
+                raise ProfileNotFound(missing.message, user_id=user_id) from None
+            raise
+
+    async def _call_layers(self, principal: Principal, call: SqlCall[T]) -> T:
         if not self._breaker.is_open:
             try:
                 return call.decode(await self._transport.service().call(call))

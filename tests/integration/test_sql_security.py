@@ -893,6 +893,13 @@ FUNCTION_MATRIX = [
         USER_WRITE,
         Effect(returns={"created": False}),
     ),
+    # alice is not in auth.users: a service provisions only users the identity provider knows.
+    Entry(
+        "credit_provision_known_user(uuid)",
+        "select public.credit_provision_known_user($1)",
+        ("alice",),
+        outcomes(own=DENIED, other=DENIED, service=PROFILE_NOT_FOUND),
+    ),
     Entry(
         "credit_get_profile(uuid)",
         "select public.credit_get_profile($1)",
