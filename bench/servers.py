@@ -53,7 +53,7 @@ def wait_ready(target: str, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(channel).result(timeout=timeout)
 
 
-def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
+def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("CREDITS_")}
     for key in ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_JWT_SECRET"):
         env.pop(key, None)
@@ -82,7 +82,7 @@ def credits_serve(
     settings: Mapping[str, str], log: Path
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """`credits serve` with exactly these CREDITS_*/database variables."""
-    return running([str(CREDITS), "serve"], _clean_env(settings), log)
+    return running([str(CREDITS), "serve"], clean_env(settings), log)
 
 
 def echo_serve(
@@ -90,7 +90,7 @@ def echo_serve(
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """bench/echo.py: bare, or with one database call per RPC (mode select1 or debit)."""
     command = [sys.executable, "-m", "bench.echo", str(port), str(processes), mode, database_url]
-    return running(command, _clean_env({}), log)
+    return running(command, clean_env({}), log)
 
 
 def cold_start(data_dir: Path, log: Path, extra: Mapping[str, str]) -> float:

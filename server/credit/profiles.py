@@ -45,7 +45,8 @@ class ProfileKeeper:
         except Exception as error:
             await self.settle(principal, error)
             raise
-        await self.settle(principal)
+        if isinstance(principal, UserPrincipal) and principal.user_id not in self._known:
+            await self.settle(principal)  # checked here first: the steady state awaits nothing
         return result
 
     async def settle(self, principal: Principal, error: BaseException | None = None) -> None:

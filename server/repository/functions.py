@@ -62,7 +62,7 @@ class SqlCall(Generic[T]):
 
     def values(self) -> tuple[object, ...]:
         """The arguments, in the order of `params()`."""
-        return tuple(getattr(self, name) for name in self._fields())
+        return tuple(map(self.__getattribute__, self._fields()))
 
     def decode(self, raw: Any) -> T:
         """The function's JSON result as a typed value."""
@@ -88,6 +88,11 @@ class SyncModels(_NoResult, function="credit_sync_models"):
 class SchemaVersion(SqlCall[str], function="credit_schema_version"):
     def decode(self, raw: Any) -> str:
         return str(raw or "")
+
+
+class SchemaVersions(SqlCall[list[str]], function="credit_schema_versions"):
+    def decode(self, raw: Any) -> list[str]:
+        return [str(version) for version in raw or []]
 
 
 # Profiles and the ledger
@@ -145,7 +150,7 @@ class Grant(_Movement, function="credit_grant"):
 
 
 class Refund(_Movement, function="credit_refund"):
-    user_id: uuid.UUID
+    user_id: uuid.UUID | None  # None: the transaction's owner
     transaction_id: uuid.UUID
     amount: int
     idempotency_key: str
