@@ -5,7 +5,8 @@ Option names are gRPC core's channel arguments (grpc_types.h, doc/keepalive.md).
 the settings name, the server accepts client keepalive pings every 10 s or slower, with or
 without calls in flight, so a client that keeps its connection alive is not sent GOAWAY
 `too_many_pings`; it enforces the stream limit the way HTTP/2 clients expect (queue, not
-refuse); and it binds with SO_REUSEPORT so several processes can share the port.
+refuse); it accepts request metadata up to MAX_METADATA_BYTES, every time; and it binds with
+SO_REUSEPORT so several processes can share the port.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ _COMPRESSION = {
 
 ChannelOption = tuple[str, int]
 
+# The largest request metadata (HTTP/2 header list) accepted, twice the largest token the
+# verifier takes (auth/verifier.py), so a longer token reaches it and is refused as
+# TOKEN_INVALID. gRPC core's defaults refuse metadata past a soft limit of 8 KiB at random, and
+# all past 16 KiB, with RESOURCE_EXHAUSTED and no ErrorInfo: with the soft limit equal to the
+# hard one, nothing is refused at random.
+MAX_METADATA_BYTES = 64 * 1024
+
 
 def channel_options(settings: Settings) -> list[ChannelOption]:
     """The server's channel arguments for `settings`."""
@@ -48,6 +56,8 @@ def channel_options(settings: Settings) -> list[ChannelOption]:
         # without it, calls above the limit wait in the client for a free stream.
         ("grpc.http.overload_protection", 0),
         ("grpc.so_reuseport", 1),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     ]
 
 

@@ -2,13 +2,17 @@
 
 Accepted: the configured service keys (constant-time comparison), HS256 tokens signed with the
 legacy Supabase secret, and ES256/RS256 tokens whose key the JWKS endpoint publishes. Errors are
-the domain's TokenMissing/TokenInvalid/TokenExpired; their messages never contain the token.
+the domain's TokenMissing/TokenInvalid/TokenExpired; their messages never contain the token. A
+token of any other shape (header fields or claims of the wrong type, JSON nested too deep,
+numbers too large) is TokenInvalid too: nothing an unauthenticated caller sends raises anything
+else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import re
 import time
 import uuid
@@ -29,6 +33,16 @@ USER_ROLE = "authenticated"
 SERVICE_ROLE = "service_role"
 # Any whitespace (str.isspace's set): found by the regex engine, not char by char in Python.
 _WHITESPACE = re.compile(r"\s")
+# The longest token verified (a JWT is ASCII: characters are bytes). The server accepts metadata
+# up to twice this (serving.py), so a longer token reaches this check and is refused with a
+# reason, never at random by gRPC.
+MAX_TOKEN_BYTES = 32 * 1024
+# Claims whose type the contract fixes, when present: NumericDates, and strings.
+TIME_CLAIMS = ("exp", "nbf", "iat")
+STRING_CLAIMS = ("sub", "role", "iss", "email")
+# What parsing a token's untrusted JSON may raise besides PyJWT's own errors: nesting past the
+# decoder's recursion limit, and numbers that do not fit a float.
+_MALFORMED = (jwt.PyJWTError, ValueError, TypeError, OverflowError, RecursionError)
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -97,6 +111,8 @@ class TokenVerifier:
     async def verify(self, token: str) -> Principal:
         """The principal a bare token stands for. JWKS lookups run in a thread; a token that
         verified is remembered until it expires."""
+        if len(token) > MAX_TOKEN_BYTES:
+            raise errors.TokenInvalid("the token is larger than 32 KiB")
         if self._is_service_key(token):
             return ServicePrincipal()
         known = self._verified.get(token)
@@ -109,8 +125,9 @@ class TokenVerifier:
         else:
             key = await asyncio.to_thread(self._jwks_key, alg, kid)
         claims = self._decode(token, key, alg)
+        expires_at = self._check_times(claims)
         principal = self._principal(token, claims)
-        self._verified.put(token, principal, float(claims["exp"]))
+        self._verified.put(token, principal, expires_at)
         return principal
 
     def _is_service_key(self, token: str) -> bool:
@@ -122,16 +139,23 @@ class TokenVerifier:
         return matched
 
     def _read_header(self, token: str) -> tuple[str, str | None]:
+        """The token's `alg` and `kid`; any header of another shape is TokenInvalid."""
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except _MALFORMED:
             raise errors.TokenInvalid("the access token is not a well-formed JWT") from None
-        alg, kid = header.get("alg"), header.get("kid")
+        alg, kid, typ = header.get("alg"), header.get("kid"), header.get("typ")
+        if (
+            not isinstance(alg, str)
+            or not isinstance(kid, str | None)
+            or not isinstance(typ, str | None)
+        ):
+            raise errors.TokenInvalid("the token's header is malformed")
         allowed = alg == HS256 and self._secret is not None
         allowed |= alg in ASYMMETRIC_ALGORITHMS and self._jwks is not None
-        if not allowed or not isinstance(alg, str):
+        if not allowed:
             raise errors.TokenInvalid("the token's signing algorithm is not allowed")
-        return alg, kid if isinstance(kid, str) else None
+        return alg, kid
 
     def _jwks_key(self, alg: str, kid: str | None) -> jwt.PyJWK:
         if self._jwks is None or kid is None:
@@ -147,6 +171,9 @@ class TokenVerifier:
         return key
 
     def _decode(self, token: str, key: bytes | jwt.PyJWK, alg: str) -> dict[str, Any]:
+        """The claims of a token whose signature verifies, each of the type the contract
+        names. The times are checked by `_check_times`, not PyJWT: its int() takes "123" and
+        true for numbers."""
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -154,24 +181,41 @@ class TokenVerifier:
                 algorithms=[alg],
                 # aud and iss are checked per role below: service-role keys carry no aud, and
                 # Supabase's legacy ones say iss "supabase".
-                options={"require": ["exp"], "verify_aud": False},
-                leeway=self._leeway,
+                options={
+                    "verify_aud": False,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise errors.TokenExpired() from None
-        except jwt.ImmatureSignatureError:
-            raise errors.TokenInvalid("the access token is not valid yet") from None
         except jwt.InvalidSignatureError:
             raise errors.TokenInvalid("the token's signature does not verify") from None
-        except jwt.MissingRequiredClaimError as err:
-            raise errors.TokenInvalid(f"the token lacks the {err.claim!r} claim") from None
-        except jwt.PyJWTError:
+        except _MALFORMED:
             raise errors.TokenInvalid() from None
-        # `exp` in the future, with no leeway (PyJWT's applies to it too); PyJWT has checked
-        # that it is a number.
-        if float(claims["exp"]) <= time.time():
-            raise errors.TokenExpired()
+        for name in TIME_CLAIMS:
+            if name in claims and not _is_number(claims[name]):
+                raise errors.TokenInvalid(f"the token's {name!r} claim is not a number")
+        for name in STRING_CLAIMS:
+            if name in claims and not isinstance(claims[name], str):
+                raise errors.TokenInvalid(f"the token's {name!r} claim is not a string")
+        aud = claims.get("aud")
+        if not isinstance(aud, str | None) and not _is_list_of_strings(aud):
+            raise errors.TokenInvalid("the token's 'aud' claim is not a string or a list of them")
         return claims
+
+    def _check_times(self, claims: Mapping[str, Any]) -> float:
+        """When the token expires: `exp`, required and strictly in the future (no leeway);
+        `nbf` and `iat` may be up to `leeway` seconds ahead of this clock."""
+        if "exp" not in claims:
+            raise errors.TokenInvalid("the token lacks the 'exp' claim")
+        now = time.time()
+        expires_at = float(claims["exp"])
+        if expires_at <= now:
+            raise errors.TokenExpired()
+        for name in ("nbf", "iat"):
+            if name in claims and float(claims[name]) > now + self._leeway:
+                raise errors.TokenInvalid("the access token is not valid yet")
+        return expires_at
 
     def _principal(self, token: str, claims: Mapping[str, Any]) -> Principal:
         role = claims.get("role")
@@ -185,8 +229,8 @@ class TokenVerifier:
             raise errors.TokenInvalid("the token is meant for another audience")
         if self._issuer is not None and claims.get("iss") != self._issuer:
             raise errors.TokenInvalid("the token was issued by another project")
-        email = claims.get("email")
-        if not isinstance(email, str) or "\x00" in email:
+        email = claims.get("email", "")
+        if "\x00" in email:
             email = ""  # a profile's email is PostgreSQL text, which cannot hold NUL
         return UserPrincipal(
             user_id=_user_id(claims.get("sub")),
@@ -194,6 +238,20 @@ class TokenVerifier:
             token=token,
             claims=claims,
         )
+
+
+def _is_number(value: object) -> bool:
+    """A JSON number usable as a NumericDate: not a boolean, finite as a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _is_list_of_strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def _user_id(sub: object) -> uuid.UUID:

@@ -111,6 +111,8 @@ def test_channel_options_carry_the_settings() -> None:
         "grpc.http2.min_ping_interval_without_data_ms": serving.MIN_CLIENT_PING_INTERVAL_MS,
         "grpc.max_concurrent_streams": 12,
         "grpc.http.overload_protection": 0,
+        "grpc.max_metadata_size": serving.MAX_METADATA_BYTES,
+        "grpc.absolute_max_metadata_size": serving.MAX_METADATA_BYTES,
         "grpc.so_reuseport": 1,
     }
 

@@ -20,6 +20,13 @@ DEFAULT_MAX_ATTEMPTS = 4
 
 SERVICES = ("credits.v1.CreditService", "credits.v1.GenerationService")
 
+MAX_METADATA_BYTES = 64 * 1024
+"""The largest metadata (headers, trailers) the channel accepts, as the service accepts it.
+
+gRPC's defaults refuse metadata past 8 KiB at random and all of it past 16 KiB; the soft limit
+equal to the hard one refuses nothing at random. (What a call *sends* is judged by the server:
+it takes tokens up to 32 KiB.)"""
+
 ChannelOptions: TypeAlias = Sequence[tuple[str, Any]]
 
 
@@ -47,10 +54,13 @@ def service_config(max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> dict[str, Any]:
 def channel_options(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS, extra: ChannelOptions = ()
 ) -> list[tuple[str, Any]]:
-    """Channel options with the retry policy; `extra` options come last and win."""
+    """Channel options with the retry policy and the metadata limits; `extra` options come
+    last and win."""
     options: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
         ("grpc.service_config", json.dumps(service_config(max_attempts))),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     ]
     return [*options, *extra]
 
