@@ -18,7 +18,8 @@ from server.credit.models import (
     TransactionKind,
 )
 from server.errors import InvalidArgument
-from server.generation.models import Generation, GenerationState
+from server.generation.models import Generation, GenerationState, ModelSpec
+from server.generation.parameters import Parameter, ParameterType
 
 _KINDS = {
     TransactionKind.DEBIT: ledger_pb2.TRANSACTION_KIND_DEBIT,
@@ -41,6 +42,13 @@ _GENERATION_STATES = {
     GenerationState.SUCCEEDED: generation_pb2.GENERATION_STATE_SUCCEEDED,
     GenerationState.FAILED: generation_pb2.GENERATION_STATE_FAILED,
     GenerationState.CANCELLED: generation_pb2.GENERATION_STATE_CANCELLED,
+}
+
+
+_PARAMETER_TYPES = {
+    ParameterType.STRING: generation_pb2.PARAMETER_TYPE_STRING,
+    ParameterType.INTEGER: generation_pb2.PARAMETER_TYPE_INTEGER,
+    ParameterType.ENUM: generation_pb2.PARAMETER_TYPE_ENUM,
 }
 
 
@@ -132,4 +140,27 @@ def generation(value: Generation) -> generation_pb2.Generation:
         attempts=value.attempts,
         create_time=timestamp(value.create_time),
         update_time=timestamp(value.update_time),
+    )
+
+
+def model(value: ModelSpec) -> generation_pb2.Model:
+    return generation_pb2.Model(
+        model=value.model,
+        cost=value.cost,
+        description=value.description,
+        parameters=[model_parameter(p) for p in value.parameters or ()],
+        accepts_any_parameters=value.parameters is None,
+    )
+
+
+def model_parameter(value: Parameter) -> generation_pb2.ModelParameter:
+    return generation_pb2.ModelParameter(
+        name=value.name,
+        type=_PARAMETER_TYPES[value.type],
+        description=value.description,
+        required=value.required,
+        allowed_values=value.allowed_values,
+        minimum=value.minimum,
+        maximum=value.maximum,
+        pattern=value.pattern,
     )

@@ -7,8 +7,8 @@ from typing import Any
 
 import grpc
 
-from credits.v1 import generation_pb2, generation_service_pb2_grpc
 from credits.v1 import generation_service_pb2 as pb
+from credits.v1 import generation_service_pb2_grpc
 from server.api import convert
 from server.auth.principal import current_principal
 from server.generation.lifecycle import Generations
@@ -23,12 +23,7 @@ class GenerationServicer(generation_service_pb2_grpc.GenerationServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
     ) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(
-            models=[
-                generation_pb2.Model(model=m.model, cost=m.cost, description=m.description)
-                for m in self._generations.models()
-            ]
-        )
+        return pb.ListModelsResponse(models=[convert.model(m) for m in self._generations.models()])
 
     async def CreateGeneration(
         self, request: pb.CreateGenerationRequest, context: Context

@@ -8,6 +8,10 @@ timeout_seconds = 30
 max_attempts = 3
 [models.demo-image.settings]   # handed to the provider
 default_delay_ms = 300
+
+Each model's request parameters are what its provider declares for its settings (the demo
+provider its own; the http provider what its ``parameters`` setting says); a provider that
+declares none accepts any.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from importlib.resources.abc import Traversable
 from typing import Any
 
 from server.generation.models import ModelSpec
+from server.generation.providers import registry
 
 # Package data, found through importlib.resources so that an installed wheel has it too.
 DEFAULT_CATALOGUE: Traversable = resources.files("server.generation") / "models.toml"
@@ -68,6 +73,10 @@ def _spec(path: Traversable, name: str, entry: Mapping[str, Any]) -> ModelSpec:
         raise CatalogueError(f"{where}: provider must name a provider")
     if not isinstance(settings, dict):
         raise CatalogueError(f"{where}: settings must be a table")
+    try:
+        parameters = registry.declared_parameters(provider, settings)
+    except (LookupError, ValueError, TypeError) as error:
+        raise CatalogueError(f"{where}: {error}") from None
     return ModelSpec(
         model=name,
         cost=cost,
@@ -76,4 +85,5 @@ def _spec(path: Traversable, name: str, entry: Mapping[str, Any]) -> ModelSpec:
         settings=settings,
         timeout_seconds=timeout,
         max_attempts=attempts,
+        parameters=parameters,
     )

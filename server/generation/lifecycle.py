@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from server.auth.principal import Principal
 from server.domain import access, paging, validation
 from server.errors import InvalidArgument
+from server.generation import parameters as declared
 from server.generation.feed import ChangeFeed, StateChange
 from server.generation.models import Generation, GenerationPage, ModelSpec
 from server.generation.ports import GenerationStore
@@ -61,6 +62,8 @@ class Generations:
         target = access.target_user(principal, user_id)
         prompt = _prompt(prompt)
         parameters = _parameters(parameters)
+        spec = self._catalogue.get(model)
+        declared.check(model, spec.parameters if spec else None, parameters)
         request_id = validation.idempotency_key(request_id, "request_id")
         if not _could_be_catalogued(model):
             raise self._unknown_model()

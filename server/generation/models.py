@@ -9,6 +9,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from server.generation.parameters import Parameter
+
 
 class GenerationState(StrEnum):
     QUEUED = "queued"
@@ -37,6 +39,8 @@ class ModelSpec:
     settings: Mapping[str, Any] = field(default_factory=dict)
     timeout_seconds: int = 60
     max_attempts: int = 3
+    # The request parameters its provider declares; None: none declared, any accepted.
+    parameters: tuple[Parameter, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,7 +84,7 @@ async def test_async_client_every_rpc(server: application.Application) -> None:
         assert cancelled.generation.state == t.GENERATION_STATE_CANCELLED
         with pytest.raises(GenerationNotCancellable):
             await me.cancel_generation(generation_id=doomed.generation.generation_id)
-        made = await me.create_generation(model=MODEL, prompt="a cat", parameters={"seed": "1"})
+        made = await me.create_generation(model=MODEL, prompt="a cat", parameters={"size": "32"})
         generation_id = made.generation.generation_id
         assert (await me.get_generation(generation_id=generation_id)).generation.cost == COST
         async with running_workers(server):

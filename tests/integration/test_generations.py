@@ -5,18 +5,21 @@ see what, and paging. Runs over both transports (test ids say which)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
 
-from credits.v1 import generation_pb2
+from credits.v1 import generation_pb2, generation_service_pb2_grpc
 from credits.v1 import generation_service_pb2 as gpb
 from server import app as application
+from tests.fakes.supabase import FakeSupabase
 from tests.fixtures.errors import Failure, failure
-from tests.fixtures.server import SERVICE, User, new_user
+from tests.fixtures.server import SERVICE, TEST_MODELS, User, new_user, settings_for
 from tests.fixtures.workers import (
     CANCELLED,
     COST,
@@ -82,6 +85,24 @@ async def test_list_models_is_the_catalogue_by_cost(generations: GenerationStub)
         (PRICEY_MODEL, PRICEY_COST),
     ]
     assert all(m.description for m in reply.models)
+    # The demo provider declares its parameters; delay_ms is bounded, so no one job holds a
+    # worker for long.
+    for model in reply.models:
+        assert not model.accepts_any_parameters
+        assert [
+            (p.name, generation_pb2.ParameterType.Name(p.type), p.required)
+            for p in model.parameters
+        ] == [
+            ("delay_ms", "PARAMETER_TYPE_INTEGER", False),
+            ("fail", "PARAMETER_TYPE_STRING", False),
+            ("size", "PARAMETER_TYPE_INTEGER", False),
+        ]
+        delay, fail, size = model.parameters
+        assert (delay.minimum, delay.maximum) == (0, 60000)
+        assert (size.minimum, size.maximum) == (16, 256)
+        assert fail.pattern
+        assert not fail.HasField("minimum")
+        assert all(p.description for p in model.parameters)
 
 
 # A generation from queue to charge
@@ -260,6 +281,14 @@ def _request(**overrides: object) -> gpb.CreateGenerationRequest:
     ("request_", "field"),
     [
         (_request(model="no-such-model"), "model"),
+        # The model's provider declares its parameters: a bad or unknown one is named.
+        (_request(parameters={"delay_ms": "abc"}), "parameters.delay_ms"),
+        (_request(parameters={"delay_ms": "600000"}), "parameters.delay_ms"),
+        (_request(parameters={"delay_ms": "-1"}), "parameters.delay_ms"),
+        (_request(parameters={"size": "huge"}), "parameters.size"),
+        (_request(parameters={"size": "1024"}), "parameters.size"),
+        (_request(parameters={"fail": "sometimes"}), "parameters.fail"),
+        (_request(parameters={"colour": "red"}), "parameters.colour"),
         (_request(prompt=""), "prompt"),
         (_request(prompt="   "), "prompt"),
         (_request(prompt="x" * 4001), "prompt"),
@@ -272,6 +301,13 @@ def _request(**overrides: object) -> gpb.CreateGenerationRequest:
     ],
     ids=[
         "unknown-model",
+        "delay-not-a-number",
+        "delay-above-its-maximum",
+        "delay-negative",
+        "size-not-a-number",
+        "size-too-large",
+        "fail-unknown-kind",
+        "unknown-parameter",
         "empty-prompt",
         "blank-prompt",
         "long-prompt",
@@ -304,9 +340,141 @@ async def test_the_limits_themselves_are_accepted(
 ) -> None:
     user = await funded(credits, 100)
     longest = await create(generations, user, prompt="x" * 4000)
-    most = await create(generations, user, parameters={f"k{i}": "v" for i in range(16)})
-    made.extend([longest.generation_id, most.generation_id])
-    assert (longest.state, most.state) == (QUEUED, QUEUED)
+    bounds = await create(
+        generations, user, parameters={"delay_ms": "60000", "size": "256", "fail": "first:999999"}
+    )
+    made.extend([longest.generation_id, bounds.generation_id])
+    assert (longest.state, bounds.state) == (QUEUED, QUEUED)
+
+
+# A catalogue of an operator's own: the http provider's parameters declared in TOML, and a model
+# whose provider declares none (any parameters, within the general limits).
+
+OWN_MODELS = """
+[models.test-http-declared]
+cost = 3
+description = "an HTTP model whose catalogue entry declares its parameters"
+provider = "http"
+timeout_seconds = 5
+max_attempts = 1
+
+[models.test-http-declared.settings]
+url = "http://127.0.0.1:9/never-called"
+
+[models.test-http-declared.settings.parameters.steps]
+type = "integer"
+minimum = 1
+maximum = 50
+required = true
+description = "denoising steps"
+
+[models.test-http-declared.settings.parameters.style]
+type = "enum"
+allowed_values = ["photo", "anime"]
+
+[models.test-http-open]
+cost = 2
+description = "an HTTP model that declares no parameters"
+provider = "http"
+timeout_seconds = 5
+max_attempts = 1
+
+[models.test-http-open.settings]
+url = "http://127.0.0.1:9/never-called"
+"""
+
+
+@dataclasses.dataclass
+class OwnCatalogue:
+    credits: CreditStub
+    generations: GenerationStub
+
+
+@pytest.fixture
+async def own_catalogue(
+    database_url: str, supabase: FakeSupabase, tmp_path: Path
+) -> AsyncIterator[OwnCatalogue]:
+    """A server of its own (PostgreSQL, no workers) offering the test catalogue and OWN_MODELS.
+    Started for each test: a server makes the database offer only its own catalogue's models,
+    so another server starting meanwhile would withdraw these."""
+    path = tmp_path / "models.toml"
+    path.write_text(TEST_MODELS.read_text() + OWN_MODELS)
+    settings = settings_for("postgres", database_url, supabase)
+    app = await application.start(dataclasses.replace(settings, models_path=path))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            own = OwnCatalogue(
+                CreditStub(channel), generation_service_pb2_grpc.GenerationServiceStub(channel)
+            )
+            yield own
+    finally:
+        await app.stop(grace=1)
+
+
+async def test_list_models_shows_the_parameters_a_catalogue_declares(
+    own_catalogue: OwnCatalogue,
+) -> None:
+    reply = await own_catalogue.generations.ListModels(
+        gpb.ListModelsRequest(), metadata=new_user().metadata
+    )
+    models = {m.model: m for m in reply.models}
+    declared, open_ = models["test-http-declared"], models["test-http-open"]
+    steps, style = declared.parameters
+    assert (steps.name, steps.type, steps.required, steps.minimum, steps.maximum) == (
+        "steps",
+        generation_pb2.PARAMETER_TYPE_INTEGER,
+        True,
+        1,
+        50,
+    )
+    assert steps.description == "denoising steps"
+    assert (style.name, style.type, list(style.allowed_values), style.required) == (
+        "style",
+        generation_pb2.PARAMETER_TYPE_ENUM,
+        ["photo", "anime"],
+        False,
+    )
+    assert not style.HasField("minimum")
+    assert not style.HasField("maximum")
+    assert not declared.accepts_any_parameters
+    assert open_.accepts_any_parameters
+    assert not open_.parameters
+
+
+async def test_declared_parameters_are_checked_and_undeclared_ones_pass(
+    own_catalogue: OwnCatalogue, database_url: str
+) -> None:
+    credits, generations = own_catalogue.credits, own_catalogue.generations
+    user = await funded(credits, 100)
+    made: list[str] = []
+    try:
+        for parameters, fields in [
+            ({}, ["parameters.steps"]),
+            ({"steps": "51"}, ["parameters.steps"]),
+            ({"steps": "1.5", "style": "oil"}, ["parameters.steps", "parameters.style"]),
+            ({"steps": "5", "seed": "7"}, ["parameters.seed"]),
+        ]:
+            refused = await fails(
+                create(generations, user, model="test-http-declared", parameters=parameters)
+            )
+            assert (refused.code, refused.field_violations) == (INVALID, fields), parameters
+        assert await rows_of(database_url, user) == (0, 0)
+
+        accepted = await create(
+            generations,
+            user,
+            model="test-http-declared",
+            parameters={"steps": "50", "style": "anime"},
+        )
+        # No declaration: anything within the general limits (16 entries, keys of 64
+        # characters, values of 1000) is passed on.
+        anything = {f"{i:02d}" + "k" * 62: "v" * 1000 for i in range(16)}
+        most = await create(generations, user, model="test-http-open", parameters=anything)
+        made.extend([accepted.generation_id, most.generation_id])
+        assert (accepted.state, most.state) == (QUEUED, QUEUED)
+        assert dict(most.parameters) == anything
+    finally:
+        await cancel_unfinished(generations, made)
 
 
 @pytest.mark.parametrize("generation_id", ["not-a-uuid", ""])

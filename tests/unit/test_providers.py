@@ -235,6 +235,7 @@ def test_registry_passes_settings_errors_through() -> None:
 
 PLUGIN_MODULE = '''
 """A provider plug-in, installed only for this test."""
+from server.generation.parameters import Parameter, ParameterType
 from server.generation.providers.base import Output
 
 
@@ -249,6 +250,21 @@ class Echoer:
 
 def factory(settings):
     return Echoer(settings)
+
+
+class Toned(Echoer):
+    """A provider class that declares its parameters (the class is the factory)."""
+
+    @classmethod
+    def declare_parameters(cls, settings):
+        tones = tuple(settings.get("tones", ["dry", "warm"]))
+        return [Parameter("tone", ParameterType.ENUM, "how it sounds", allowed_values=tones)]
+
+
+class Confused(Echoer):
+    @classmethod
+    def declare_parameters(cls, settings):
+        return ["tone"]
 
 
 not_callable = 42
@@ -297,3 +313,31 @@ def test_registry_a_plugin_that_is_not_callable(install_plugin: InstallPlugin) -
     install_plugin("broken = fake_plugin_mod:not_callable")
     with pytest.raises(TypeError, match=r"'broken'.*not callable"):
         registry.load("broken", {})
+
+
+def test_registry_a_plugin_that_declares_nothing_takes_any_parameters(
+    install_plugin: InstallPlugin,
+) -> None:
+    install_plugin("echoer = fake_plugin_mod:factory")
+    assert registry.declared_parameters("echoer", {}) is None
+
+
+def test_registry_a_plugin_declares_its_parameters_from_its_settings(
+    install_plugin: InstallPlugin,
+) -> None:
+    install_plugin("toned = fake_plugin_mod:Toned")
+    (tone,) = registry.declared_parameters("toned", {"tones": ["loud"]}) or ()
+    assert (tone.name, tone.type, tone.allowed_values) == ("tone", "enum", ("loud",))
+
+
+def test_registry_refuses_declarations_that_are_not_parameters(
+    install_plugin: InstallPlugin,
+) -> None:
+    install_plugin("confused = fake_plugin_mod:Confused")
+    with pytest.raises(ValueError, match="not Parameter values"):
+        registry.declared_parameters("confused", {})
+
+
+def test_registry_declared_parameters_of_an_unknown_provider() -> None:
+    with pytest.raises(LookupError, match="unknown provider 'nope'"):
+        registry.declared_parameters("nope", {})

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from server.generation.parameters import Parameter
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,3 +55,13 @@ class ProviderFactory(Protocol):
     model's settings (called once per model when a worker starts)."""
 
     def __call__(self, settings: Mapping[str, Any]) -> Provider: ...
+
+
+@runtime_checkable
+class DeclaresParameters(Protocol):
+    """A provider factory (e.g. a provider class, with a classmethod) that says which request
+    parameters its models take, from a model's settings and without building a provider.
+    CreateGeneration then refuses any other key and any value the declaration does not take.
+    None, or a factory without this method, declares nothing: any parameters are passed on."""
+
+    def declare_parameters(self, settings: Mapping[str, Any]) -> Sequence[Parameter] | None: ...

@@ -3,12 +3,16 @@
 It lets the service run end to end on a laptop and gives tests a provider whose behaviour they
 can script through the job's parameters (all strings, since parameters is map<string,string>):
 
-- ``delay_ms``: sleep this long before answering (``asyncio.sleep``, so cancelling the call,
-  as the worker does on a timeout, stops it at once). Defaults to the catalogue setting
-  ``default_delay_ms``, else 0.
+- ``delay_ms``: sleep this long before answering, 0..60000 (``asyncio.sleep``, so cancelling
+  the call, as the worker does on a timeout, stops it at once). Defaults to the catalogue
+  setting ``default_delay_ms``, else 0. Bounded so that no one request holds a worker for long.
 - ``fail``: ``always`` (not retryable), ``transient`` (retryable, every attempt) or ``first:N``
   (retryable on attempts 1..N, then success).
 - ``size``: width and height in pixels, 16..256 (default 64).
+
+The provider declares these (`declare_parameters`), so CreateGeneration refuses a bad value or
+any other key before anything is reserved; the checks here remain for jobs that reached the
+queue another way (a Supabase client calling the SQL function directly).
 
 The image is an 8x8 mirrored "identicon" whose colours and cells come from
 sha256(model, prompt, the other parameters): the same inputs always give the same bytes. The
@@ -25,15 +29,17 @@ import hashlib
 import json
 import struct
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from server.generation.parameters import Parameter, ParameterType
 from server.generation.providers.base import Job, Output, ProviderError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 16, 256, 64
-MAX_DELAY_MS = 600_000
+MAX_DELAY_MS = 60_000
+MAX_FAIL_FIRST = 1_000_000
 GRID = 8
 _CONTROL_KEYS = frozenset({"delay_ms", "fail"})
 
@@ -55,6 +61,34 @@ class DemoProvider:
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self._default_delay_ms = _setting(settings, "default_delay_ms", 0, _parse_delay)
         self._default_size = _setting(settings, "default_size", DEFAULT_SIZE, _parse_size)
+
+    @classmethod
+    def declare_parameters(cls, settings: Mapping[str, Any]) -> Sequence[Parameter]:
+        """delay_ms, fail and size, with the defaults `settings` give them."""
+        delay = _setting(settings, "default_delay_ms", 0, _parse_delay)
+        size = _setting(settings, "default_size", DEFAULT_SIZE, _parse_size)
+        return (
+            Parameter(
+                "delay_ms",
+                ParameterType.INTEGER,
+                f"milliseconds to wait before answering (default {delay})",
+                minimum=0,
+                maximum=MAX_DELAY_MS,
+            ),
+            Parameter(
+                "fail",
+                ParameterType.STRING,
+                "a scripted failure: always, transient (retried) or first:N (the first N attempts)",
+                pattern=r"always|transient|first:[0-9]{1,6}",
+            ),
+            Parameter(
+                "size",
+                ParameterType.INTEGER,
+                f"width and height of the PNG in pixels (default {size})",
+                minimum=MIN_SIZE,
+                maximum=MAX_SIZE,
+            ),
+        )
 
     async def generate(self, job: Job) -> Output:
         """Sleep, fail or draw, as the job's parameters say."""
@@ -119,7 +153,7 @@ def _parse_fail(value: str | None, attempt: int) -> tuple[bool, bool]:
     if value == "transient":
         return True, True
     if value.startswith("first:"):
-        n = _parse_int("fail=first:N", value.removeprefix("first:"), 0, 1_000_000)
+        n = _parse_int("fail=first:N", value.removeprefix("first:"), 0, MAX_FAIL_FIRST)
         return attempt <= n, True
     raise ProviderError(
         f"demo provider: fail must be 'always', 'transient' or 'first:N', got {value[:40]!r}",

@@ -7,6 +7,9 @@ into the service without code. Settings, from the model's catalogue entry:
 - ``headers``: a table of str -> str sent with every request (e.g. an API key).
 - ``timeout_seconds``: the whole exchange's deadline, default 30.
 - ``max_output_bytes``: the largest body accepted, default 10 MiB.
+- ``parameters``: the request parameters the model takes, a table per parameter (see
+  `server.generation.parameters.from_table`). CreateGeneration then refuses others and bad
+  values. Without it, any parameters are passed on unchecked.
 
 The request body is JSON ``{"generation_id", "model", "prompt", "parameters", "attempt"}``.
 A 200 answer is either the output itself (its Content-Type is the MIME type) or, when the
@@ -24,12 +27,14 @@ import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from server.generation import parameters
+from server.generation.parameters import Parameter
 from server.generation.providers.base import Job, Output, ProviderError
 
 DEFAULT_TIMEOUT_SECONDS = 30.0
@@ -83,11 +88,22 @@ class HttpProvider:
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = HttpSettings.parse(settings)
+        self.declare_parameters(settings)  # refuses bad declarations here too
         self._client = httpx.AsyncClient(
             headers=dict(self.settings.headers),
             timeout=httpx.Timeout(self.settings.timeout_seconds),
             follow_redirects=False,
         )
+
+    @classmethod
+    def declare_parameters(cls, settings: Mapping[str, Any]) -> Sequence[Parameter] | None:
+        """What the ``parameters`` setting declares; None (anything goes) without one."""
+        if "parameters" not in settings:
+            return None
+        try:
+            return parameters.from_table(settings["parameters"], "settings.parameters")
+        except ValueError as error:
+            raise ValueError(f"http provider: {error}") from None
 
     async def aclose(self) -> None:
         """Close the connection pool."""

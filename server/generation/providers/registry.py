@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from server.generation.providers.base import Provider, ProviderFactory
+from server.generation.parameters import Parameter
+from server.generation.providers.base import DeclaresParameters, Provider, ProviderFactory
 from server.generation.providers.demo import DemoProvider
 from server.generation.providers.http import HttpProvider
 
@@ -42,10 +43,30 @@ def load(name: str, settings: Mapping[str, Any]) -> Provider:
     plug-in's entry point is not callable; the factory's own errors (e.g. ValueError for bad
     settings) pass through.
     """
-    factory = BUILTINS.get(name)
-    if factory is None:
-        factory = _plugin_factory(name)
-    return factory(settings)
+    return _factory(name)(settings)
+
+
+def declared_parameters(name: str, settings: Mapping[str, Any]) -> tuple[Parameter, ...] | None:
+    """The request parameters the provider called `name` takes with a model's settings, or
+    None when it declares none (any parameters are then accepted). Raises what `load` raises
+    for an unknown name, and ValueError for bad declarations."""
+    factory = _factory(name)
+    if not isinstance(factory, DeclaresParameters):
+        return None
+    declared = factory.declare_parameters(settings)
+    if declared is None:
+        return None
+    parameters = tuple(declared)
+    if not all(isinstance(p, Parameter) for p in parameters):
+        raise ValueError(f"provider {name!r} declared parameters that are not Parameter values")
+    names = [p.name for p in parameters]
+    if len(set(names)) != len(names):
+        raise ValueError(f"provider {name!r} declared a parameter twice")
+    return parameters
+
+
+def _factory(name: str) -> ProviderFactory:
+    return BUILTINS.get(name) or _plugin_factory(name)
 
 
 def _plugin_factory(name: str) -> ProviderFactory:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63redits/v1/generation.proto\x12\ncredits.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"9\n\x05Model\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\xda\x03\n\nGeneration\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12:\n\nparameters\x18\x05 \x03(\x0b\x32&.credits.v1.Generation.ParametersEntry\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.credits.v1.GenerationState\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x03\x12\x0f\n\x07hold_id\x18\x08 \x01(\t\x12\x16\n\x0etransaction_id\x18\t \x01(\t\x12\x0e\n\x06output\x18\n \x01(\x0c\x12\x18\n\x10output_mime_type\x18\x0b \x01(\t\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xcb\x01\n\x0fGenerationState\x12 \n\x1cGENERATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17GENERATION_STATE_QUEUED\x10\x01\x12\x1c\n\x18GENERATION_STATE_RUNNING\x10\x02\x12\x1e\n\x1aGENERATION_STATE_SUCCEEDED\x10\x03\x12\x1b\n\x17GENERATION_STATE_FAILED\x10\x04\x12\x1e\n\x1aGENERATION_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63redits/v1/generation.proto\x12\ncredits.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x89\x01\n\x05Model\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04\x63ost\x18\x02 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12.\n\nparameters\x18\x04 \x03(\x0b\x32\x1a.credits.v1.ModelParameter\x12\x1e\n\x16\x61\x63\x63\x65pts_any_parameters\x18\x05 \x01(\x08\"\xdb\x01\n\x0eModelParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.credits.v1.ParameterType\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x16\n\x0e\x61llowed_values\x18\x05 \x03(\t\x12\x14\n\x07minimum\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x0f\n\x07pattern\x18\x08 \x01(\tB\n\n\x08_minimumB\n\n\x08_maximum\"\xda\x03\n\nGeneration\x12\x15\n\rgeneration_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12:\n\nparameters\x18\x05 \x03(\x0b\x32&.credits.v1.Generation.ParametersEntry\x12*\n\x05state\x18\x06 \x01(\x0e\x32\x1b.credits.v1.GenerationState\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x03\x12\x0f\n\x07hold_id\x18\x08 \x01(\t\x12\x16\n\x0etransaction_id\x18\t \x01(\t\x12\x0e\n\x06output\x18\n \x01(\x0c\x12\x18\n\x10output_mime_type\x18\x0b \x01(\t\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x7f\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x01\x12\x1a\n\x16PARAMETER_TYPE_INTEGER\x10\x02\x12\x17\n\x13PARAMETER_TYPE_ENUM\x10\x03*\xcb\x01\n\x0fGenerationState\x12 \n\x1cGENERATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17GENERATION_STATE_QUEUED\x10\x01\x12\x1c\n\x18GENERATION_STATE_RUNNING\x10\x02\x12\x1e\n\x1aGENERATION_STATE_SUCCEEDED\x10\x03\x12\x1b\n\x17GENERATION_STATE_FAILED\x10\x04\x12\x1e\n\x1aGENERATION_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATION_PARAMETERSENTRY']._loaded_options = None
   _globals['_GENERATION_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_GENERATIONSTATE']._serialized_start=613
-  _globals['_GENERATIONSTATE']._serialized_end=816
-  _globals['_MODEL']._serialized_start=76
-  _globals['_MODEL']._serialized_end=133
-  _globals['_GENERATION']._serialized_start=136
-  _globals['_GENERATION']._serialized_end=610
-  _globals['_GENERATION_PARAMETERSENTRY']._serialized_start=561
-  _globals['_GENERATION_PARAMETERSENTRY']._serialized_end=610
+  _globals['_PARAMETERTYPE']._serialized_start=915
+  _globals['_PARAMETERTYPE']._serialized_end=1042
+  _globals['_GENERATIONSTATE']._serialized_start=1045
+  _globals['_GENERATIONSTATE']._serialized_end=1248
+  _globals['_MODEL']._serialized_start=77
+  _globals['_MODEL']._serialized_end=214
+  _globals['_MODELPARAMETER']._serialized_start=217
+  _globals['_MODELPARAMETER']._serialized_end=436
+  _globals['_GENERATION']._serialized_start=439
+  _globals['_GENERATION']._serialized_end=913
+  _globals['_GENERATION_PARAMETERSENTRY']._serialized_start=864
+  _globals['_GENERATION_PARAMETERSENTRY']._serialized_end=913
 # @@protoc_insertion_point(module_scope)

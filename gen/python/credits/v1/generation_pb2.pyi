@@ -20,6 +20,32 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ParameterType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ParameterTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ParameterType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARAMETER_TYPE_UNSPECIFIED: _ParameterType.ValueType  # 0
+    PARAMETER_TYPE_STRING: _ParameterType.ValueType  # 1
+    """Any text (matching `pattern`, when set)."""
+    PARAMETER_TYPE_INTEGER: _ParameterType.ValueType  # 2
+    """A decimal integer (an optional minus sign and digits), within `minimum` and `maximum`."""
+    PARAMETER_TYPE_ENUM: _ParameterType.ValueType  # 3
+    """One of `allowed_values`."""
+
+class ParameterType(_ParameterType, metaclass=_ParameterTypeEnumTypeWrapper):
+    """What a model parameter's value must be."""
+
+PARAMETER_TYPE_UNSPECIFIED: ParameterType.ValueType  # 0
+PARAMETER_TYPE_STRING: ParameterType.ValueType  # 1
+"""Any text (matching `pattern`, when set)."""
+PARAMETER_TYPE_INTEGER: ParameterType.ValueType  # 2
+"""A decimal integer (an optional minus sign and digits), within `minimum` and `maximum`."""
+PARAMETER_TYPE_ENUM: ParameterType.ValueType  # 3
+"""One of `allowed_values`."""
+Global___ParameterType: _TypeAlias = ParameterType  # noqa: Y015
+
 class _GenerationState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -53,24 +79,94 @@ class Model(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    ACCEPTS_ANY_PARAMETERS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     cost: _builtins.int
     """Credits charged for one successful generation."""
     description: _builtins.str
+    accepts_any_parameters: _builtins.bool
+    """True when the model's provider declares no parameters: CreateGeneration then accepts any
+    (within its general limits) and passes them on unchecked; `parameters` is empty.
+    """
+    @_builtins.property
+    def parameters(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelParameter]:
+        """The keys CreateGeneration accepts in `parameters` for this model, and their values; it
+        refuses any other key, a bad value and a missing required one (INVALID_ARGUMENT).
+        """
+
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         cost: _builtins.int = ...,
         description: _builtins.str = ...,
+        parameters: _abc.Iterable[Global___ModelParameter] | None = ...,
+        accepts_any_parameters: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "description", b"description", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_any_parameters", b"accepts_any_parameters", "cost", b"cost", "description", b"description", "model", b"model", "parameters", b"parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Model: _TypeAlias = Model  # noqa: Y015
+
+@_typing.final
+class ModelParameter(_message.Message):
+    """One key a model accepts in a generation's `parameters`. Every value is sent as a string."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    REQUIRED_FIELD_NUMBER: _builtins.int
+    ALLOWED_VALUES_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    MAXIMUM_FIELD_NUMBER: _builtins.int
+    PATTERN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: Global___ParameterType.ValueType
+    description: _builtins.str
+    required: _builtins.bool
+    """A request without it is refused."""
+    minimum: _builtins.int
+    """PARAMETER_TYPE_INTEGER: the smallest value accepted, when there is a bound."""
+    maximum: _builtins.int
+    """PARAMETER_TYPE_INTEGER: the largest value accepted, when there is a bound."""
+    pattern: _builtins.str
+    """PARAMETER_TYPE_STRING: a regular expression the whole value must match; empty: any text."""
+    @_builtins.property
+    def allowed_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """PARAMETER_TYPE_ENUM: the values accepted."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: Global___ParameterType.ValueType = ...,
+        description: _builtins.str = ...,
+        required: _builtins.bool = ...,
+        allowed_values: _abc.Iterable[_builtins.str] | None = ...,
+        minimum: _builtins.int | None = ...,
+        maximum: _builtins.int | None = ...,
+        pattern: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "allowed_values", b"allowed_values", "description", b"description", "maximum", b"maximum", "minimum", b"minimum", "name", b"name", "pattern", b"pattern", "required", b"required", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
+    _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
+    _WhichOneofReturnType__minimum: _TypeAlias = _typing.Literal["minimum"]  # noqa: Y015
+    _WhichOneofArgType__minimum: _TypeAlias = _typing.Literal["_minimum", b"_minimum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maximum) -> _WhichOneofReturnType__maximum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__minimum) -> _WhichOneofReturnType__minimum | None: ...
+
+Global___ModelParameter: _TypeAlias = ModelParameter  # noqa: Y015
 
 @_typing.final
 class Generation(_message.Message):
