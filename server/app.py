@@ -94,10 +94,13 @@ class Application:
     workers: WorkerPool
     metrics: WSGIServer | None = None
     queue_tracker: asyncio.Task[None] | None = None
+    generations: Generations | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight RPCs finish, then stop the jobs and the database."""
         await self.health.enter_graceful_shutdown()
+        if self.generations is not None:
+            self.generations.stop()  # open watches end now (SERVER_STOPPING), not after grace
         await self.server.stop(grace)
         if self.queue_tracker is not None:
             await runtime.stop(self.queue_tracker)
@@ -235,7 +238,8 @@ async def start(settings: Settings) -> Application:
     backend = await open_backend(settings)
     try:
         workers = worker_pool(backend, settings.workers)
-        server, health = await _grpc_server(settings, backend)
+        generations = Generations(backend.generations, backend.catalogue, backend.feed)
+        server, health = await _grpc_server(settings, backend, generations)
         port = (
             server.add_secure_port(settings.listen, credentials)
             if credentials is not None
@@ -248,6 +252,7 @@ async def start(settings: Settings) -> Application:
     app = Application(
         settings, server, port, health, backend, HoldSweeper(backend.credits), workers
     )
+    app.generations = generations
     if settings.metrics_listen:
         app.metrics = metrics.serve(settings.metrics_listen)
         app.queue_tracker = asyncio.create_task(
@@ -264,10 +269,9 @@ async def start(settings: Settings) -> Application:
 
 
 async def _grpc_server(
-    settings: Settings, backend: Backend
+    settings: Settings, backend: Backend, generations: Generations
 ) -> tuple[grpc.aio.Server, HealthServicer]:
     """The server with both services, health (NOT_SERVING until told) and reflection."""
-    generations = Generations(backend.generations, backend.catalogue, backend.feed)
     server = serving.GuardedServer(
         grpc.aio.server(
             options=serving.channel_options(settings), compression=serving.compression(settings)

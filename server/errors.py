@@ -159,6 +159,18 @@ class BackendUnavailable(CreditsError):
         super().__init__(message)
 
 
+class ServerStopping(CreditsError):
+    """The server is shutting down: a call it cannot finish first (an open watch) ends with
+    this, so the caller reconnects (to another instance, or to this one once restarted)."""
+
+    reason = "SERVER_STOPPING"
+    default_message = "the server is stopping; call again to reach a running one"
+
+    def __init__(self, message: str | None = None, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
 class ServiceCredentialsRejected(CreditsError):
     reason = "SERVICE_CREDENTIALS_REJECTED"
     default_message = (

@@ -32,6 +32,7 @@ STATUS_CODES: dict[type[errors.CreditsError], grpc.StatusCode] = {
     errors.GenerationNotCancellable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.IdempotencyKeyReused: grpc.StatusCode.ALREADY_EXISTS,
     errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ServerStopping: grpc.StatusCode.UNAVAILABLE,
     errors.ServiceCredentialsRejected: grpc.StatusCode.INTERNAL,
     errors.CreditsError: grpc.StatusCode.INTERNAL,
 }
@@ -72,7 +73,7 @@ def _extra_details(error: errors.CreditsError) -> list[any_pb2.Any]:
             ]
         )
         return [_pack(failure)]
-    if isinstance(error, errors.BackendUnavailable):
+    if isinstance(error, errors.BackendUnavailable | errors.ServerStopping):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(round(error.retry_after * 1000))
         return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]

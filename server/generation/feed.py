@@ -61,3 +61,34 @@ class ChangeFeed:
 
     async def close(self) -> None:
         """Stops whatever publishes into the feed (nothing, here)."""
+
+
+async def next_change(
+    changes: asyncio.Queue[StateChange], stopping: asyncio.Event
+) -> StateChange | None:
+    """The next change from `changes`, or None as soon as `stopping` is set (at once if it is).
+    Cancelled meanwhile (a watcher's re-read timer), it loses no change: one already taken goes
+    back into the queue."""
+    if stopping.is_set():
+        return None
+    change = asyncio.ensure_future(changes.get())
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((change, stop), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        _give_back(changes, change)
+        raise
+    finally:
+        stop.cancel()
+    if stopping.is_set():
+        _give_back(changes, change)
+        return None
+    return change.result()
+
+
+def _give_back(changes: asyncio.Queue[StateChange], taking: asyncio.Future[StateChange]) -> None:
+    """Stop `taking` from the queue, or put back what it took."""
+    if not taking.done():
+        taking.cancel()
+    elif not taking.cancelled():
+        changes.put_nowait(taking.result())

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 from server.auth.principal import Principal
 from server.domain import access, paging, validation
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, ServerStopping
 from server.generation import parameters as declared
-from server.generation.feed import ChangeFeed, StateChange
+from server.generation.feed import ChangeFeed, StateChange, next_change
 from server.generation.models import Generation, GenerationPage, ModelSpec
 from server.generation.ports import GenerationStore
 
@@ -38,6 +38,12 @@ class Generations:
         self._catalogue = catalogue
         self._feed = feed
         self._recheck_seconds = WATCH_RECHECK_SECONDS if feed.live else POLL_SECONDS
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """The server is stopping: every open watch ends now with ServerStopping, instead of
+        holding the server for its whole grace period."""
+        self._stopping.set()
 
     def models(self) -> Sequence[ModelSpec]:
         return sorted(self._catalogue.values(), key=lambda m: (m.cost, m.model))
@@ -130,7 +136,9 @@ class Generations:
             while not current.state.final:
                 try:
                     async with asyncio.timeout(self._recheck_seconds):
-                        change = await changes.get()
+                        change = await next_change(changes, self._stopping)
+                    if change is None:
+                        raise ServerStopping()
                 except TimeoutError:
                     latest = await self._store.get(principal, target, owner)
                 else:

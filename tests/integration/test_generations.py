@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,6 +38,7 @@ from tests.fixtures.workers import (
     create,
     funded,
     get,
+    owner_connection,
     rows_of,
     running_workers,
 )
@@ -593,3 +595,55 @@ async def test_list_generations_pages_newest_first(
     assert [g.generation_id for g in as_service.generations] == made[::-1]
     for generation in as_service.generations:
         assert generation.state == generation_pb2.GENERATION_STATE_QUEUED
+
+
+# A server that stops
+
+
+@pytest.mark.parametrize("transport", ["postgres", "supabase"])
+async def test_stopping_the_server_ends_an_open_watch_at_once(
+    database_url: str, supabase: FakeSupabase, transport: str
+) -> None:
+    """SIGTERM's path (Application.stop) with a 30 s grace: an open watch of a generation that
+    would take a minute ends at once with UNAVAILABLE / SERVER_STOPPING and a RetryInfo, so it
+    neither holds the server for its grace period nor ends with gRPC's "Cancelling all calls"."""
+    app = await application.start(settings_for(transport, database_url, supabase))
+    grace = 30.0
+    stopped = False
+    created: generation_pb2.Generation | None = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = generation_service_pb2_grpc.GenerationServiceStub(channel)
+            user = await funded(CreditStub(channel), 100)
+            created = await create(stub, user, parameters={"delay_ms": "60000"})
+            call = stub.WatchGeneration(
+                gpb.WatchGenerationRequest(generation_id=created.generation_id),
+                metadata=user.metadata,
+            )
+            first = await call.read()
+            assert first != grpc.aio.EOF
+            assert first.generation.state == QUEUED
+
+            started = time.monotonic()
+            await app.stop(grace=grace)
+            stopped, took = True, time.monotonic() - started
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+        assert took < 3, f"stop took {took:.1f} s with a watch open"
+        found = failure(ended.value)
+        assert (found.code, found.reason, found.domain) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "SERVER_STOPPING",
+            "credits.v1",
+        )
+        assert found.retry_delay_seconds == 1.0
+        assert "stopping" in (ended.value.details() or "")
+    finally:
+        if not stopped:
+            await app.stop(grace=1)
+        if created is not None:
+            async with owner_connection(database_url) as owner:
+                await owner.execute(
+                    "select public.credit_cancel_generation($1, null)",
+                    uuid.UUID(created.generation_id),
+                )

@@ -317,6 +317,13 @@ class BackendUnavailable(Unavailable):
     reasons = ("BACKEND_UNAVAILABLE",)
 
 
+class ServerStopping(Unavailable):
+    """The server is shutting down and ended the call (an open watch); call again, after
+    ``retry_delay``, to reach a running server."""
+
+    reasons = ("SERVER_STOPPING",)
+
+
 class ServiceCredentialsRejected(InternalError):
     """The database rejected the service's own credentials (an operator must fix them)."""
 
