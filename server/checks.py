@@ -95,15 +95,15 @@ async def _supabase_checks(settings: Settings, url: str, anon_key: str) -> list[
     transport = await app.connect(settings, None, pool_size=1)
     try:
         return [
-            await _service_probe(transport, "service key accepted"),
-            await _migration_probe(transport),
+            await _service_probe(transport, "service key accepted", url),
+            await _migration_probe(transport, url),
             await _anon_probe(url, anon_key),
         ]
     finally:
         await transport.close()
 
 
-async def _service_probe(transport: Transport, name: str) -> Check:
+async def _service_probe(transport: Transport, name: str, url: str | None = None) -> Check:
     """The service layer can call a read-only ledger function (for an unknown user)."""
 
     async def probe() -> object:
@@ -112,6 +112,9 @@ async def _service_probe(transport: Transport, name: str) -> Check:
     outcome = await _attempt(probe)
     if isinstance(outcome, errors.ProfileNotFound):
         return Check(name, True, "the ledger functions answer the service role")
+    unreachable = _unreachable(outcome, url)
+    if unreachable is not None:
+        return Check(name, False, unreachable, UNREACHABLE_HINT)
     if isinstance(outcome, CredentialsRejected):
         return Check(
             name,
@@ -123,24 +126,58 @@ async def _service_probe(transport: Transport, name: str) -> Check:
     return Check(name, False, _describe(outcome), "is the database reachable and migrated?")
 
 
-async def _migration_probe(transport: Transport) -> Check:
-    """The project has applied every migration this service ships (or a newer one): the
-    newest version it records is at least the newest file's."""
-    newest = migrate.discover()[-1].version
-    outcome = await _attempt(
-        lambda: transport.service().call(functions.SchemaVersion()),
-    )
-    if isinstance(outcome, str):
-        ok = outcome >= newest
-        detail = "all applied" if ok else f"{newest} is not applied (the newest is {outcome})"
-    else:  # no such function: applied before the migration that made it
-        ok, detail = False, f"{newest} is not applied ({_describe(outcome)})"
-    return Check(
-        "migrations applied",
-        ok,
-        detail,
-        "apply supabase/migrations with the Supabase CLI: `supabase db push`",
-    )
+MIGRATIONS_HINT = (
+    "apply them with the Supabase CLI: `supabase db push` from this repository, or, when your "
+    "app's project has migrations of its own, copy server/db/migrations/*.sql into its "
+    "supabase/migrations/ and push from there (docs/supabase.md)"
+)
+UNREACHABLE_HINT = "check SUPABASE_URL, and that this host can reach it (DNS, firewall, proxy)"
+
+
+async def _migration_probe(transport: Transport, url: str) -> Check:
+    """The project has applied every migration this service ships, by the versions it records
+    (credit_schema_versions); a project older than that function is compared by its newest
+    version only (credit_schema_version)."""
+    name = "migrations applied"
+    shipped = migrate.discover()
+    outcome = await _attempt(lambda: transport.service().call(functions.SchemaVersions()))
+    if isinstance(outcome, list):
+        recorded = set(functions.SchemaVersions().decode(outcome))
+        missing = [m for m in shipped if m.version not in recorded]
+        return Check(name, not missing, _missing(missing) or "all applied", MIGRATIONS_HINT)
+    if _no_function(outcome):  # a project older than credit_schema_versions()
+        outcome = await _attempt(lambda: transport.service().call(functions.SchemaVersion()))
+        if isinstance(outcome, str):
+            newest = functions.SchemaVersion().decode(outcome)
+            newer = [m for m in shipped if m.version > newest]
+            detail = f"{_missing(newer)} (the newest applied is {newest})" if newer else ""
+            return Check(name, not newer, detail or "all applied", MIGRATIONS_HINT)
+        if _no_function(outcome):  # older still: before credit_schema_version()
+            detail = f"{_missing(shipped[-1:])} ({_describe(outcome)})"
+            return Check(name, False, detail, MIGRATIONS_HINT)
+    unreachable = _unreachable(outcome, url)
+    if unreachable is not None:
+        return Check(name, False, unreachable, UNREACHABLE_HINT)
+    return Check(name, False, f"not checked ({_describe(outcome)})", "see the line above")
+
+
+def _missing(migrations: list[migrate.Migration]) -> str:
+    """`missing: <version>_<name>, ...` ("" for none)."""
+    named = ", ".join(f"{m.version}_{m.name}" for m in migrations)
+    return f"missing: {named}" if named else ""
+
+
+def _no_function(outcome: object) -> bool:
+    """The project lacks the function called (PostgREST's PGRST202)."""
+    return isinstance(outcome, APIError) and outcome.code == "PGRST202"
+
+
+def _unreachable(outcome: object, url: str | None) -> str | None:
+    """What a failed check says when `outcome` is the network failing, not the project."""
+    cause = outcome.__cause__ if isinstance(outcome, errors.BackendUnavailable) else None
+    if url is None or not isinstance(cause, httpx.TransportError):
+        return None
+    return f"cannot reach {url} ({type(cause).__name__})"
 
 
 async def _anon_probe(url: str, anon_key: str) -> Check:

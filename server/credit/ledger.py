@@ -77,7 +77,8 @@ class CreditLedger:
         description: str,
     ) -> LedgerResult:
         access.require_service(principal)
-        target = access.target_user(principal, user_id)
+        # The transaction names its user: a service may leave user_id empty.
+        target = access.target_user_or_owner(principal, user_id)
         refund = RefundRequest(
             transaction_id=validation.parse_uuid("transaction_id", transaction_id),
             amount=validation.amount_or_zero(amount, "what is left of the transaction"),

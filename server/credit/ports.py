@@ -46,8 +46,10 @@ class CreditStore(Protocol):
     ) -> LedgerResult: ...
 
     async def refund(
-        self, principal: Principal, user_id: uuid.UUID, refund: RefundRequest
-    ) -> LedgerResult: ...
+        self, principal: Principal, user_id: uuid.UUID | None, refund: RefundRequest
+    ) -> LedgerResult:
+        """Refunds the transaction `refund` names, of `user_id` (None: of its owner)."""
+        ...
 
     async def reserve(
         self, principal: Principal, user_id: uuid.UUID, hold: HoldRequest

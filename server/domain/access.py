@@ -24,6 +24,14 @@ def target_user(principal: Principal, user_id: str) -> uuid.UUID:
     return parse_uuid("user_id", user_id)
 
 
+def target_user_or_owner(principal: Principal, user_id: str) -> uuid.UUID | None:
+    """As `target_user`, for a call whose object names its user (a refund's transaction): a
+    service may name none (None: the object's owner). A named user must own the object."""
+    if isinstance(principal, ServicePrincipal) and not user_id:
+        return None
+    return target_user(principal, user_id)
+
+
 def require_service(principal: Principal) -> None:
     """Refuses anyone but a trusted service."""
     if not isinstance(principal, ServicePrincipal):

@@ -60,7 +60,9 @@ def time_range(start: datetime | None, end: datetime | None) -> None:
 
 def idempotency_key(key: str, field: str = "idempotency_key") -> str:
     """A key of 1 to 255 printable characters (`field` names it in the error)."""
-    if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isprintable():
+    if not key:
+        raise InvalidArgument.one(field, "is required")
+    if len(key) > MAX_KEY_LENGTH or not key.isprintable():
         raise InvalidArgument.one(field, f"must be 1 to {MAX_KEY_LENGTH} printable characters")
     return key
 

@@ -76,7 +76,7 @@ class CreditRepository:
         return _counted(await self._layers.call(principal, call))
 
     async def refund(
-        self, principal: Principal, user_id: uuid.UUID, refund: RefundRequest
+        self, principal: Principal, user_id: uuid.UUID | None, refund: RefundRequest
     ) -> LedgerResult:
         call = fn.Refund(
             user_id,

@@ -31,6 +31,7 @@ INSUFFICIENT_CREDITS = "CR001"
 KEY_REUSED = "CR002"
 PROFILE_NOT_FOUND = "CR003"
 HOLD_NOT_FOUND = "CR004"
+TRANSACTION_NOT_FOUND = "CR006"
 GENERATION_NOT_FOUND = "CR009"
 LEDGER_SUM = """
     select coalesce(sum(case when kind in ('grant', 'refund') then amount else -amount end), 0)
@@ -975,6 +976,23 @@ FUNCTION_MATRIX = [
         SERVICE_ONLY,
         Effect(returns={"balance": 97, "replayed": False}, balance=2, ledger=(("refund", 2),)),
     ),
+    # No user given: the refund is the transaction's owner's.
+    Entry(
+        "credit_refund(uuid, uuid, bigint, text, text)",
+        "select public.credit_refund(null, $1, 2, 'matrix-refund', 'oops')",
+        ("debit",),
+        SERVICE_ONLY,
+        Effect(returns={"balance": 97, "replayed": False}, balance=2, ledger=(("refund", 2),)),
+        variant="p_user_id=null",
+    ),
+    # A user given must own the transaction: another's is not found.
+    Entry(
+        "credit_refund(uuid, uuid, bigint, text, text)",
+        "select public.credit_refund($1, $2, 2, 'matrix-refund', 'oops')",
+        ("bob", "debit"),
+        outcomes(own=DENIED, other=DENIED, service=TRANSACTION_NOT_FOUND),
+        variant="p_user_id=bob",
+    ),
     Entry(
         "credit_expire_holds(integer)",
         "select public.credit_expire_holds(1000000)",
@@ -985,6 +1003,7 @@ FUNCTION_MATRIX = [
     ),
     Entry("credit_queue_stats()", "select public.credit_queue_stats()", (), SERVICE_ONLY),
     Entry("credit_schema_version()", "select public.credit_schema_version()", (), SERVICE_ONLY),
+    Entry("credit_schema_versions()", "select public.credit_schema_versions()", (), SERVICE_ONLY),
     Entry(
         "credit_sync_models(jsonb)",
         "select public.credit_sync_models($1::jsonb)",
