@@ -5,7 +5,10 @@ what the job really cost (the rest of the hold is released in the same step), an
 second reservation whole when that job is abandoned. Not having enough credits is handled by
 catching a class, not by parsing messages.
 
-    python examples/service_flow.py --user <uuid> --service-token "$(credits token --service)"
+From the repository root, with `make run` going (`make` installed the client into .venv):
+
+    .venv/bin/python examples/service_flow.py --user <uuid> \
+        --service-token "$(.venv/bin/credits token --service)"
 
 The user must have called the service once (their first call creates their profile).
 """
@@ -13,9 +16,17 @@ The user must have called the service once (their first call creates their profi
 from __future__ import annotations
 
 import argparse
+import sys
 import uuid
 
-from credits_client import CreditsClient, InsufficientCredits, ProfileNotFound
+try:
+    from credits_client import CreditsClient, InsufficientCredits, ProfileNotFound
+except ImportError:
+    sys.exit(
+        f"the credits client is not installed for {sys.executable}: run this with "
+        "`.venv/bin/python` from the repository root (`make run` installs it there), or "
+        "`pip install ./clients/python` into this Python"
+    )
 
 
 def run(client: CreditsClient, user_id: str) -> int:

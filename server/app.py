@@ -233,6 +233,12 @@ def worker_pool(backend: Backend, count: int) -> WorkerPool:
 
 async def start(settings: Settings) -> Application:
     """Start the database side, then serve; health turns SERVING once everything is ready."""
+    # A port in use is refused at once, before anything starts. The processes of one group
+    # share theirs: their supervisor checked it and holds it for them.
+    if settings.processes == 1:
+        serving.ensure_free(settings.listen)
+    if settings.metrics_listen:
+        serving.ensure_free(settings.metrics_listen)
     settings = resolve(settings)
     credentials = server_credentials(settings)
     backend = await open_backend(settings)
@@ -240,11 +246,16 @@ async def start(settings: Settings) -> Application:
         workers = worker_pool(backend, settings.workers)
         generations = Generations(backend.generations, backend.catalogue, backend.feed)
         server, health = await _grpc_server(settings, backend, generations)
-        port = (
-            server.add_secure_port(settings.listen, credentials)
-            if credentials is not None
-            else server.add_insecure_port(settings.listen)
-        )
+        try:
+            port = (
+                server.add_secure_port(settings.listen, credentials)
+                if credentials is not None
+                else server.add_insecure_port(settings.listen)
+            )
+        except RuntimeError:  # grpc could not bind: taken since the check above
+            raise serving.AddressUnavailable(
+                f"cannot listen on {settings.listen}: the address is already in use"
+            ) from None
         await server.start()
     except BaseException:
         await backend.close()

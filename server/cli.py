@@ -10,10 +10,18 @@ import sys
 import uuid
 from datetime import timedelta
 
-from server import app, checks, processes, runtime
+from server import app, checks, processes, runtime, serving
+from server.auth.secret_store import secret_path
 from server.auth.tokens import DEFAULT_ISSUER, mint_service_token, mint_user_token
 from server.config import Settings
 from server.observability import logs
+
+# What every command's --help says of where its configuration comes from.
+CONFIGURATION = (
+    "Configuration comes from environment variables, not options (CREDITS_LISTEN, "
+    "CREDITS_DATA_DIR, DATABASE_URL, SUPABASE_URL, ...): docs/configuration.md lists them all, "
+    "and `credits check-config` checks them."
+)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -24,6 +32,16 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.embedded and not settings.jwt_secret and not args.init:
+        # The server's secret, found by the same rule (CREDITS_DATA_DIR, else ./.data): a secret
+        # made up here would sign tokens the running server refuses.
+        path = secret_path(settings.data_dir)
+        if not path.exists():
+            raise app.ConfigurationError(
+                f"no JWT secret at {path.absolute()}: run this where `credits serve` runs (its "
+                "working directory, or its CREDITS_DATA_DIR), set SUPABASE_JWT_SECRET, or pass "
+                "--init to make a new secret there"
+            )
     settings = app.resolve(settings)
     if not settings.jwt_secret:
         raise app.ConfigurationError("`credits token` needs SUPABASE_JWT_SECRET (or embedded mode)")
@@ -75,13 +93,26 @@ def _version() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="credits", description=__doc__)
+    root = argparse.ArgumentParser(prog="credits", description=__doc__, epilog=CONFIGURATION)
     root.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = root.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gRPC service")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC service",
+        description="Run the gRPC service until SIGTERM or SIGINT: on an embedded PostgreSQL "
+        "in CREDITS_DATA_DIR (default ./.data) unless DATABASE_URL or SUPABASE_URL names "
+        "another database; CREDITS_PROCESSES server processes on CREDITS_LISTEN (default "
+        "127.0.0.1:50051). A port already in use is refused (exit 2).",
+        epilog=CONFIGURATION,
+    )
     serve.set_defaults(run=_serve)
     token = commands.add_parser(
-        "token", help="print a token signed with the service's JWT secret (for local use)"
+        "token",
+        help="print a token signed with the service's JWT secret (for local use)",
+        description="Print a JWT signed with SUPABASE_JWT_SECRET or, in embedded mode, with the "
+        "secret `credits serve` keeps in CREDITS_DATA_DIR (default ./.data): run it where the "
+        "server runs. A user token by default (its new id on stderr), or a service token.",
+        epilog=CONFIGURATION,
     )
     who = token.add_mutually_exclusive_group()
     who.add_argument("--user", type=uuid.UUID, help="the user's id (default: a new one)")
@@ -90,14 +121,31 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--ttl-minutes", type=_positive, default=60, help="lifetime in minutes (default 60)"
     )
+    token.add_argument(
+        "--init",
+        action="store_true",
+        help="in embedded mode, make the data dir's JWT secret if it has none yet (as the "
+        "first `credits serve` would); without it, a missing secret is an error",
+    )
     token.set_defaults(run=_token)
     worker = commands.add_parser(
-        "worker", help="run generation workers only (scale them apart from the API)"
+        "worker",
+        help="run generation workers only (scale them apart from the API)",
+        description="Run generation workers only, until SIGTERM or SIGINT, on the database "
+        "`credits serve` uses (scale them apart from the API; CREDITS_WORKERS=0 keeps the "
+        "servers' own).",
+        epilog=CONFIGURATION,
     )
     worker.add_argument("--count", type=int, default=0, help="workers (default CREDITS_WORKERS)")
     worker.set_defaults(run=_worker)
     check = commands.add_parser(
-        "check-config", help="check the configuration a deployment will use; exit 1 on a failure"
+        "check-config",
+        help="check the configuration a deployment will use; exit 1 on a failure",
+        description="Check the configuration a deployment will use, one line per check (OK, or "
+        "FAIL with a hint): the database or Supabase project and its migrations, the token "
+        "keys, the serving options. Exit 1 when a check fails, 2 when the configuration "
+        "cannot be read.",
+        epilog=CONFIGURATION,
     )
     check.add_argument(
         "--token", help="also check that this token (one the project issued) verifies"
@@ -111,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure()
     try:
         code: int = args.run(Settings.from_env(), args)
-    except (app.ConfigurationError, ValueError, LookupError) as error:
+    except (app.ConfigurationError, serving.AddressUnavailable, ValueError, LookupError) as error:
         print(f"credits: {error}", file=sys.stderr)
         return 2
     return code

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 MIB = 1024 * 1024
 COMPRESSIONS = ("none", "gzip", "deflate")
@@ -97,19 +98,20 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Settings from the environment; ValueError naming the variable for a bad value."""
+        """Settings from the environment; ValueError naming the variable for a bad value (a
+        variable set to a blank value included: it is a mistake, not a way to unset it)."""
         read = _Reader(os.environ if env is None else env)
-        supabase_url = read.text("SUPABASE_URL")
+        supabase_url = read.http_url("SUPABASE_URL")
         # Supabase Auth signs as the project's auth endpoint and publishes its keys there.
         auth_url = supabase_url.rstrip("/") + "/auth/v1" if supabase_url else None
         return cls(
             listen=read.address("CREDITS_LISTEN") or "127.0.0.1:50051",
-            database_url=read.text("DATABASE_URL"),
+            database_url=read.postgres_url("DATABASE_URL"),
             supabase_url=supabase_url,
             supabase_anon_key=read.text("SUPABASE_ANON_KEY"),
             supabase_service_role_key=read.text("SUPABASE_SERVICE_ROLE_KEY"),
             jwt_secret=read.text("SUPABASE_JWT_SECRET"),
-            jwks_url=read.text("CREDITS_JWKS_URL")
+            jwks_url=read.http_url("CREDITS_JWKS_URL")
             or (auth_url and auth_url + "/.well-known/jwks.json"),
             jwt_audience=read.text("CREDITS_JWT_AUDIENCE") or "authenticated",
             jwt_issuer=read.text("CREDITS_JWT_ISSUER") or auth_url,
@@ -142,8 +144,42 @@ class _Reader:
         self._env = env
 
     def text(self, name: str) -> str | None:
-        """The variable, stripped; None when unset or blank."""
-        return self._env.get(name, "").strip() or None
+        """The variable, stripped; None when unset. Set but blank is an error: an empty
+        SUPABASE_URL silently meaning "embedded mode" hides a broken deployment."""
+        value = self._env.get(name)
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError(f"{name} is set but empty; unset it or give it a value")
+        return value.strip()
+
+    def http_url(self, name: str) -> str | None:
+        """An http:// or https:// URL with a host; None when unset."""
+        url = self.text(name)
+        if url is not None:
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018 - raises ValueError for a port that is not one
+            except ValueError:
+                parts = None
+            if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"{name} must be an http:// or https:// URL with a host (got {url!r})"
+                )
+        return url
+
+    def postgres_url(self, name: str) -> str | None:
+        """A postgresql:// (or postgres://) URL; None when unset. The value is never echoed:
+        it may hold a password."""
+        url = self.text(name)
+        if url is not None:
+            try:
+                scheme = urlsplit(url).scheme
+            except ValueError:
+                scheme = ""
+            if scheme.lower() not in ("postgresql", "postgres"):
+                raise ValueError(f"{name} must be a postgresql:// (or postgres://) URL")
+        return url
 
     def path(self, name: str) -> Path | None:
         text = self.text(name)

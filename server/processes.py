@@ -1,9 +1,11 @@
 """`credits serve` with CREDITS_PROCESSES > 1: a supervisor and N server processes on one port.
 
-The parent never serves. It resolves the settings (the embedded JWT secret included), reserves
-the port (a SO_REUSEPORT socket bound but not listening, so port 0 becomes one port all children
-share and nobody else takes), starts the embedded PostgreSQL and migrates it once when no
-database is configured, then starts each child with the "spawn" method: a fresh interpreter,
+The parent never serves. It checks the port is free (a probe bound without SO_REUSEPORT: a port
+another server or process group holds is refused, in one line), resolves the settings (the
+embedded JWT secret included), reserves the port (a SO_REUSEPORT socket bound but not
+listening, so port 0 becomes one port all children share and nobody else takes), starts the
+embedded PostgreSQL and migrates it once when no database is configured, then starts each
+child with the "spawn" method: a fresh interpreter,
 never a fork of a process that imported grpc. A child gets the frozen Settings as its argument
 through a pipe, so the secret is in no environment variable or command line.
 
@@ -37,7 +39,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from server import app as application
-from server import runtime
+from server import runtime, serving
 from server.config import Settings, host_port
 from server.db import embedded
 from server.observability import logs
@@ -317,6 +319,13 @@ class Supervisor:
 
 def supervise(settings: Settings) -> int:
     """Run `settings.processes` server processes until SIGTERM or SIGINT; the exit code."""
+    # Only this group's processes may share the port: one held by anyone else is refused here,
+    # before the SO_REUSEPORT socket below would join it.
+    serving.ensure_free(settings.listen)
+    for index in range(settings.processes):
+        metrics_listen = child_settings(settings, index).metrics_listen
+        if metrics_listen:
+            serving.ensure_free(metrics_listen)
     settings = application.resolve(settings)
     host, port = host_port(settings.listen)
     holder = reserve_port(host, port)

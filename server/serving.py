@@ -5,19 +5,23 @@ Option names are gRPC core's channel arguments (grpc_types.h, doc/keepalive.md).
 the settings name, the server accepts client keepalive pings every 10 s or slower, with or
 without calls in flight, so a client that keeps its connection alive is not sent GOAWAY
 `too_many_pings`; it enforces the stream limit the way HTTP/2 clients expect (queue, not
-refuse); it accepts request metadata up to MAX_METADATA_BYTES, every time; and it binds with
-SO_REUSEPORT so several processes can share the port.
+refuse). Only the processes of one `credits serve` share a port (SO_REUSEPORT, when
+CREDITS_PROCESSES > 1): any other server that asks for a port in use is refused, never started
+beside the one already there with the kernel splitting connections between them. Request
+metadata is accepted up to MAX_METADATA_BYTES, every time.
 """
 
 from __future__ import annotations
 
+import errno
+import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from server.config import MIB, Settings
+from server.config import MIB, Settings, host_port
 from server.interceptors import CallInterceptor
 
 # The most often a client may ping an idle connection (gRPC core's default is 5 minutes; grpc-java
@@ -55,10 +59,53 @@ def channel_options(settings: Settings) -> list[ChannelOption]:
         # REFUSED_STREAM, an UNAVAILABLE error) from a client that keeps within the limit;
         # without it, calls above the limit wait in the client for a free stream.
         ("grpc.http.overload_protection", 0),
-        ("grpc.so_reuseport", 1),
+        # grpc's default is 1: a second server would then bind the port beside this one.
+        ("grpc.so_reuseport", 1 if settings.processes > 1 else 0),
         ("grpc.max_metadata_size", MAX_METADATA_BYTES),
         ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     ]
+
+
+class AddressUnavailable(Exception):
+    """The address a server is to listen on is taken (or cannot be bound); the message names
+    it."""
+
+
+def ensure_free(listen: str) -> None:
+    """Refuse (AddressUnavailable) a host:port something already holds: another server
+    listening there, or any socket bound to it. Port 0 is always free.
+
+    The probe binds with SO_REUSEADDR and without SO_REUSEPORT, as grpc binds a server of one
+    process: any socket bound to the port refuses it, but connections a server left in
+    TIME_WAIT do not.
+    """
+    host, port = host_port(listen)
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as error:
+        raise AddressUnavailable(f"cannot listen on {listen}: {error.strerror or error}") from None
+    for family, kind, proto, _name, address in addresses:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # an address family this host lacks (IPv6, say): grpc skips it too
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRNOTAVAIL:
+                    continue  # an address family this host lacks (IPv6, say): grpc skips it too
+                if error.errno == errno.EADDRINUSE:
+                    raise AddressUnavailable(
+                        f"cannot listen on {listen}: the address is already in use "
+                        "(another server?)"
+                    ) from None
+                raise AddressUnavailable(f"cannot listen on {listen}: {error.strerror}") from None
 
 
 def compression(settings: Settings) -> grpc.Compression:

@@ -19,9 +19,14 @@ _SECRET_BYTES = 48
 _MIN_LENGTH = 32
 
 
+def secret_path(data_dir: Path) -> Path:
+    """Where the secret of `data_dir` is kept."""
+    return Path(data_dir) / SECRET_FILE_NAME
+
+
 def load_or_create_jwt_secret(data_dir: Path) -> str:
     """Return the secret stored in `data_dir`, creating it (mode 0600) if there is none yet."""
-    path = Path(data_dir) / SECRET_FILE_NAME
+    path = secret_path(data_dir)
     try:
         return _read(path)
     except FileNotFoundError:
@@ -70,4 +75,4 @@ def _read(path: Path) -> str:
     return secret
 
 
-__all__ = ["SECRET_FILE_NAME", "load_or_create_jwt_secret"]
+__all__ = ["SECRET_FILE_NAME", "load_or_create_jwt_secret", "secret_path"]

@@ -113,8 +113,15 @@ def test_channel_options_carry_the_settings() -> None:
         "grpc.http.overload_protection": 0,
         "grpc.max_metadata_size": serving.MAX_METADATA_BYTES,
         "grpc.absolute_max_metadata_size": serving.MAX_METADATA_BYTES,
-        "grpc.so_reuseport": 1,
+        # One process shares its port with nobody: grpc's default (1) would let a second
+        # server bind beside it.
+        "grpc.so_reuseport": 0,
     }
+
+
+def test_only_a_process_group_shares_its_port() -> None:
+    group = Settings.from_env({"CREDITS_PROCESSES": "2"})
+    assert dict(serving.channel_options(group))["grpc.so_reuseport"] == 1
 
 
 @pytest.mark.parametrize(
