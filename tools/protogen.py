@@ -4,7 +4,8 @@ Two copies: gen/python (package `credits.v1`, for the server) and the client pac
 `credits_client._proto` (the same code with its imports rewritten, so that the client installs
 without the server and beside it). `python tools/protogen.py` writes both; `--check` generates
 into a scratch directory and exits 1 when the committed code differs, so stale stubs fail
-`make test`.
+`make test`. The TypeScript client's code (clients/typescript/src/gen) is made and checked the
+same way, by buf with the protoc-gen-es of clients/typescript/node_modules (`npm ci` there).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import filecmp
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,6 +27,8 @@ OUT = ROOT / "gen" / "python"
 CLIENT_OUT = ROOT / "clients" / "python" / "src" / "credits_client" / "_proto"
 CLIENT_PACKAGE = "credits_client._proto"
 _PROTO_IMPORT = re.compile(r"^from credits\.v1 import ", re.MULTILINE)
+TS_CLIENT = ROOT / "clients" / "typescript"
+TS_OUT = TS_CLIENT / "src" / "gen"  # the `out` of clients/typescript/buf.gen.yaml
 
 
 def generate(out: Path) -> None:
@@ -70,6 +74,20 @@ def generate_all(server_out: Path, client_out: Path) -> None:
     generate_client(client_out)
 
 
+def generate_ts(base: Path) -> Path:
+    """Run buf with clients/typescript/buf.gen.yaml, its output under `base`; the code's dir."""
+    plugin = TS_CLIENT / "node_modules" / ".bin" / "protoc-gen-es"
+    if not plugin.exists():
+        raise SystemExit(f"{plugin} is missing: run `npm ci` in {TS_CLIENT}")
+    buf = Path(sys.executable).parent / "buf"
+    subprocess.run(  # noqa: S603 - our own buf, template and directory
+        [str(buf), "generate", "--template", "buf.gen.yaml", "--output", str(base)],
+        cwd=TS_CLIENT,
+        check=True,
+    )
+    return base / TS_OUT.relative_to(TS_CLIENT)
+
+
 def differences(left: Path, right: Path) -> list[str]:
     """Paths that differ between two generated trees."""
     cmp = filecmp.dircmp(left, right, ignore=["__pycache__"])
@@ -88,13 +106,16 @@ def main() -> int:
         shutil.rmtree(OUT, ignore_errors=True)
         shutil.rmtree(CLIENT_OUT, ignore_errors=True)
         generate_all(OUT, CLIENT_OUT)
+        generate_ts(TS_CLIENT)
         return 0
     with tempfile.TemporaryDirectory() as scratch:
         server, client = Path(scratch) / "server", Path(scratch) / "client"
         generate_all(server, client)
+        ts = generate_ts(Path(scratch) / "typescript")
         stale = [
             *(differences(OUT, server) if OUT.exists() else [str(OUT)]),
             *(differences(CLIENT_OUT, client) if CLIENT_OUT.exists() else [str(CLIENT_OUT)]),
+            *(differences(TS_OUT, ts) if TS_OUT.exists() else [str(TS_OUT)]),
         ]
     if stale:
         print("generated code is stale; run `make gen` and commit:", *stale, sep="\n  ")
