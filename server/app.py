@@ -146,10 +146,13 @@ async def connect(settings: Settings, url: str | None, pool_size: int) -> Transp
     """The transport to the Supabase project the settings name, or to the PostgreSQL at
     `url` (the embedded one, or DATABASE_URL)."""
     project = settings.supabase_project
+    timeout = settings.db_timeout_seconds
     if project is not None:
-        return SupabaseTransport.connect(project)
+        return SupabaseTransport.connect(project, timeout=timeout)
     assert url is not None
-    return await PostgresTransport.connect(url, min_size=min(2, pool_size), max_size=pool_size)
+    return await PostgresTransport.connect(
+        url, min_size=min(2, pool_size), max_size=pool_size, timeout_seconds=timeout
+    )
 
 
 def start_shared_database(settings: Settings) -> tuple[embedded.EmbeddedPostgres | None, Settings]:

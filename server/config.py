@@ -68,6 +68,10 @@ class Settings:
     processes: int = 1
     # Connections each process keeps to PostgreSQL (DATABASE_URL or embedded).
     db_pool_size: int = 10
+    # How long a database call may take (a connection and the answer) before the caller gets
+    # UNAVAILABLE / BACKEND_UNAVAILABLE: well under callers' deadlines, and cut shorter to fit
+    # within a call's own deadline.
+    db_timeout_seconds: float = 3.0
 
     def __repr__(self) -> str:
         mode = "embedded" if self.embedded else "supabase" if self.uses_supabase_api else "postgres"
@@ -134,6 +138,7 @@ class Settings:
             compression=read.choice("CREDITS_COMPRESSION", COMPRESSIONS),
             processes=read.whole("CREDITS_PROCESSES", 1),
             db_pool_size=read.whole("CREDITS_DB_POOL_SIZE", 10),
+            db_timeout_seconds=read.seconds("CREDITS_DB_TIMEOUT_SECONDS", 3.0, positive=True),
         )
 
 
@@ -204,14 +209,18 @@ class _Reader:
             raise ValueError(f"{name} must be a whole number >= {minimum} (got {text!r})")
         return int(text)
 
-    def seconds(self, name: str, default: float) -> float:
+    def seconds(self, name: str, default: float, *, positive: bool = False) -> float:
+        """A number of seconds (with `positive`, a finite one above 0), or `default`."""
         text = self.text(name)
         if text is None:
             return default
         try:
-            return float(text)
+            value = float(text)
         except ValueError:
             raise ValueError(f"{name} must be a number of seconds (got {text!r})") from None
+        if positive and not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a number of seconds above 0 (got {text!r})")
+        return value
 
     def choice(self, name: str, choices: tuple[str, ...]) -> str:
         """One of `choices` (any case); the first when unset."""

@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-from server import errors
+from server import errors, runtime
 from server.auth.principal import Principal, set_principal
 from server.auth.verifier import TokenVerifier
 from server.credit.profiles import ProfileKeeper
@@ -136,9 +136,11 @@ class _Guarded:
 
 
 def _open(method: str, context: Context, metadata: Metadata) -> CallRecord:
-    """The call's record, bound to it, with its request id in the trailers whatever happens."""
+    """The call's record, bound to it, with its request id in the trailers whatever happens;
+    the call's deadline bound too, for the storage steps to fit within (runtime.step_timeout)."""
     record = CallRecord(access_log.request_id_of(metadata), method)
     open_call(record)
+    runtime.set_deadline(context.time_remaining())
     context.set_trailing_metadata(((REQUEST_ID_HEADER, record.request_id),))
     return record
 

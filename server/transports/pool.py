@@ -4,15 +4,17 @@ last-in first-out, and callers queued in order when all are busy.
 asyncpg's own Pool spends a task (`asyncio.shield`) and a timeout context on every
 acquire/release pair: a tenth of an RPC's time in this service, where each RPC is one query.
 Here taking an idle connection and giving it back are plain method calls, and only a caller that
-has to wait arms a timer. A connection that is closed, or comes back from a call that did not
-end with the server's answer (a cancellation, a timeout, a lost connection), is closed and its
-place opened afresh by the next caller, so a database restart heals by itself.
+has to wait, or to open a connection, arms a timer (for the call's own time, see `acquire`). A
+connection that is closed, or comes back from a call that did not end with the server's answer
+(a cancellation, a timeout, a lost connection), is closed and its place opened afresh by the
+next caller, so a database restart heals by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -82,8 +84,9 @@ class ConnectionPool:
         """An acquire now would wait: no idle connection, and no place to open one."""
         return not self._idle and self._places >= self._max_size
 
-    async def acquire(self) -> asyncpg.Connection:
-        """An open connection for one call; give it back with `release`."""
+    async def acquire(self, within: float | None = None) -> asyncpg.Connection:
+        """An open connection for one call, within `within` seconds (default: the pool's
+        acquire timeout) or TimeoutError; give it back with `release`."""
         if self._closed:
             raise PoolClosed()
         while self._idle:
@@ -91,11 +94,16 @@ class ConnectionPool:
             if not conn.is_closed():
                 return conn
             self._places -= 1  # closed while idle (the server restarted, say)
+        if within is None:
+            within = self._acquire_timeout
         if self._places < self._max_size:
             self._places += 1
-            return await self._open_in_place()
-        given = await self._wait()
-        return given if given is not None else await self._open_in_place()
+            return await self._open_in_place(within)
+        started = time.monotonic()
+        given = await self._wait(within)
+        if given is not None:
+            return given
+        return await self._open_in_place(within - (time.monotonic() - started))
 
     def release(self, conn: asyncpg.Connection, *, reusable: bool) -> None:
         """Take `conn` back. `reusable` says the call ended with the server's answer (a result
@@ -123,20 +131,23 @@ class ConnectionPool:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 conn.terminate()
 
-    async def _open_in_place(self) -> asyncpg.Connection:
+    async def _open_in_place(self, within: float) -> asyncpg.Connection:
+        """A new connection in the place taken for it, opened within `within` seconds (a
+        server that accepts the socket but never answers, frozen say, is given up on)."""
         try:
-            return await self._connect()
+            async with asyncio.timeout(max(within, 0.0)):
+                return await self._connect()
         except BaseException:
             self._free_place()
             raise
 
-    async def _wait(self) -> asyncpg.Connection | None:
+    async def _wait(self, within: float) -> asyncpg.Connection | None:
         waiter: asyncio.Future[asyncpg.Connection | None] = (
             asyncio.get_running_loop().create_future()
         )
         self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(self._acquire_timeout):
+            async with asyncio.timeout(within):
                 return await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled():

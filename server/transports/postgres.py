@@ -5,17 +5,23 @@ a transaction as role `authenticated` with `request.jwt.claims` set, exactly as 
 so row-level security sees what it would see for a Supabase client. While the pool is busy, the
 service layer's calls of a function with a batched form go to the database together
 (server/transports/batching.py).
+
+Every call is given the configured timeout (CREDITS_DB_TIMEOUT_SECONDS), or less when the RPC
+it serves must be answered sooner (runtime.step_timeout), to get a connection and its answer:
+a database that does not answer in time is BACKEND_UNAVAILABLE, never the caller's deadline.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 
+from server import runtime
 from server.auth.principal import UserPrincipal
 from server.errors import BackendUnavailable
 from server.observability import metrics
@@ -67,23 +73,39 @@ def _arguments(declared: Declared) -> str:
     return ", ".join(f"{param} => ${i}" for i, param in enumerate(declared.params(), start=1))
 
 
+# The default of CREDITS_DB_TIMEOUT_SECONDS: well under the deadlines callers use (the Python
+# client's default is 10 s), so that they hear BACKEND_UNAVAILABLE and its RetryInfo.
+DEFAULT_TIMEOUT = 3.0
+
+
 class PostgresTransport:
     """A connection pool and the two layers over it."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._pool = pool
-        self._service = _ServiceSession(pool)
+        self._url = url
+        self._timeout = timeout
+        self._service = _ServiceSession(pool, timeout)
 
     @classmethod
     async def connect(
-        cls, url: str, *, min_size: int = 2, max_size: int = 10, command_timeout: float = 10.0
+        cls,
+        url: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        timeout_seconds: float = DEFAULT_TIMEOUT,
     ) -> PostgresTransport:
+        """A pool of up to `max_size` connections to `url`, `min_size` of them opened now; a
+        call gets `timeout_seconds` (less near its deadline) for a connection and its answer."""
+        timeout = timeout_seconds
+
         async def connect() -> asyncpg.Connection:
             try:
                 conn = await asyncpg.connect(
                     url,
-                    timeout=command_timeout,
-                    command_timeout=command_timeout,
+                    timeout=timeout,
+                    command_timeout=timeout,
                     server_settings={"role": "service_role", "application_name": "credits"},
                 )
             except _DRIVER_ERRORS as exc:
@@ -101,41 +123,45 @@ class PostgresTransport:
             return conn
 
         pool = await ConnectionPool.open(
-            connect, min_size=min_size, max_size=max_size, acquire_timeout=command_timeout
+            connect, min_size=min_size, max_size=max_size, acquire_timeout=timeout
         )
         metrics.watch_pool(pool.size, pool.idle)
-        return cls(pool)
+        return cls(pool, url, timeout)
 
     def service(self) -> _ServiceSession:
         return self._service
 
     def as_user(self, principal: UserPrincipal) -> _Session:
-        return _Session(self._pool, json.dumps(dict(principal.claims)))
+        return _Session(self._pool, self._timeout, json.dumps(dict(principal.claims)))
 
     async def close(self) -> None:
         await self._pool.close()
 
 
 class _Session:
-    def __init__(self, pool: ConnectionPool, claims: str | None) -> None:
+    def __init__(self, pool: ConnectionPool, timeout: float, claims: str | None) -> None:
         self._pool = pool
+        self._timeout = timeout
         self._claims = claims
 
     async def call(self, call: SqlCall[Any]) -> Any:
-        statement, values = _statement(type(call)), call.values()
+        timeout = runtime.step_timeout(self._timeout)
+        return await self._run(_statement(type(call)), call.values(), timeout)
+
+    async def _run(self, statement: str, values: Values, within: float) -> Any:
+        """`statement`'s value, with a connection and the answer within `within` seconds."""
+        until = time.monotonic() + within
         try:
-            conn = await self._pool.acquire()
+            conn = await self._pool.acquire(within)
         except (PoolClosed, TimeoutError):
             raise BackendUnavailable() from None
         # Back to the pool only after the server answered: a result, or an SQL error.
         reusable = False
         try:
             if self._claims is None:
-                result = await conn.fetchval(statement, *values)
+                result = await conn.fetchval(statement, *values, timeout=until - time.monotonic())
             else:
-                async with conn.transaction():
-                    await conn.execute(_SET_USER_CONTEXT, self._claims)
-                    result = await conn.fetchval(statement, *values)
+                result = await self._as_user(conn, statement, values, until)
             reusable = True
             return result
         except asyncpg.PostgresError as exc:
@@ -146,39 +172,73 @@ class _Session:
         finally:
             self._pool.release(conn, reusable=reusable)
 
+    async def _as_user(
+        self, conn: asyncpg.Connection, statement: str, values: Values, until: float
+    ) -> Any:
+        """`statement` in a transaction as role `authenticated` with the caller's claims, each
+        step by `until`. An SQL error rolls it back; a timeout or a lost connection leaves the
+        connection to be closed, which ends the transaction (asyncpg's `transaction()` would
+        first wait for the rollback of a server that does not answer)."""
+        await conn.execute("begin", timeout=until - time.monotonic())
+        try:
+            await conn.execute(_SET_USER_CONTEXT, self._claims, timeout=until - time.monotonic())
+            result = await conn.fetchval(statement, *values, timeout=until - time.monotonic())
+        except asyncpg.PostgresError as exc:
+            if reusable_after(exc):
+                await conn.execute("rollback", timeout=until - time.monotonic())
+            raise
+        await conn.execute("commit", timeout=until - time.monotonic())
+        return result
+
 
 class _ServiceSession(_Session):
-    """The service layer: calls of functions with a batched form join while the pool is busy."""
+    """The service layer: calls of functions with a batched form join while the pool is busy,
+    and a user's calls go one batch (or lone call) at a time (server/transports/batching.py)."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
-        super().__init__(pool, None)
+    def __init__(self, pool: ConnectionPool, timeout: float) -> None:
+        super().__init__(pool, timeout, None)
         self._batchers: dict[Declared, Batcher] = {}
 
     async def call(self, call: SqlCall[Any]) -> Any:
         declared = type(call)
-        if declared.batched is None or not self._pool.busy():
-            return await super().call(call)
+        timeout = runtime.step_timeout(self._timeout)
+        if declared.batched is None:
+            return await self._run(_statement(declared), call.values(), timeout)
         batcher = self._batchers.get(declared)
         if batcher is None:
-            send = functools.partial(_send_batch, declared)
-            batcher = Batcher(declared.function, self._pool, send, _batch_failed)
-            self._batchers[declared] = batcher
-        return await batcher.call(call.values())
+            batcher = self._batcher(declared)
+        values = call.values()
+        user = values[0]  # p_user_id: every batched form's first parameter
+        if not batcher.may_go_alone(user):
+            return await batcher.call(user, values, timeout)
+        batcher.going_alone(user)
+        try:
+            return await self._run(_statement(declared), values, timeout)
+        finally:
+            batcher.done_alone(user)
+
+    def _batcher(self, declared: Declared) -> Batcher:
+        if declared.params()[0] != "p_user_id":
+            raise TypeError(f"{declared.batched} must take p_user_id first: calls join per user")
+        send = functools.partial(_send_batch, declared)
+        batcher = Batcher(declared.function, self._pool, send, _batch_failed, self._timeout)
+        self._batchers[declared] = batcher
+        return batcher
 
 
 async def _send_batch(
-    declared: Declared, conn: asyncpg.Connection, calls: Sequence[Values]
+    declared: Declared, conn: asyncpg.Connection, calls: Sequence[Values], within: float
 ) -> list[object]:
     """Each call's result, or the domain error it raised, in the order of `calls`."""
     if len(calls) == 1:
         try:
-            return [await conn.fetchval(_statement(declared), *calls[0])]
+            return [await conn.fetchval(_statement(declared), *calls[0], timeout=within)]
         except asyncpg.PostgresError as exc:
             return [_translate(exc)]
     columns = [list(column) for column in zip(*calls, strict=True)]
     outcomes: list[object] = [None] * len(calls)
     for ordinal, result, code, message, detail in await conn.fetch(
-        _each_statement(declared), *columns
+        _each_statement(declared), *columns, timeout=within
     ):
         if code is None:
             outcomes[ordinal - 1] = result
@@ -189,7 +249,8 @@ async def _send_batch(
 
 
 def _batch_failed(exc: BaseException) -> BaseException:
-    """What each call of a batch raises when the batch as a whole failed with `exc`."""
+    """What each call of a batch raises when the batch as a whole failed with `exc`, or when
+    its own time ran out (a TimeoutError)."""
     if isinstance(exc, _DRIVER_ERRORS):
         return _translate(exc)
     return BackendUnavailable()  # the pool closed or timed out, or the call was cancelled

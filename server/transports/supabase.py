@@ -7,11 +7,14 @@ headers in shared mutable state, and one client shared by users would send one u
 another user's request. Only the HTTP connection pool is shared, and it carries no headers.
 
 Both layers call the same SQL functions as the postgres transport, by name with named
-arguments, and their errors map to the same domain errors.
+arguments, and their errors map to the same domain errors. A call that gets no answer within
+the configured timeout (CREDITS_DB_TIMEOUT_SECONDS), or sooner when the RPC it serves must be
+answered sooner (runtime.step_timeout), is BACKEND_UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -23,7 +26,7 @@ from postgrest import AsyncPostgrestClient
 from postgrest.exceptions import APIError
 from supabase import AsyncClient, AsyncClientOptions
 
-from server import errors
+from server import errors, runtime
 from server.auth.principal import UserPrincipal
 from server.config import SupabaseProject
 from server.repository.functions import SqlCall
@@ -38,28 +41,38 @@ _JWT_ERRORS = {"PGRST301", "PGRST302", "PGRST303"}
 _INVALID_API_KEY = "Invalid API key"
 # PostgREST cannot reach or use its database.
 _UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003"}
+# The default of CREDITS_DB_TIMEOUT_SECONDS (as the postgres transport's).
+DEFAULT_TIMEOUT = 3.0
 
 
 class SupabaseTransport:
     """The service client, the user-client factory and the connection pool they share."""
 
     def __init__(
-        self, http: httpx.AsyncClient, service: AsyncClient, rest_url: str, anon_key: str
+        self,
+        http: httpx.AsyncClient,
+        service: AsyncClient,
+        rest_url: str,
+        anon_key: str,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self._http = http
-        self._service = _Session(service.postgrest, service=True)
+        self._service = _Session(service.postgrest, timeout, service=True)
         self._rest_url = rest_url
         self._anon_key = anon_key
+        self._timeout = timeout
 
     @classmethod
-    def connect(cls, project: SupabaseProject, *, timeout: float = 10.0) -> SupabaseTransport:
+    def connect(
+        cls, project: SupabaseProject, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> SupabaseTransport:
         http = httpx.AsyncClient(timeout=timeout)
         options = AsyncClientOptions(
             httpx_client=http, auto_refresh_token=False, persist_session=False
         )
         service = AsyncClient(project.url, project.service_key, options)
         rest_url = project.url.rstrip("/") + "/rest/v1"
-        return cls(http, service, rest_url, project.anon_key)
+        return cls(http, service, rest_url, project.anon_key, timeout)
 
     def service(self) -> _Session:
         return self._service
@@ -70,27 +83,33 @@ class SupabaseTransport:
             headers={"apiKey": self._anon_key, "Authorization": f"Bearer {principal.token}"},
             http_client=self._http,
         )
-        return _Session(client, service=False)
+        return _Session(client, self._timeout, service=False)
 
     async def close(self) -> None:
         await self._http.aclose()
 
 
 class _Session:
-    def __init__(self, client: AsyncPostgrestClient, *, service: bool) -> None:
+    def __init__(self, client: AsyncPostgrestClient, timeout: float, *, service: bool) -> None:
         self._client = client
+        self._timeout = timeout
         self._is_service = service
 
-    async def call(self, call: SqlCall[Any]) -> Any:
+    async def call(self, call: SqlCall[Any], *, within: float | None = None) -> Any:
+        """The function's JSON result within `within` seconds (default: the configured
+        timeout, or less near the RPC's deadline)."""
         params = {
             name: _json_value(value)
             for name, value in zip(call.params(), call.values(), strict=True)
         }
+        if within is None:
+            within = runtime.step_timeout(self._timeout)
         try:
-            response = await self._client.rpc(call.function, params).execute()
+            async with asyncio.timeout(within):
+                response = await self._client.rpc(call.function, params).execute()
         except APIError as error:
             raise translate_error(error, service=self._is_service) from error
-        except httpx.TransportError as error:  # timeouts, refused and reset connections
+        except (httpx.TransportError, TimeoutError) as error:  # refused, reset, no answer
             raise errors.BackendUnavailable() from error
         return response.data
 

@@ -1,6 +1,7 @@
 """Calls joined into one round trip while the pool is busy, on a real PostgreSQL: each call gets
 its own answer, one call's refusal undoes nothing of another's, batches never deadlock each
-other, and a batch that fails as a whole writes nothing.
+other, a batch that fails as a whole writes nothing, and a user whose row is locked holds up
+only their own calls.
 
 The pool has one connection. A debit for a user whose profile row the test holds locked keeps
 that connection busy; the calls made meanwhile wait together, and go as one batch (one
@@ -374,3 +375,43 @@ async def test_closing_fails_the_calls_still_waiting(
     with pytest.raises(errors.BackendUnavailable):
         await waiting
     await blocker.release()
+
+
+async def test_a_locked_row_holds_up_only_its_own_users_calls(
+    database_url: str, owner: asyncpg.Connection
+) -> None:
+    """One user's profile row is held locked elsewhere while the pool (two connections) is
+    busy: the debits of other users made beside theirs go through, in batches, while the lock
+    is held; the user's own wait, and go once it is let go, each once and in order."""
+    transport = await PostgresTransport.connect(
+        database_url, min_size=1, max_size=2, timeout_seconds=30
+    )
+    try:
+        hot = await new_user(transport, 100)
+        others = [await new_user(transport, 100) for _ in range(6)]
+        hot_keys = [f"hot-{n}-{hot}" for n in range(4)]
+        before = batched_calls(functions.Debit)
+        async with owner.transaction():
+            await lock_profile(owner, hot)
+            first = asyncio.create_task(debit(transport, hot, 1, hot_keys[0]))
+            await wait_for_lock_waiter(owner)
+            hot_calls = [
+                first,
+                *(asyncio.create_task(debit(transport, hot, 1, key)) for key in hot_keys[1:]),
+            ]
+            keys, calls = start_debits(transport, others, "beside-hot")
+            done = await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
+            assert [result["transaction"]["idempotency_key"] for result in done] == keys
+            assert not any(call.done() for call in hot_calls), "the row is still locked"
+            assert batched_calls(functions.Debit) - before >= 2, "the pool was busy: batches"
+        results = await asyncio.wait_for(asyncio.gather(*hot_calls), timeout=10)
+    finally:
+        await transport.close()
+
+    assert [result["balance"] for result in results] == [99, 98, 97, 96]
+    rows = await owner.fetch(
+        "select idempotency_key from public.credit_transactions"
+        " where user_id = $1 and kind = 'debit' order by seq",
+        hot,
+    )
+    assert [row["idempotency_key"] for row in rows] == hot_keys
