@@ -30,6 +30,7 @@ from server.credit.ledger import CreditLedger
 from server.credit.profiles import ProfileKeeper
 from server.credit.sweeper import HoldSweeper
 from server.db import embedded, migrate
+from server.db.watch import DatabaseWatch
 from server.errors import ServiceCredentialsRejected
 from server.generation import catalogue as catalogue_file
 from server.generation.feed import ChangeFeed
@@ -63,8 +64,8 @@ class ConfigurationError(Exception):
 
 @dataclasses.dataclass
 class Backend:
-    """What the API and the workers share: the database side, the repositories, the catalogue
-    and the change feed."""
+    """What the API and the workers share: the database side, the repositories, the catalogue,
+    the change feed, and the watch on the database (started by whoever serves)."""
 
     settings: Settings
     transport: Transport
@@ -73,8 +74,10 @@ class Backend:
     generations: GenerationRepository
     catalogue: Mapping[str, ModelSpec]
     feed: ChangeFeed
+    watch: DatabaseWatch
 
     async def close(self) -> None:
+        await self.watch.stop()  # first: a database being stopped is not to be restarted
         await self.feed.close()
         await self.transport.close()
         if self.database is not None:
@@ -142,7 +145,9 @@ def token_verifier(settings: Settings) -> TokenVerifier:
     return TokenVerifier.from_settings(settings)
 
 
-async def connect(settings: Settings, url: str | None, pool_size: int) -> Transport:
+async def connect(
+    settings: Settings, url: str | None, pool_size: int
+) -> PostgresTransport | SupabaseTransport:
     """The transport to the Supabase project the settings name, or to the PostgreSQL at
     `url` (the embedded one, or DATABASE_URL)."""
     project = settings.supabase_project
@@ -171,7 +176,7 @@ def start_shared_database(settings: Settings) -> tuple[embedded.EmbeddedPostgres
 
 async def open_store(
     settings: Settings,
-) -> tuple[Transport, embedded.EmbeddedPostgres | None, str | None]:
+) -> tuple[PostgresTransport | SupabaseTransport, embedded.EmbeddedPostgres | None, str | None]:
     """The transport the settings name, the embedded PostgreSQL if this process runs one, and
     the PostgreSQL URL when there is direct access (for LISTEN).
 
@@ -207,6 +212,7 @@ async def open_backend(settings: Settings) -> Backend:
         GenerationRepository(layers),
         catalogue,
         feed,
+        DatabaseWatch(transport.probe, database),
     )
     try:
         if isinstance(feed, PostgresChangeFeed):
@@ -279,6 +285,7 @@ async def start(settings: Settings) -> Application:
     gc.freeze()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    backend.watch.start(health.follow_database)
     return app
 
 
@@ -321,6 +328,7 @@ async def run_workers(settings: Settings, count: int) -> None:
     backend = await open_backend(resolve(settings))
     pool = worker_pool(backend, count)
     pool.start()
+    backend.watch.start()  # no health to tell; an embedded PostgreSQL is still restarted
     log.info("credits worker running %d workers", count)
     try:
         await _until_signalled()

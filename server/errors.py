@@ -145,6 +145,16 @@ class GenerationNotCancellable(CreditsError):
     default_message = "the generation is already final"
 
 
+class BalanceLimitExceeded(CreditsError):
+    """A grant or refund would raise the balance past the largest one the ledger can hold
+    (PostgreSQL's bigint, 2^63 - 1); the database refuses it before it overflows."""
+
+    reason = "BALANCE_LIMIT_EXCEEDED"
+    default_message = (
+        "the balance would exceed the largest the service can hold (9223372036854775807 credits)"
+    )
+
+
 class IdempotencyKeyReused(CreditsError):
     reason = "IDEMPOTENCY_KEY_REUSED"
     default_message = "the idempotency key was already used with different parameters"

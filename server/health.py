@@ -1,4 +1,5 @@
-"""The standard health service (grpc.health.v1), whose Watch streams end once shutdown begins.
+"""The standard health service (grpc.health.v1), whose Watch streams end once shutdown begins,
+and which follows the database (server/db/watch.py tells it when that stops or starts answering).
 
 grpcio-health-checking's servicer keeps every Watch open until the client leaves, so a single
 watcher (a load balancer's client-side health check, grpcurl) held a stopping server for its
@@ -54,6 +55,16 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         async with self._changed:
             if not self._shutting_down:
                 self._statuses[service] = status
+                self._changed.notify_all()
+
+    async def follow_database(self, reachable: bool) -> None:
+        """Every service SERVING while the database answers, NOT_SERVING while it does not (a
+        load balancer then sends calls to instances that can serve them); ignored once
+        shutdown began."""
+        status = SERVING if reachable else NOT_SERVING
+        async with self._changed:
+            if not self._shutting_down:
+                self._statuses = dict.fromkeys(self._statuses, status)
                 self._changed.notify_all()
 
     def _status_of(self, service: str) -> int:

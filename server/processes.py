@@ -19,7 +19,8 @@ SIGTERM or SIGINT to the parent is forwarded to every child (each turns health N
 in-flight calls finish, exits 0); then the parent stops the embedded PostgreSQL and exits 0. A
 child that dies otherwise is restarted; if children keep crashing (MAX_CRASHES within
 CRASH_WINDOW seconds) the parent stops everything and exits 1. A child whose parent is gone
-(SIGKILLed, say) stops by itself within a second or so.
+(SIGKILLed, say) stops by itself within a second or so. An embedded PostgreSQL whose postmaster
+died is started again by the parent (each child's health follows the database meanwhile).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from server import app as application
 from server import runtime, serving
 from server.config import Settings, host_port
 from server.db import embedded
+from server.db.watch import restart_blocking
 from server.observability import logs
 
 log = logging.getLogger(__name__)
@@ -174,9 +176,12 @@ class StopSignal:
 class Supervisor:
     """Starts, watches, restarts and stops the children (run in the parent, no event loop)."""
 
-    def __init__(self, settings: Settings, stop: StopSignal) -> None:
+    def __init__(
+        self, settings: Settings, stop: StopSignal, database: embedded.EmbeddedPostgres | None
+    ) -> None:
         self._settings = settings
         self._stop = stop
+        self._database = database  # the embedded PostgreSQL, started again if it dies
         self._context = multiprocessing.get_context("spawn")
         self._children: dict[int, _Child] = {}
         self._crashes: deque[float] = deque()
@@ -260,6 +265,8 @@ class Supervisor:
                     continue
                 if not self._restart(child):
                     return False
+            if self._database is not None and not self._database.alive():
+                restart_blocking(self._database)
         return True
 
     def _restart(self, child: _Child) -> bool:
@@ -339,7 +346,7 @@ def supervise(settings: Settings) -> int:
         database, children = application.start_shared_database(
             dataclasses.replace(settings, listen=listen)
         )
-        supervisor = Supervisor(children, stop)
+        supervisor = Supervisor(children, stop, database)
         if not stop.requested and supervisor.start():
             log.info(
                 "credits serving on %s (%s, %d processes)",

@@ -30,6 +30,7 @@ STATUS_CODES: dict[type[errors.CreditsError], grpc.StatusCode] = {
     errors.HoldNotPending: grpc.StatusCode.FAILED_PRECONDITION,
     errors.RefundExceedsDebit: grpc.StatusCode.FAILED_PRECONDITION,
     errors.GenerationNotCancellable: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.BalanceLimitExceeded: grpc.StatusCode.FAILED_PRECONDITION,
     errors.IdempotencyKeyReused: grpc.StatusCode.ALREADY_EXISTS,
     errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ServerStopping: grpc.StatusCode.UNAVAILABLE,

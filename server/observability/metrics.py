@@ -1,8 +1,8 @@
 """Prometheus metrics, served on CREDITS_METRICS_LISTEN (off when unset).
 
 RPCs by method and status code with their latency, credential fallbacks and the breaker, ledger
-operations, the generation queue and worker outcomes, and the database pool's use. Names are
-prefixed `credits_`.
+operations, the generation queue and worker outcomes, the database pool's use, whether the
+database answers, and restarts of the embedded PostgreSQL. Names are prefixed `credits_`.
 """
 
 from __future__ import annotations
@@ -61,6 +61,15 @@ OLDEST_QUEUED_SECONDS = Gauge(
 )
 POOL_CONNECTIONS = Gauge(
     "credits_db_pool_connections", "Database pool connections, by state", ["state"]
+)
+DATABASE_REACHABLE = Gauge(
+    "credits_database_reachable",
+    "1 while the database answers the health probe (every 2 s), 0 while it does not: health "
+    "says NOT_SERVING then",
+)
+EMBEDDED_POSTGRES_RESTARTS = Counter(
+    "credits_embedded_postgres_restarts",
+    "Times the embedded PostgreSQL was started again after its postmaster died",
 )
 BATCHED_CALLS = Histogram(
     "credits_db_batch_calls",

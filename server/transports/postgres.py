@@ -79,13 +79,14 @@ DEFAULT_TIMEOUT = 3.0
 
 
 class PostgresTransport:
-    """A connection pool and the two layers over it."""
+    """A connection pool, the two layers over it, and the probe health follows."""
 
     def __init__(self, pool: ConnectionPool, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self._pool = pool
         self._url = url
         self._timeout = timeout
         self._service = _ServiceSession(pool, timeout)
+        self._probe_conn: asyncpg.Connection | None = None
 
     @classmethod
     async def connect(
@@ -134,7 +135,29 @@ class PostgresTransport:
     def as_user(self, principal: UserPrincipal) -> _Session:
         return _Session(self._pool, self._timeout, json.dumps(dict(principal.claims)))
 
+    async def probe(self, within: float) -> None:
+        """`select 1` answered within `within` seconds, or BackendUnavailable. On a connection
+        of its own, never a pooled one: a busy pool is neither mistaken for a lost database
+        nor kept waiting by the check."""
+        try:
+            if self._probe_conn is None or self._probe_conn.is_closed():
+                self._probe_conn = None
+                self._probe_conn = await asyncpg.connect(
+                    self._url,
+                    timeout=within,
+                    server_settings={"application_name": "credits-probe"},
+                )
+            await self._probe_conn.fetchval("select 1", timeout=within)
+        except (*_DRIVER_ERRORS, asyncpg.InterfaceError) as exc:
+            if self._probe_conn is not None:
+                self._probe_conn.terminate()
+                self._probe_conn = None
+            raise BackendUnavailable() from exc
+
     async def close(self) -> None:
+        if self._probe_conn is not None:
+            self._probe_conn.terminate()
+            self._probe_conn = None
         await self._pool.close()
 
 

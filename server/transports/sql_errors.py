@@ -1,6 +1,7 @@
 """The errors the SQL functions raise on purpose, as domain errors (shared by all transports).
 
-See the header of the migration *_credits_ledger.sql for the SQLSTATEs.
+See the header of the migration *_credits_ledger.sql for the SQLSTATEs (CR011: the header of
+*_credits_balance_ceiling.sql).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def domain_error(sqlstate: str, message: str, detail: str | None) -> errors.Cred
         "CR007": errors.RefundExceedsDebit,
         "CR009": errors.GenerationNotFound,
         "CR010": errors.GenerationNotCancellable,
+        "CR011": errors.BalanceLimitExceeded,
         INSUFFICIENT_PRIVILEGE: errors.AccessDeniedByPolicy,
     }
     cls = simple.get(sqlstate)

@@ -29,7 +29,7 @@ from supabase import AsyncClient, AsyncClientOptions
 from server import errors, runtime
 from server.auth.principal import UserPrincipal
 from server.config import SupabaseProject
-from server.repository.functions import SqlCall
+from server.repository.functions import SchemaVersion, SqlCall
 from server.repository.transport import CredentialsRejected
 from server.transports.sql_errors import domain_error, is_transient
 
@@ -84,6 +84,17 @@ class SupabaseTransport:
             http_client=self._http,
         )
         return _Session(client, self._timeout, service=False)
+
+    async def probe(self, within: float) -> None:
+        """A cheap call through the REST API to the database (the schema version) answered
+        within `within` seconds, or BackendUnavailable. A refusal (of the credentials, say)
+        still proves the database reachable: it is the breaker's business, not health's."""
+        try:
+            await self._service.call(SchemaVersion(), within=within)
+        except errors.BackendUnavailable:
+            raise
+        except (CredentialsRejected, errors.CreditsError, APIError):
+            return  # an answer from the database, if not the one hoped for
 
     async def close(self) -> None:
         await self._http.aclose()

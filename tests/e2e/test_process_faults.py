@@ -1,22 +1,36 @@
 """`credits serve` stopped the hard and the gentle way while it works: the ledger stays
-consistent, and a graceful stop lets in-flight RPCs finish."""
+consistent, and a graceful stop lets in-flight RPCs finish. Its embedded PostgreSQL killed
+under it is started again, and one left behind by a killed service is stopped by the next."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
+from grpc_health.v1 import health_pb2
 
 from credits.v1 import credit_service_pb2 as cpb
 from credits.v1 import credit_service_pb2_grpc, generation_pb2, generation_service_pb2_grpc
 from credits.v1 import generation_service_pb2 as gpb
-from tests.fixtures.process import ServeProcess, scratch_dir, start_serve
+from tests.fixtures.process import (
+    ServeProcess,
+    free_port,
+    health_status,
+    pid_alive,
+    scratch_dir,
+    start_serve,
+    wait_gone,
+)
 
 USER = "3d6c0a51-4b7e-4f2a-9c1d-8e5f6a7b8c9d"
 
@@ -145,3 +159,99 @@ def test_sigterm_lets_an_in_flight_generation_finish(workdir: Path) -> None:
         assert proc.wait(timeout=15) == 0
     finally:
         proc.stop()
+
+
+def balance(proc: ServeProcess, user: tuple[tuple[str, str]]) -> int:
+    with grpc.insecure_channel(proc.address) as channel:
+        stub = credit_service_pb2_grpc.CreditServiceStub(channel)
+        reply = stub.GetBalance(cpb.GetBalanceRequest(), metadata=user, timeout=10)
+    return int(reply.balance)
+
+
+def answered(proc: ServeProcess, user: tuple[tuple[str, str]]) -> int | None:
+    """The user's balance, or None while the service says UNAVAILABLE (and nothing else)."""
+    try:
+        return balance(proc, user)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return None
+
+
+def metric(port: int, name: str) -> float | None:
+    """A sample of this service's /metrics, by its full name."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+def test_a_killed_postgres_is_started_again_and_calls_succeed_without_a_restart(
+    workdir: Path,
+) -> None:
+    metrics_port = free_port()
+    proc = start_serve(workdir, extra_env={"CREDITS_METRICS_LISTEN": f"127.0.0.1:{metrics_port}"})
+    try:
+        user = fund(proc, 30)
+        killed = proc.read_postmaster_pid()
+        os.kill(killed, signal.SIGKILL)
+        assert wait_gone(killed, 10)
+
+        deadline = time.monotonic() + 30
+        while (answer := answered(proc, user)) is None:
+            assert time.monotonic() < deadline, f"no answer again\n{proc.describe()}"
+            time.sleep(0.5)
+        assert answer == 30
+        assert proc.popen.poll() is None, "the service itself was not restarted"
+        assert proc.read_postmaster_pid() != killed
+        assert metric(metrics_port, "credits_embedded_postgres_restarts_total") == 1.0
+        assert "embedded PostgreSQL started again" in proc.log(), proc.describe()
+        deadline = time.monotonic() + 10
+        while health_status(proc.address) != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, f"health not SERVING again\n{proc.describe()}"
+            time.sleep(0.2)
+    finally:
+        proc.stop()
+    assert proc.popen.returncode == 0, proc.describe()
+
+
+def postgres_processes(data_dir: Path) -> list[int]:
+    """The live PostgreSQL processes serving `data_dir` (zombies, not reaped yet, excluded)."""
+    pgdata = str(data_dir / "postgres")
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if pgdata in (process.info["cmdline"] or ()) and pid_alive(process.pid):
+                found.append(process.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("postgres", ["left running", "killed too"])
+def test_after_a_killed_service_the_next_one_starts_and_stops_its_postgres(
+    workdir: Path, postgres: str
+) -> None:
+    first = start_serve(workdir)
+    user = fund(first, 7)
+    postmaster = first.read_postmaster_pid()
+    first.popen.kill()  # no cleanup at all: pgserver's handle of this process stays behind
+    first.popen.wait(timeout=10)
+    if postgres == "killed too":
+        os.kill(postmaster, signal.SIGKILL)
+    try:
+        second = start_serve(workdir)
+        try:
+            assert balance(second, user) == 7
+        finally:
+            assert second.stop() == 0, second.describe()
+        stopped = time.monotonic() + 10
+        while postgres_processes(second.data_dir):
+            assert time.monotonic() < stopped, (
+                f"PostgreSQL left running: {postgres_processes(second.data_dir)}\n"
+                f"{second.describe()}"
+            )
+            time.sleep(0.1)
+    finally:
+        first.kill()

@@ -276,3 +276,36 @@ def test_a_child_that_keeps_crashing_stops_everything_with_exit_1() -> None:
             assert wait_gone(postmaster, 5.0), f"PostgreSQL (pid {postmaster}) still running"
         finally:
             proc.kill()
+
+
+def test_a_killed_postgres_is_started_again_by_the_supervisor() -> None:
+    with scratch_dir("credits-e2e-processes-postgres-") as workdir:
+        proc = start_serve(workdir, extra_env=PROCESSES)
+        try:
+            eventually(lambda: len(child_pids(proc)) == 2, 10.0, "both children ready", proc)
+            token = proc.token("--user", "5c1e2d3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f")
+            assert balance_on_fresh_connections(proc, token, "before")
+            children = child_pids(proc)
+            killed = proc.read_postmaster_pid()
+            os.kill(killed, signal.SIGKILL)
+            assert wait_gone(killed, EXIT_TIMEOUT)
+
+            def answers() -> bool:
+                try:
+                    balance_on_fresh_connections(proc, token, f"after-{time.monotonic()}")
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    return False
+                return True
+
+            eventually(answers, 30.0, "every process answers again", proc)
+            assert proc.read_postmaster_pid() != killed
+            assert child_pids(proc) == children, "no process was restarted"
+            assert any(
+                line["pid"] == proc.popen.pid and "started again" in str(line["message"])
+                for line in log_lines(proc)
+            ), proc.describe()
+        finally:
+            proc.stop()
+        assert proc.popen.returncode == 0, proc.describe()

@@ -1,9 +1,11 @@
 """A database that stops answering (every PostgreSQL process frozen with SIGSTOP), over both
-transports: a call fails UNAVAILABLE / BACKEND_UNAVAILABLE with a RetryInfo after the configured
+transports: health turns NOT_SERVING within a few seconds and SERVING again once it answers;
+meanwhile a call fails UNAVAILABLE / BACKEND_UNAVAILABLE with a RetryInfo after the configured
 database timeout, or before its own deadline when that is nearer, never DEADLINE_EXCEEDED."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -18,6 +20,7 @@ import grpc
 import grpc.aio
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from credits.v1 import credit_service_pb2 as pb
 from credits.v1 import credit_service_pb2_grpc
@@ -27,7 +30,11 @@ from tests.fakes.supabase import FakeSupabase
 from tests.fixtures.errors import failure
 from tests.fixtures.server import TEST_JWT_SECRET, new_user, settings_for
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DB_TIMEOUT = 2.0
+# The watch probes every 2 s with a 1 s timeout: health follows within about 3 s.
+HEALTH_WITHIN = 8.0
 
 
 @pytest.fixture
@@ -75,6 +82,21 @@ async def app(
         await fake.stop()
 
 
+async def health_becomes(channel: grpc.aio.Channel, status: int, within: float) -> float:
+    """Seconds until health says `status` (every service); fails after `within`."""
+    health = health_pb2_grpc.HealthStub(channel)
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        answers = [
+            (await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)).status
+            for service in ("", "credits.v1.CreditService", "credits.v1.GenerationService")
+        ]
+        if answers == [status] * 3:
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health not {status} within {within} s")
+
+
 async def unavailable_after(
     stub: credit_service_pb2_grpc.CreditServiceStub, metadata: object, deadline: float
 ) -> float:
@@ -94,13 +116,14 @@ async def unavailable_after(
     return took
 
 
-async def test_calls_to_a_frozen_database_are_unavailable_in_time(
+async def test_a_frozen_database_turns_health_not_serving_and_calls_unavailable_in_time(
     app: application.Application, own_database: embedded.EmbeddedPostgres
 ) -> None:
     user = new_user()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         stub = credit_service_pb2_grpc.CreditServiceStub(channel)
         await stub.GetBalance(pb.GetBalanceRequest(), metadata=user.metadata, timeout=10)
+        await health_becomes(channel, SERVING, 1)
 
         with frozen(own_database):
             # The configured database timeout, well within the caller's 10 s.
@@ -109,6 +132,8 @@ async def test_calls_to_a_frozen_database_are_unavailable_in_time(
             # A nearer deadline of the caller's own: still UNAVAILABLE, and before it.
             took = await unavailable_after(stub, user.metadata, deadline=1)
             assert took < 1.0, took
+            await health_becomes(channel, NOT_SERVING, HEALTH_WITHIN)
 
+        await health_becomes(channel, SERVING, HEALTH_WITHIN)
         balance = await stub.GetBalance(pb.GetBalanceRequest(), metadata=user.metadata, timeout=10)
         assert balance.user_id == user.user_id

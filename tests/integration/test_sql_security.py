@@ -31,6 +31,7 @@ INSUFFICIENT_CREDITS = "CR001"
 KEY_REUSED = "CR002"
 PROFILE_NOT_FOUND = "CR003"
 HOLD_NOT_FOUND = "CR004"
+BALANCE_LIMIT_EXCEEDED = "CR011"
 TRANSACTION_NOT_FOUND = "CR006"
 GENERATION_NOT_FOUND = "CR009"
 LEDGER_SUM = """
@@ -949,6 +950,14 @@ FUNCTION_MATRIX = [
         ("alice",),
         SERVICE_ONLY,
         Effect(returns={"balance": 102, "replayed": False}, balance=7, ledger=(("grant", 7),)),
+    ),
+    # Past the largest bigint balance: refused before the ledger entry, nothing written.
+    Entry(
+        "credit_grant(uuid, bigint, text, text, jsonb)",
+        "select public.credit_grant($1, 9223372036854775807, 'matrix-grant', '', '{}'::jsonb)",
+        ("alice",),
+        outcomes(own=DENIED, other=DENIED, service=BALANCE_LIMIT_EXCEEDED),
+        variant="past-the-ceiling",
     ),
     Entry(
         "credit_reserve(uuid, bigint, text, integer, text)",

@@ -305,6 +305,13 @@ class GenerationNotCancellable(FailedPrecondition):
     reasons = ("GENERATION_NOT_CANCELLABLE",)
 
 
+class BalanceLimitExceeded(FailedPrecondition):
+    """A grant or refund would raise the balance past the largest the service can hold
+    (2^63 - 1 credits)."""
+
+    reasons = ("BALANCE_LIMIT_EXCEEDED",)
+
+
 class IdempotencyKeyReused(AlreadyExists):
     """The idempotency key (or request_id) was used before with different parameters."""
 
