@@ -23,6 +23,7 @@ from credits.v1 import (
 from server import reflection, runtime, serving
 from server.api.credit_servicer import CreditServicer
 from server.api.generation_servicer import GenerationServicer
+from server.auth.page_key import page_token_key
 from server.auth.secret_store import load_or_create_jwt_secret
 from server.auth.verifier import TokenVerifier
 from server.config import Settings
@@ -31,10 +32,11 @@ from server.credit.profiles import ProfileKeeper
 from server.credit.sweeper import HoldSweeper
 from server.db import embedded, migrate
 from server.db.watch import DatabaseWatch
+from server.domain.paging import PageTokens, page_budget
 from server.errors import ServiceCredentialsRejected
 from server.generation import catalogue as catalogue_file
 from server.generation.feed import ChangeFeed
-from server.generation.lifecycle import Generations
+from server.generation.lifecycle import Generations, Limits
 from server.generation.models import ModelSpec
 from server.generation.worker import Worker, WorkerPool, WorkerSettings, load_providers
 from server.health import HealthServicer
@@ -118,7 +120,7 @@ class Application:
 
 def resolve(settings: Settings) -> Settings:
     """Settings checked, and completed for embedded mode (its JWT secret lives in the data
-    dir)."""
+    dir), with the key that signs page tokens settled (server/auth/page_key.py)."""
     if settings.uses_supabase_api:
         missing = [
             name
@@ -130,6 +132,7 @@ def resolve(settings: Settings) -> Settings:
         ]
         if missing:
             raise ConfigurationError(f"SUPABASE_URL is set: set {' and '.join(missing)} too")
+    settings = dataclasses.replace(settings, page_token_key=page_token_key(settings))
     if settings.embedded and not settings.jwt_secret:
         secret = load_or_create_jwt_secret(settings.data_dir)
         return dataclasses.replace(settings, jwt_secret=secret)
@@ -138,6 +141,21 @@ def resolve(settings: Settings) -> Settings:
             "no way to verify tokens: set SUPABASE_JWT_SECRET or CREDITS_JWKS_URL"
         )
     return settings
+
+
+def page_tokens(settings: Settings) -> PageTokens:
+    """The signer of the listings' page tokens, with the key `resolve` settled on."""
+    key = settings.page_token_key
+    return PageTokens(key.encode()) if key else PageTokens.ephemeral()
+
+
+def generation_limits(settings: Settings) -> Limits:
+    """What a generation request may carry, and what a page of them may take of a response."""
+    return Limits(
+        max_prompt_bytes=settings.max_prompt_bytes,
+        max_parameters_bytes=settings.max_parameters_bytes,
+        max_page_bytes=page_budget(settings.max_send_message_bytes),
+    )
 
 
 def token_verifier(settings: Settings) -> TokenVerifier:
@@ -253,7 +271,13 @@ async def start(settings: Settings) -> Application:
     backend = await open_backend(settings)
     try:
         workers = worker_pool(backend, settings.workers)
-        generations = Generations(backend.generations, backend.catalogue, backend.feed)
+        generations = Generations(
+            backend.generations,
+            backend.catalogue,
+            backend.feed,
+            page_tokens(settings),
+            generation_limits(settings),
+        )
         server, health = await _grpc_server(settings, backend, generations)
         try:
             port = (
@@ -297,10 +321,21 @@ async def _grpc_server(
         grpc.aio.server(
             options=serving.channel_options(settings), compression=serving.compression(settings)
         ),
-        CallInterceptor(token_verifier(settings), ProfileKeeper(backend.credits)),
+        CallInterceptor(
+            token_verifier(settings),
+            ProfileKeeper(backend.credits),
+            max_send_bytes=settings.max_send_message_bytes,
+        ),
     )
     credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
-        CreditServicer(CreditLedger(backend.credits)), server
+        CreditServicer(
+            CreditLedger(
+                backend.credits,
+                page_tokens(settings),
+                max_page_bytes=page_budget(settings.max_send_message_bytes),
+            )
+        ),
+        server,
     )
     generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
         GenerationServicer(generations), server

@@ -40,6 +40,8 @@ class Settings:
     metrics_listen: str | None = None
     # The secret API key a trusted service may send as its bearer instead of a JWT.
     service_api_key: str | None = None
+    # The key that signs page tokens; None: kept or derived as server/auth/page_key.py says.
+    page_token_key: str | None = None
     # How long a rejected service credential keeps calls on the user layer before a retry.
     breaker_seconds: float = 30.0
     # The model catalogue file; None for the one shipped with the service.
@@ -57,6 +59,10 @@ class Settings:
     max_receive_message_bytes: int = 4 * MIB
     # Generation outputs are bytes: answers may be larger than requests.
     max_send_message_bytes: int = 16 * MIB
+    # What one generation request may carry, in bytes of UTF-8: its prompt, and its
+    # parameters' keys and values together.
+    max_prompt_bytes: int = 16 * 1024
+    max_parameters_bytes: int = 32 * 1024
     # How often the server pings an idle connection, and how long it waits for the answer.
     keepalive_seconds: int = 60
     keepalive_timeout_seconds: int = 20
@@ -123,6 +129,7 @@ class Settings:
             signup_credits=read.whole("CREDITS_SIGNUP_CREDITS", 0, minimum=0),
             metrics_listen=read.address("CREDITS_METRICS_LISTEN"),
             service_api_key=read.text("CREDITS_SERVICE_API_KEY"),
+            page_token_key=read.text("CREDITS_PAGE_TOKEN_KEY"),
             breaker_seconds=read.seconds("CREDITS_BREAKER_SECONDS", 30.0),
             models_path=read.path("CREDITS_MODELS"),
             workers=read.whole("CREDITS_WORKERS", 2, minimum=0),
@@ -132,6 +139,8 @@ class Settings:
             tls_client_ca=read.path("CREDITS_TLS_CLIENT_CA"),
             max_receive_message_bytes=read.whole("CREDITS_MAX_RECEIVE_MESSAGE_BYTES", 4 * MIB),
             max_send_message_bytes=read.whole("CREDITS_MAX_SEND_MESSAGE_BYTES", 16 * MIB),
+            max_prompt_bytes=read.whole("CREDITS_MAX_PROMPT_BYTES", 16 * 1024),
+            max_parameters_bytes=read.whole("CREDITS_MAX_PARAMETERS_BYTES", 32 * 1024),
             keepalive_seconds=read.whole("CREDITS_KEEPALIVE_SECONDS", 60),
             keepalive_timeout_seconds=read.whole("CREDITS_KEEPALIVE_TIMEOUT_SECONDS", 20),
             max_concurrent_streams=read.whole("CREDITS_MAX_CONCURRENT_STREAMS", 100),

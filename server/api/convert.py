@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from credits.v1 import credit_service_pb2, generation_pb2, ledger_pb2
@@ -50,6 +51,14 @@ _PARAMETER_TYPES = {
     ParameterType.INTEGER: generation_pb2.PARAMETER_TYPE_INTEGER,
     ParameterType.ENUM: generation_pb2.PARAMETER_TYPE_ENUM,
 }
+
+
+# The ranges google/protobuf/timestamp.proto and duration.proto define: 0001-01-01 to
+# 9999-12-31 (what datetime holds), and +-10000 years.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+MAX_DURATION_SECONDS = 315_576_000_000
+MAX_NANOS = 999_999_999
 
 
 def timestamp(value: datetime) -> Timestamp:
@@ -118,9 +127,32 @@ def transaction_filter(request: credit_service_pb2.ListTransactionsRequest) -> T
         kinds.add(kind)
     return TransactionFilter(
         kinds=frozenset(kinds),
-        start=request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None,
-        end=request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
+        start=time_of(request.start_time, "start_time") if request.HasField("start_time") else None,
+        end=time_of(request.end_time, "end_time") if request.HasField("end_time") else None,
     )
+
+
+def time_of(value: Timestamp, field: str) -> datetime:
+    """A request's Timestamp as a datetime; one outside the range the Timestamp type defines
+    (which protobuf cannot convert) is INVALID_ARGUMENT naming `field`."""
+    if not MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS:
+        raise InvalidArgument.one(field, "must be a time from year 1 to year 9999")
+    if not 0 <= value.nanos <= MAX_NANOS:
+        raise InvalidArgument.one(field, f"nanos must be 0 to {MAX_NANOS}")
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def duration_of(value: Duration, field: str) -> timedelta:
+    """A request's Duration as a timedelta; one outside the range the Duration type defines, or
+    whose seconds and nanos differ in sign, is INVALID_ARGUMENT naming `field`."""
+    seconds, nanos = value.seconds, value.nanos
+    if not -MAX_DURATION_SECONDS <= seconds <= MAX_DURATION_SECONDS:
+        raise InvalidArgument.one(field, "must be a duration of at most 10000 years")
+    if not -MAX_NANOS <= nanos <= MAX_NANOS or (seconds > 0 > nanos) or (seconds < 0 < nanos):
+        raise InvalidArgument.one(
+            field, f"nanos must be -{MAX_NANOS} to {MAX_NANOS}, of the sign of seconds"
+        )
+    return value.ToTimedelta()
 
 
 def generation(value: Generation) -> generation_pb2.Generation:

@@ -94,7 +94,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             request.user_id,
             amount=request.amount,
             idempotency_key=request.idempotency_key,
-            ttl=request.ttl.ToTimedelta() if request.HasField("ttl") else None,
+            ttl=convert.duration_of(request.ttl, "ttl") if request.HasField("ttl") else None,
             description=request.description,
         )
         return pb.ReserveCreditsResponse(

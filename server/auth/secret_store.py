@@ -1,6 +1,7 @@
 """The legacy HS256 JWT secret of embedded mode: made once, kept in `<data_dir>/jwt_secret`.
 
-Tokens signed with it stay valid across restarts. The secret is never logged or printed.
+Tokens signed with it stay valid across restarts. The secret is never logged or printed. The
+key that signs page tokens is kept the same way, in `<data_dir>/page_token_key`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 _logger = logging.getLogger(__name__)
 
 SECRET_FILE_NAME = "jwt_secret"  # noqa: S105 - a file name, not a secret
+PAGE_TOKEN_KEY_FILE_NAME = "page_token_key"  # noqa: S105 - a file name, not a key
 # token_urlsafe(48) carries 48 random bytes (384 bits) in 64 characters.
 _SECRET_BYTES = 48
 _MIN_LENGTH = 32
@@ -37,6 +39,18 @@ def load_or_create_jwt_secret(data_dir: Path) -> str:
     return _read(path)
 
 
+def load_or_create_page_token_key(data_dir: Path) -> str:
+    """The page token key stored in `data_dir`, created (mode 0600) as the JWT secret is."""
+    path = Path(data_dir) / PAGE_TOKEN_KEY_FILE_NAME
+    try:
+        return _read(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _create(path, secrets.token_urlsafe(_SECRET_BYTES))
+    return _read(path)
+
+
 def _create(path: Path, secret: str) -> None:
     """Publish `secret` at `path` unless a file is already there, never half-written.
 
@@ -53,7 +67,7 @@ def _create(path: Path, secret: str) -> None:
             os.fsync(f.fileno())
         try:
             os.link(tmp, path)
-            _logger.info("generated a new JWT secret in %s", path)
+            _logger.info("generated a new secret in %s", path)
         except FileExistsError:
             pass  # another process created it first; its secret wins
     finally:
@@ -69,8 +83,9 @@ def _read(path: Path) -> str:
     secret = path.read_text(encoding="ascii").strip()
     if len(secret) < _MIN_LENGTH:
         raise ValueError(
-            f"{path} holds no usable JWT secret (fewer than {_MIN_LENGTH} characters); "
-            "delete it to have a new one generated, or set SUPABASE_JWT_SECRET"
+            f"{path} holds no usable secret (fewer than {_MIN_LENGTH} characters); "
+            "delete it to have a new one generated, or set SUPABASE_JWT_SECRET (jwt_secret) or "
+            "CREDITS_PAGE_TOKEN_KEY (page_token_key)"
         )
     return secret
 

@@ -16,16 +16,32 @@ from server.credit.models import (
     RefundRequest,
     Release,
     Reservation,
+    Transaction,
     TransactionFilter,
     TransactionPage,
 )
 from server.credit.ports import CreditStore
 from server.domain import access, paging, validation
+from server.domain.paging import PageTokens
+
+# A transaction's fields besides its texts in a response (ids, numbers, a timestamp, framing):
+# about 250 bytes at most.
+TRANSACTION_OVERHEAD_BYTES = 512
 
 
 class CreditLedger:
-    def __init__(self, store: CreditStore) -> None:
+    def __init__(
+        self,
+        store: CreditStore,
+        page_tokens: PageTokens | None = None,
+        *,
+        max_page_bytes: int = paging.DEFAULT_MAX_PAGE_BYTES,
+    ) -> None:
+        """`page_tokens` signs the listing's page tokens (None: a key of this process only);
+        a page's transactions take at most `max_page_bytes` of its response."""
         self._store = store
+        self._pages = page_tokens or PageTokens.ephemeral()
+        self._max_page_bytes = max_page_bytes
 
     async def get_profile(self, principal: Principal, user_id: str) -> Profile:
         return await self._store.get_profile(principal, access.target_user(principal, user_id))
@@ -134,7 +150,7 @@ class CreditLedger:
         target = access.target_user(principal, user_id)
         validation.page_size(page_size)  # judged before the time range, as fields come
         validation.time_range(where.start, where.end)
-        page, token = await paging.read_page(
+        page, token = await self._pages.read_page(
             lambda limit, before: self._store.list_transactions(
                 principal, target, limit, before, where
             ),
@@ -142,8 +158,16 @@ class CreditLedger:
             scope=paging.listing("transactions", sorted(where.kinds), where.start, where.end),
             page_size=page_size,
             page_token=page_token,
+            size_of=listed_bytes,
+            max_bytes=self._max_page_bytes,
         )
         return TransactionPage(page, token)
+
+
+def listed_bytes(transaction: Transaction) -> int:
+    """An upper bound of the transaction's size in a ListTransactions response."""
+    texts = validation.utf8_size(transaction.idempotency_key, transaction.description)
+    return TRANSACTION_OVERHEAD_BYTES + texts + paging.entries_bytes(transaction.metadata)
 
 
 def _movement(amount: int, key: str, text: str, entries: Mapping[str, str]) -> Movement:

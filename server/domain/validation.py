@@ -67,6 +67,11 @@ def idempotency_key(key: str, field: str = "idempotency_key") -> str:
     return key
 
 
+def utf8_size(*texts: str) -> int:
+    """The bytes `texts` take in UTF-8 (as protobuf strings and PostgreSQL text hold them)."""
+    return sum(len(text.encode()) for text in texts)
+
+
 def storable(field: str, *texts: str) -> None:
     """PostgreSQL's text and jsonb cannot hold the NUL character (a protobuf string can): it is
     refused as the field's error rather than failing in the database."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 from server.auth.principal import Principal
 from server.domain import access, paging, validation
+from server.domain.paging import PageTokens
 from server.errors import InvalidArgument, ServerStopping
 from server.generation import parameters as declared
 from server.generation.feed import ChangeFeed, StateChange, next_change
@@ -21,10 +22,29 @@ MAX_PROMPT_LENGTH = 4000
 MAX_PARAMETERS = 16
 MAX_PARAMETER_KEY_LENGTH = 64
 MAX_PARAMETER_VALUE_LENGTH = 1000
+# What one generation may store, in bytes of UTF-8 (CREDITS_MAX_PROMPT_BYTES,
+# CREDITS_MAX_PARAMETERS_BYTES). The defaults take every prompt of 4000 characters, and every
+# ASCII parameter set within the entry limits (16 x (64 + 1000) = 17024 bytes).
+DEFAULT_MAX_PROMPT_BYTES = 16 * 1024
+DEFAULT_MAX_PARAMETERS_BYTES = 32 * 1024
+# A generation's fields besides its texts in a response (ids, numbers, timestamps, framing):
+# about 350 bytes at most.
+GENERATION_OVERHEAD_BYTES = 512
 # A watcher re-reads at least this often: in case a notification was lost (the feed
 # reconnecting), or often where no feed publishes changes as they happen (the Supabase API).
 WATCH_RECHECK_SECONDS = 5.0
 POLL_SECONDS = 0.5
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """How much a generation request may carry (bytes of UTF-8), and how much of a response a
+    page of generations may take."""
+
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES
+    # Every key and value of `parameters`, together.
+    max_parameters_bytes: int = DEFAULT_MAX_PARAMETERS_BYTES
+    max_page_bytes: int = paging.DEFAULT_MAX_PAGE_BYTES
 
 
 class Generations:
@@ -33,8 +53,13 @@ class Generations:
         store: GenerationStore,
         catalogue: Mapping[str, ModelSpec],
         feed: ChangeFeed,
+        page_tokens: PageTokens | None = None,
+        limits: Limits | None = None,
     ) -> None:
+        """`page_tokens` signs the listing's page tokens (None: a key of this process only)."""
         self._store = store
+        self._pages = page_tokens or PageTokens.ephemeral()
+        self._limits = limits or Limits()
         self._catalogue = catalogue
         self._feed = feed
         self._recheck_seconds = WATCH_RECHECK_SECONDS if feed.live else POLL_SECONDS
@@ -66,8 +91,8 @@ class Generations:
         generation is refused for its model, in the same round trip.
         """
         target = access.target_user(principal, user_id)
-        prompt = _prompt(prompt)
-        parameters = _parameters(parameters)
+        prompt = _prompt(prompt, self._limits.max_prompt_bytes)
+        parameters = _parameters(parameters, self._limits.max_parameters_bytes)
         spec = self._catalogue.get(model)
         declared.check(model, spec.parameters if spec else None, parameters)
         request_id = validation.idempotency_key(request_id, "request_id")
@@ -105,12 +130,14 @@ class Generations:
         self, principal: Principal, user_id: str, page_size: int, page_token: str
     ) -> GenerationPage:
         target = access.target_user(principal, user_id)
-        page, token = await paging.read_page(
+        page, token = await self._pages.read_page(
             lambda limit, before: self._store.list(principal, target, limit, before),
             user_id=target,
             scope=paging.listing("generations"),
             page_size=page_size,
             page_token=page_token,
+            size_of=listed_bytes,
+            max_bytes=self._limits.max_page_bytes,
         )
         return GenerationPage(page, token)
 
@@ -172,18 +199,40 @@ def _could_be_catalogued(model: str) -> bool:
     return 1 <= len(model) <= MAX_MODEL_LENGTH and "\x00" not in model
 
 
-def _prompt(prompt: str) -> str:
+def listed_bytes(generation: Generation) -> int:
+    """An upper bound of the generation's size in a ListGenerations response."""
+    texts = validation.utf8_size(
+        generation.model,
+        generation.prompt,
+        generation.output_mime_type,
+        generation.error_message,
+    )
+    return (
+        GENERATION_OVERHEAD_BYTES
+        + texts
+        + len(generation.output)
+        + paging.entries_bytes(generation.parameters)
+    )
+
+
+def _prompt(prompt: str, max_bytes: int) -> str:
     if not prompt.strip():
         raise InvalidArgument.one("prompt", "must not be empty")
     if len(prompt) > MAX_PROMPT_LENGTH:
         raise InvalidArgument.one("prompt", f"must be at most {MAX_PROMPT_LENGTH} characters")
+    if validation.utf8_size(prompt) > max_bytes:
+        raise InvalidArgument.one("prompt", f"must be at most {max_bytes} bytes (UTF-8)")
     validation.storable("prompt", prompt)
     return prompt
 
 
-def _parameters(parameters: Mapping[str, str]) -> dict[str, str]:
+def _parameters(parameters: Mapping[str, str], max_bytes: int) -> dict[str, str]:
     if len(parameters) > MAX_PARAMETERS:
         raise InvalidArgument.one("parameters", f"at most {MAX_PARAMETERS} entries")
+    if validation.utf8_size(*parameters.keys(), *parameters.values()) > max_bytes:
+        raise InvalidArgument.one(
+            "parameters", f"keys and values must be at most {max_bytes} bytes (UTF-8) in all"
+        )
     for key, value in parameters.items():
         if not 1 <= len(key) <= MAX_PARAMETER_KEY_LENGTH:
             raise InvalidArgument.one(

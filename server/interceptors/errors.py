@@ -1,9 +1,12 @@
-"""Ending a call with an error: domain errors through the one error table, anything else as
-INTERNAL with no internals in the message (and its traceback in the log)."""
+"""Ending a call with an error: domain errors through the one error table, a response too large
+to send as gRPC itself ends it, anything else as INTERNAL with no internals in the message (and
+its traceback in the log)."""
 
 from __future__ import annotations
 
 import logging
+
+import grpc
 
 from server import errors
 from server.api import error_table
@@ -24,6 +27,24 @@ async def abort(context: Context, error: errors.CreditsError) -> None:
         trailers += ((REQUEST_ID_HEADER, record.request_id),)
     context.set_trailing_metadata(trailers)
     await context.abort(status.code, status.details)
+
+
+class ResponseTooLarge(Exception):
+    """A response is larger than the server may send (CREDITS_MAX_SEND_MESSAGE_BYTES)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"Sent message larger than max ({size} vs. {limit})")
+
+
+async def abort_too_large(context: Context, error: ResponseTooLarge) -> None:
+    """End the call as gRPC ends one whose response is too large (RESOURCE_EXHAUSTED, its
+    message, no ErrorInfo), noted on the call's record; the request id still goes back."""
+    record = current_call()
+    if record is not None:
+        record.fail(grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
 
 
 async def abort_unexpected(context: Context, method: str, error: BaseException) -> None:

@@ -29,7 +29,8 @@ def behaviour_of(handler: Handler) -> Behaviour:
 
 
 def rebuild(handler: Handler, behaviour: Behaviour) -> Handler:
-    """A handler of `handler`'s kind running `behaviour`, which receives requests unparsed."""
+    """A handler of `handler`'s kind running `behaviour`, which receives requests unparsed and
+    returns (or yields) responses serialized."""
     match handler.request_streaming, handler.response_streaming:
         case False, False:
             factory = grpc.unary_unary_rpc_method_handler
@@ -39,4 +40,4 @@ def rebuild(handler: Handler, behaviour: Behaviour) -> Handler:
             factory = grpc.stream_unary_rpc_method_handler
         case _:
             factory = grpc.stream_stream_rpc_method_handler
-    return factory(behaviour, response_serializer=handler.response_serializer)
+    return factory(behaviour)

@@ -8,6 +8,11 @@ guarded handler takes the request as bytes and parses it only once the caller is
 rejected call never parses its request, and a malformed one gets INVALID_ARGUMENT. It keeps the
 original's kind (unary/streaming), so streaming RPCs end with a proper status and
 `grpc-status-details-bin` too (the grpc.aio pitfall).
+
+The guarded handler also serializes the responses itself, and refuses one larger than the
+server's send limit with RESOURCE_EXHAUSTED, as gRPC core would, so that the access log records
+the status the caller got: when core refuses to send a response, grpc.aio tells the handler
+nothing (context.code() stays None), and the log said OK.
 """
 
 from __future__ import annotations
@@ -27,21 +32,35 @@ from server.auth.verifier import TokenVerifier
 from server.credit.profiles import ProfileKeeper
 from server.interceptors import access_log
 from server.interceptors.auth import authorization, is_public
-from server.interceptors.errors import abort, abort_unexpected
+from server.interceptors.errors import (
+    ResponseTooLarge,
+    abort,
+    abort_too_large,
+    abort_unexpected,
+)
 from server.interceptors.handlers import Context, Handler, behaviour_of, rebuild
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord, open_call
 
 Parse = Callable[[bytes], Any]
+Serialize = Callable[[Any], bytes]
 Metadata = Iterable[tuple[str, str | bytes]] | None
 
 
 class CallInterceptor:
     """Guards the handlers of a server's methods (installed by serving.GuardedServer)."""
 
-    def __init__(self, verifier: TokenVerifier, profiles: ProfileKeeper | None = None) -> None:
-        """`profiles` runs each user's call so that it leaves a profile (None: no database)."""
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        profiles: ProfileKeeper | None = None,
+        *,
+        max_send_bytes: int | None = None,
+    ) -> None:
+        """`profiles` runs each user's call so that it leaves a profile (None: no database);
+        `max_send_bytes` is the server's send limit (None: none)."""
         self._verifier = verifier
         self._profiles = profiles
+        self._max_send_bytes = max_send_bytes
         # method -> (the handler as registered, its guarded version)
         self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
@@ -51,7 +70,9 @@ class CallInterceptor:
             return handler
         known = self._guarded.get(method)
         if known is None or known[0] is not handler:
-            guarded = _Guarded(method, handler, self._verifier, self._profiles)
+            guarded = _Guarded(
+                method, handler, self._verifier, self._profiles, self._max_send_bytes
+            )
             known = self._guarded[method] = (handler, guarded.handler())
         return known[1]
 
@@ -66,13 +87,16 @@ class _Guarded:
         handler: Handler,
         verifier: TokenVerifier,
         profiles: ProfileKeeper | None,
+        max_send_bytes: int | None = None,
     ) -> None:
         self._method = method
         self._handler = handler
         self._behaviour = behaviour_of(handler)
         self._parse: Parse = handler.request_deserializer or _raw
+        self._serialize: Serialize = handler.response_serializer or _raw
         self._verifier = verifier
         self._profiles = profiles
+        self._max_send_bytes = max_send_bytes
 
     def handler(self) -> Handler:
         if inspect.isasyncgenfunction(self._behaviour):
@@ -89,10 +113,12 @@ class _Guarded:
         try:
             principal = await self._admit(metadata, record)
             if self._profiles is None:
-                return await self._behaviour(self._request(request), context)
-            return await self._profiles.run(
-                principal, lambda: self._behaviour(self._request(request), context)
-            )
+                response = await self._behaviour(self._request(request), context)
+            else:
+                response = await self._profiles.run(
+                    principal, lambda: self._behaviour(self._request(request), context)
+                )
+            return self._payload(response)
         except BaseException as error:
             await _end(context, record, error)
         finally:
@@ -105,7 +131,7 @@ class _Guarded:
         try:
             principal = await self._admit(metadata, record)
             async for response in self._behaviour(self._request(request), context):
-                yield response
+                yield self._payload(response)
             await self._settle(principal)
         except BaseException as error:
             await self._settle(principal, error)
@@ -121,6 +147,13 @@ class _Guarded:
         # ends with it.
         set_principal(principal)
         return principal
+
+    def _payload(self, response: Any) -> bytes:
+        """The response serialized; ResponseTooLarge past the send limit."""
+        payload: bytes = self._serialize(response)
+        if self._max_send_bytes is not None and len(payload) > self._max_send_bytes:
+            raise ResponseTooLarge(len(payload), self._max_send_bytes)
+        return payload
 
     def _request(self, request: Any) -> Any:
         """The request parsed (a stream of them, parsed one by one, for streaming requests)."""
@@ -150,6 +183,8 @@ async def _end(context: Context, record: CallRecord, error: BaseException) -> No
     error table, a bug as INTERNAL; an abort, a cancellation or a generator's close go on."""
     if isinstance(error, errors.CreditsError):
         await abort(context, error)
+    elif isinstance(error, ResponseTooLarge):
+        await abort_too_large(context, error)
     elif isinstance(error, asyncio.CancelledError):
         record.fail(grpc.StatusCode.CANCELLED, "")
     elif isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
@@ -157,8 +192,8 @@ async def _end(context: Context, record: CallRecord, error: BaseException) -> No
     raise error
 
 
-def _raw(request: bytes) -> bytes:
-    return request
+def _raw(message: bytes) -> bytes:
+    return message
 
 
 def _parse(parse: Parse, request: bytes) -> Any:

@@ -181,32 +181,53 @@ def test_nul_is_refused_in_every_text_it_could_reach() -> None:
 # paging: tokens
 
 SCOPE = paging.listing("transactions", ["debit"], None, None)
+TOKENS = paging.PageTokens(b"unit-test-page-token-key-0123456789")
 
 
 def test_a_token_reads_back_for_its_user_and_listing() -> None:
-    token = paging.encode(USER_ID, SCOPE, 42)
-    assert paging.decode(token, USER_ID, SCOPE) == 42
-    assert paging.decode("", USER_ID, SCOPE) is None  # the first page
+    token = TOKENS.issue(USER_ID, SCOPE, 42)
+    assert TOKENS.read(token, USER_ID, SCOPE) == 42
+    assert TOKENS.read("", USER_ID, SCOPE) is None  # the first page
 
 
 def test_a_token_is_bound_to_its_user() -> None:
-    token = paging.encode(USER_ID, SCOPE, 42)
+    token = TOKENS.issue(USER_ID, SCOPE, 42)
     with pytest.raises(InvalidArgument) as refused:
-        paging.decode(token, uuid.uuid4(), SCOPE)
+        TOKENS.read(token, uuid.uuid4(), SCOPE)
     assert refused_field(refused) == ["page_token"]
 
 
 def test_a_token_is_bound_to_its_listing() -> None:
-    token = paging.encode(USER_ID, SCOPE, 42)
+    token = TOKENS.issue(USER_ID, SCOPE, 42)
     other = paging.listing("transactions", ["grant"], None, None)
     assert other != SCOPE
     with pytest.raises(InvalidArgument) as refused:
-        paging.decode(token, USER_ID, other)
+        TOKENS.read(token, USER_ID, other)
     assert refused_field(refused) == ["page_token"]
 
 
-def _token(fields: object) -> str:
-    return base64.urlsafe_b64encode(json.dumps(fields).encode()).decode().rstrip("=")
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unsigned(fields: object) -> str:
+    """A token as this service wrote them before they were signed: base64 JSON alone."""
+    return _b64(json.dumps(fields).encode())
+
+
+def _signed(fields: object) -> str:
+    """A token of any content, signed with the right key: only its payload is wrong."""
+    return TOKENS.seal(json.dumps(fields).encode())
+
+
+def _edited(token: str) -> str:
+    """`token` with its position changed and its MAC kept."""
+    payload, mac = token.split(".")
+    fields = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return f"{_b64(json.dumps({**fields, 's': 41}).encode())}.{mac}"
+
+
+GOOD = TOKENS.issue(USER_ID, SCOPE, 42)
 
 
 @pytest.mark.parametrize(
@@ -214,19 +235,43 @@ def _token(fields: object) -> str:
     [
         "not a token!",
         "%%%%",
-        _token("just a string"),
-        _token({"u": str(USER_ID), "f": SCOPE}),  # no position
-        _token({"u": "nobody", "f": SCOPE, "s": 1}),
-        _token({"u": str(USER_ID), "f": SCOPE, "s": "41"}),
-        _token({"u": str(USER_ID), "f": SCOPE, "s": True}),
-        _token({"u": str(USER_ID), "f": SCOPE, "s": 4.5}),
-        paging.encode(USER_ID, SCOPE, 42)[:-3],  # cut short
+        "a.b.c",
+        "." * 3,
+        "é." + GOOD.split(".")[1],
+        GOOD[:-3],  # cut short
+        GOOD + "x" * 600,  # longer than any token issued
+        _edited(GOOD),
+        paging.PageTokens(b"another-service-key-0123456789abcdef").issue(USER_ID, SCOPE, 42),
+        _unsigned({"u": str(USER_ID), "f": SCOPE, "s": 42}),
+        _signed("just a string"),
+        _signed([1, 2]),
+        _signed({"u": str(USER_ID), "f": SCOPE}),  # no position
+        _signed({"u": "nobody", "f": SCOPE, "s": 1}),
+        _signed({"u": str(USER_ID), "f": SCOPE, "s": "41"}),
+        _signed({"u": str(USER_ID), "f": SCOPE, "s": True}),
+        _signed({"u": str(USER_ID), "f": SCOPE, "s": 4.5}),
+        _signed({"u": str(USER_ID), "f": SCOPE, "s": 0}),
+        _signed({"u": str(USER_ID), "f": SCOPE, "s": -1}),
+        _signed({"u": str(USER_ID), "f": SCOPE, "s": 2**63}),
+        _signed({"u": str(USER_ID), "f": SCOPE, "s": 10**400}),
+        _signed({"u": [str(USER_ID)], "f": SCOPE, "s": 1}),
+        TOKENS.seal(b"[" * 100_000 + b"]" * 100_000),  # nested past the decoder's limit
+        TOKENS.seal(b"\xff\xfe"),  # not UTF-8
     ],
 )
 def test_a_tampered_token_is_refused(token: str) -> None:
     with pytest.raises(InvalidArgument) as refused:
-        paging.decode(token, USER_ID, SCOPE)
+        TOKENS.read(token, USER_ID, SCOPE)
     assert refused_field(refused) == ["page_token"]
+
+
+def test_the_largest_position_is_read() -> None:
+    assert TOKENS.read(_signed({"u": str(USER_ID), "f": SCOPE, "s": 2**63 - 1}), USER_ID, SCOPE)
+
+
+def test_a_key_must_be_long_enough() -> None:
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        paging.PageTokens(b"short")
 
 
 # paging: read_page
@@ -235,13 +280,14 @@ def test_a_tampered_token_is_refused(token: str) -> None:
 @dataclass(frozen=True)
 class Row:
     seq: int
+    size: int = 100
 
 
 class Rows:
     """Rows 1..n, read newest first as the SQL reads them; records each fetch."""
 
-    def __init__(self, count: int) -> None:
-        self.rows = [Row(seq) for seq in range(count, 0, -1)]
+    def __init__(self, count: int, size: int = 100) -> None:
+        self.rows = [Row(seq, size) for seq in range(count, 0, -1)]
         self.fetches: list[tuple[int, int | None]] = []
 
     async def fetch(self, limit: int, before: int | None) -> list[Row]:
@@ -251,20 +297,20 @@ class Rows:
 
 async def test_read_page_asks_for_one_more_row_than_the_page() -> None:
     rows = Rows(10)
-    page, token = await paging.read_page(
+    page, token = await TOKENS.read_page(
         rows.fetch, user_id=USER_ID, scope=SCOPE, page_size=3, page_token=""
     )
     assert rows.fetches == [(4, None)]
     assert [r.seq for r in page] == [10, 9, 8]
-    assert paging.decode(token, USER_ID, SCOPE) == 8  # the next page starts before the last row
+    assert TOKENS.read(token, USER_ID, SCOPE) == 8  # the next page starts before the last row
 
 
 async def test_read_page_continues_before_the_tokens_position() -> None:
     rows = Rows(10)
-    _, token = await paging.read_page(
+    _, token = await TOKENS.read_page(
         rows.fetch, user_id=USER_ID, scope=SCOPE, page_size=3, page_token=""
     )
-    page, _ = await paging.read_page(
+    page, _ = await TOKENS.read_page(
         rows.fetch, user_id=USER_ID, scope=SCOPE, page_size=3, page_token=token
     )
     assert rows.fetches[-1] == (4, 8)
@@ -274,7 +320,7 @@ async def test_read_page_continues_before_the_tokens_position() -> None:
 @pytest.mark.parametrize("count", [0, 2, 3])
 async def test_read_page_gives_no_token_when_no_more_rows_exist(count: int) -> None:
     rows = Rows(count)
-    page, token = await paging.read_page(
+    page, token = await TOKENS.read_page(
         rows.fetch, user_id=USER_ID, scope=SCOPE, page_size=3, page_token=""
     )
     assert len(page) == count
@@ -283,5 +329,53 @@ async def test_read_page_gives_no_token_when_no_more_rows_exist(count: int) -> N
 
 async def test_read_page_uses_the_default_page_size() -> None:
     rows = Rows(0)
-    await paging.read_page(rows.fetch, user_id=USER_ID, scope=SCOPE, page_size=0, page_token="")
+    await TOKENS.read_page(rows.fetch, user_id=USER_ID, scope=SCOPE, page_size=0, page_token="")
     assert rows.fetches == [(validation.DEFAULT_PAGE_SIZE + 1, None)]
+
+
+async def _all_pages(rows: Rows, page_size: int, max_bytes: int) -> list[list[int]]:
+    pages: list[list[int]] = []
+    token = ""
+    while True:
+        page, token = await TOKENS.read_page(
+            rows.fetch,
+            user_id=USER_ID,
+            scope=SCOPE,
+            page_size=page_size,
+            page_token=token,
+            size_of=lambda row: row.size,
+            max_bytes=max_bytes,
+        )
+        pages.append([r.seq for r in page])
+        if not token:
+            return pages
+
+
+async def test_a_page_holds_only_the_rows_that_fit_its_bytes() -> None:
+    pages = await _all_pages(Rows(10, size=100), page_size=4, max_bytes=250)
+    assert pages == [[10, 9], [8, 7], [6, 5], [4, 3], [2, 1]]
+
+
+async def test_a_page_cut_by_count_is_not_cut_by_bytes_that_fit() -> None:
+    pages = await _all_pages(Rows(5, size=100), page_size=2, max_bytes=1000)
+    assert pages == [[5, 4], [3, 2], [1]]
+
+
+async def test_a_row_larger_than_the_budget_still_makes_a_page_of_its_own() -> None:
+    pages = await _all_pages(Rows(3, size=5000), page_size=10, max_bytes=1000)
+    assert pages == [[3], [2], [1]]
+
+
+async def test_the_last_page_cut_by_bytes_gives_a_token_for_the_rest() -> None:
+    rows = Rows(3, size=100)
+    page, token = await TOKENS.read_page(
+        rows.fetch,
+        user_id=USER_ID,
+        scope=SCOPE,
+        page_size=3,
+        page_token="",
+        size_of=lambda row: row.size,
+        max_bytes=200,
+    )
+    assert [r.seq for r in page] == [3, 2]
+    assert TOKENS.read(token, USER_ID, SCOPE) == 2
