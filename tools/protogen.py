@@ -1,8 +1,8 @@
 """Generate the Python code of protos/, or check that it is current.
 
-Two copies: gen/python (package `credits.v1`, for the server) and the client package's
-`credits_client._proto` (the same code with its imports rewritten, so that the client installs
-without the server and beside it). `python tools/protogen.py` writes both; `--check` generates
+Two copies: gen/python (package `credits.v1`, for the server: messages, gRPC and Connect stubs)
+and the client package's `credits_client._proto` (the messages and gRPC stubs with their imports
+rewritten, so that the client installs without the server and beside it). `python tools/protogen.py` writes both; `--check` generates
 into a scratch directory and exits 1 when the committed code differs, so stale stubs fail
 `make test`. The TypeScript client's code (clients/typescript/src/gen) is made and checked the
 same way, by buf with the protoc-gen-es of clients/typescript/node_modules (`npm ci` there).
@@ -32,7 +32,9 @@ TS_OUT = TS_CLIENT / "src" / "gen"  # the `out` of clients/typescript/buf.gen.ya
 
 
 def generate(out: Path) -> None:
-    """Run protoc with the Python, typed-stub (mypy-protobuf) and gRPC plugins into `out`."""
+    """Run protoc with the Python, typed-stub (mypy-protobuf), gRPC and Connect plugins into
+    `out`. The Connect stubs (`*_connect.py`, protoc-gen-connectrpc with `protobuf=google`) use
+    the same `_pb2` messages as the gRPC ones; the server's Connect edge serves them."""
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
@@ -41,12 +43,15 @@ def generate(out: Path) -> None:
         "protoc",
         f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
+        f"--plugin=protoc-gen-connectrpc={bindir / 'protoc-gen-connectrpc'}",
         f"-I{PROTOS}",
         f"-I{include}",
         f"--python_out={out}",
         f"--mypy_out={out}",
         f"--grpc_python_out={out}",
         f"--mypy_grpc_out={out}",
+        f"--connectrpc_out={out}",
+        "--connectrpc_opt=protobuf=google",
         *files,
     ]
     if protoc.main(args) != 0:
