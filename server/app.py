@@ -102,14 +102,15 @@ class Application:
     generations: Generations | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, let in-flight RPCs finish, then stop the jobs and the database."""
+        """Report NOT_SERVING, end open watches, let in-flight RPCs and generations finish
+        within `grace`, then stop the background jobs and the database."""
         await self.health.enter_graceful_shutdown()
         if self.generations is not None:
             self.generations.stop()  # open watches end now (SERVER_STOPPING), not after grace
-        await self.server.stop(grace)
+        # In-flight RPCs and generations both get the grace period, side by side.
+        await asyncio.gather(self.server.stop(grace), self.workers.stop(grace))
         if self.queue_tracker is not None:
             await runtime.stop(self.queue_tracker)
-        await self.workers.stop()
         await self.sweeper.stop()
         await self.backend.close()
         if self.metrics is not None:
@@ -358,8 +359,9 @@ async def _until_signalled() -> None:
     await stopping.wait()
 
 
-async def run_workers(settings: Settings, count: int) -> None:
-    """`credits worker`: generation workers only, until SIGTERM or SIGINT."""
+async def run_workers(settings: Settings, count: int, grace: float = 10.0) -> None:
+    """`credits worker`: generation workers only, until SIGTERM or SIGINT; the jobs in hand
+    then get `grace` seconds to finish."""
     backend = await open_backend(resolve(settings))
     pool = worker_pool(backend, count)
     pool.start()
@@ -368,7 +370,7 @@ async def run_workers(settings: Settings, count: int) -> None:
     try:
         await _until_signalled()
     finally:
-        await pool.stop()
+        await pool.stop(grace)
         await backend.close()
     log.info("stopped")
 

@@ -62,10 +62,13 @@ class Worker:
         self._feed = feed
         self._settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Set when the worker is to claim no more jobs; `busy` while it runs one.
+        self.draining = False
+        self.busy = False
 
     async def run(self) -> None:
-        """Claim and run jobs until cancelled."""
-        while True:
+        """Claim and run jobs until cancelled, or until draining once the job in hand is done."""
+        while not self.draining:
             try:
                 job = await self._queue.claim(self.name, self._settings.lease_seconds)
             except CreditsError as error:
@@ -74,7 +77,11 @@ class Worker:
             if job is None:
                 await self._idle()
                 continue
-            await self.process(job)
+            self.busy = True
+            try:
+                await self.process(job)
+            finally:
+                self.busy = False
 
     async def _idle(self) -> None:
         self._feed.queued.clear()
@@ -191,8 +198,16 @@ class WorkerPool:
             for i, worker in enumerate(self._workers)
         ]
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """Claim no more jobs; let the jobs in hand finish for up to `grace` seconds, then cancel
+        what is left (a cancelled job's lease hands it on); then close the providers."""
+        for worker in self._workers:
+            worker.draining = True
         tasks, self._tasks = self._tasks, []
+        # No tasks once stopped: a second stop only closes nothing again.
+        busy = [task for task, worker in zip(tasks, self._workers, strict=False) if worker.busy]
+        if busy and grace > 0:
+            await asyncio.wait(busy, timeout=grace)
         await runtime.stop(*tasks)
         providers, self._providers = self._providers, []
         for provider in providers:

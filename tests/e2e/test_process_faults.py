@@ -132,6 +132,8 @@ def ledger_of(
 
 
 def test_sigterm_lets_an_in_flight_generation_finish(workdir: Path) -> None:
+    """SIGTERM ends the watch at once (SERVER_STOPPING), and the worker still finishes the job
+    it holds within the grace period: a restart finds it SUCCEEDED and charged."""
     proc = start_serve(workdir)
     try:
         user = fund(proc, 100)
@@ -152,13 +154,31 @@ def test_sigterm_lets_an_in_flight_generation_finish(workdir: Path) -> None:
                 metadata=user,
                 timeout=15,
             )
-            first = next(watch)
+            running = next(
+                m for m in watch if m.generation.state != generation_pb2.GENERATION_STATE_QUEUED
+            )
+            assert running.generation.state == generation_pb2.GENERATION_STATE_RUNNING
             proc.send_signal(signal.SIGTERM)
-            states = [first.generation.state, *(m.generation.state for m in watch)]
-        assert states[-1] == generation_pb2.GENERATION_STATE_SUCCEEDED, states
+            with pytest.raises(grpc.RpcError) as ended:
+                list(watch)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         assert proc.wait(timeout=15) == 0
     finally:
         proc.stop()
+    again = start_serve(workdir)
+    try:
+        with grpc.insecure_channel(again.address) as channel:
+            generations = generation_service_pb2_grpc.GenerationServiceStub(channel)
+            finished = generations.GetGeneration(
+                gpb.GetGenerationRequest(generation_id=created.generation_id),
+                metadata=user,
+                timeout=10,
+            ).generation
+        assert finished.state == generation_pb2.GENERATION_STATE_SUCCEEDED
+        assert finished.attempts == 1  # finished by the first worker, not taken over
+        assert balance(again, user) == 100 - created.cost
+    finally:
+        again.stop()
 
 
 def balance(proc: ServeProcess, user: tuple[tuple[str, str]]) -> int:

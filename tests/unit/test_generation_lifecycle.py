@@ -538,3 +538,42 @@ async def test_a_pool_runs_queued_generations_and_closes_closable_providers_once
     assert closable.closed == 1
     await pool.stop()
     assert closable.closed == 1
+
+
+async def test_stopping_a_pool_lets_the_job_in_hand_finish_within_the_grace(
+    store: FakeGenerationStore, feed: ChangeFeed, generations: Generations, alice: UserPrincipal
+) -> None:
+    worker = a_worker(store, feed, FakeProvider(delay=0.3))
+    pool = WorkerPool([worker])
+    pool.start()
+    made = await create(generations, alice)
+    async with asyncio.timeout(2):
+        while not worker.busy:
+            await asyncio.sleep(0.01)
+    await pool.stop(grace=5)
+    finished = await store.get(SERVICE, made.generation_id, None)
+    assert finished.state == S
+
+
+async def test_stopping_a_pool_cancels_idle_workers_at_once_and_busy_ones_after_the_grace(
+    store: FakeGenerationStore, feed: ChangeFeed, generations: Generations, alice: UserPrincipal
+) -> None:
+    idle = a_worker(store, feed, FakeProvider())
+    pool = WorkerPool([idle])
+    pool.start()
+    started = asyncio.get_running_loop().time()
+    await pool.stop(grace=5)
+    assert asyncio.get_running_loop().time() - started < 1
+
+    slow = a_worker(store, feed, FakeProvider(delay=30))
+    pool = WorkerPool([slow])
+    pool.start()
+    made = await create(generations, alice)
+    async with asyncio.timeout(2):
+        while not slow.busy:
+            await asyncio.sleep(0.01)
+    started = asyncio.get_running_loop().time()
+    await pool.stop(grace=0.2)
+    assert asyncio.get_running_loop().time() - started < 1
+    # Cancelled with the job in hand: nothing recorded, the lease hands it on.
+    assert (await store.get(SERVICE, made.generation_id, None)).state == R
