@@ -10,6 +10,7 @@ import signal
 from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
+import asyncpg
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -193,6 +194,17 @@ def start_shared_database(settings: Settings) -> tuple[embedded.EmbeddedPostgres
     return database, dataclasses.replace(settings, database_url=database.uri)
 
 
+async def _migrate(url: str, source: str) -> None:
+    """The migrations applied to the database at `url`; one that cannot be reached is a
+    ConfigurationError naming `source` (never its URL: it may hold a password)."""
+    try:
+        await migrate.migrate(url)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+        raise ConfigurationError(
+            f"cannot reach the database at {source}: {type(error).__name__}: {error}"
+        ) from None
+
+
 async def open_store(
     settings: Settings,
 ) -> tuple[PostgresTransport | SupabaseTransport, embedded.EmbeddedPostgres | None, str | None]:
@@ -208,7 +220,7 @@ async def open_store(
     url = database.uri if database is not None else settings.database_url
     assert url is not None
     try:
-        await migrate.migrate(url)
+        await _migrate(url, "the embedded PostgreSQL" if database else "DATABASE_URL")
         return await connect(settings, url, settings.db_pool_size), database, url
     except BaseException:
         if database is not None:

@@ -251,6 +251,17 @@ def test_a_variable_set_but_empty_is_an_error(command: str, value: str) -> None:
         assert os.listdir(cwd) == [], "nothing falls back to embedded mode"
 
 
+def test_an_unreachable_database_url_is_one_line() -> None:
+    with socket.socket() as closed, scratch_dir("credits-e2e-config-") as cwd:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"postgresql://ada:s3cret@127.0.0.1:{closed.getsockname()[1]}/credits"
+        done = run(["serve"], cwd, bare_env(DATABASE_URL=url, SUPABASE_JWT_SECRET="x" * 40))
+    assert (done.returncode, done.stdout) == (2, "")
+    [line] = done.stderr.splitlines()
+    assert line.startswith("credits: cannot reach the database at DATABASE_URL: "), line
+    assert "s3cret" not in line
+
+
 def test_check_config_says_an_unreachable_project_is_unreachable() -> None:
     with socket.socket() as closed, scratch_dir("credits-e2e-config-") as cwd:
         closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
