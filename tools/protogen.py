@@ -2,10 +2,11 @@
 
 Two copies: gen/python (package `credits.v1`, for the server: messages, gRPC and Connect stubs)
 and the client package's `credits_client._proto` (the messages and gRPC stubs with their imports
-rewritten, so that the client installs without the server and beside it). `python tools/protogen.py` writes both; `--check` generates
-into a scratch directory and exits 1 when the committed code differs, so stale stubs fail
-`make test`. The TypeScript client's code (clients/typescript/src/gen) is made and checked the
-same way, by buf with the protoc-gen-es of clients/typescript/node_modules (`npm ci` there).
+rewritten, so that the client installs without the server and beside it).
+`python tools/protogen.py` writes both; `--check` generates into a scratch directory and exits 1
+when the committed code differs, so stale stubs fail `make test`. The TypeScript client's code
+(clients/typescript/src/gen) is made and checked the same way, by buf with the protoc-gen-es of
+clients/typescript/node_modules (`npm ci` there).
 """
 
 from __future__ import annotations
