@@ -50,3 +50,5 @@ def finish(record: CallRecord) -> None:
     code = record.code.name
     log.info("rpc %s %s", record.method, code, extra={"fields": record.fields()})
     metrics.rpc_done(record.method, code, record.elapsed())
+    if record.reason:
+        metrics.rpc_failed(record.method, record.reason)

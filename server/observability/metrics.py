@@ -31,6 +31,11 @@ RPC_SECONDS = Histogram(
     ["method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+RPC_ERRORS = Counter(
+    "credits_rpc_errors",
+    "Failed RPCs, by method and the ErrorInfo reason they were answered with",
+    ["method", "reason"],
+)
 CREDENTIAL_REJECTIONS = Counter(
     "credits_service_credential_rejections",
     "Times the database refused the service credentials (each opens the breaker)",
@@ -90,6 +95,16 @@ def rpc_done(method: str, code: str, seconds: float) -> None:
     calls, duration = _rpc_series(method, code)
     calls.inc()
     duration.observe(seconds)
+
+
+@functools.cache
+def _error_series(method: str, reason: str) -> Counter:
+    return RPC_ERRORS.labels(method, reason)
+
+
+def rpc_failed(method: str, reason: str) -> None:
+    """Count an RPC that failed with the ErrorInfo `reason`."""
+    _error_series(method, reason).inc()
 
 
 @functools.cache

@@ -80,6 +80,10 @@ async def test_rpcs_are_counted_by_method_and_code_and_timed(
     assert grew("credits_rpcs_total", ("FAILED_PRECONDITION", DEBIT)) == 1
     assert grew("credits_rpcs_total", ("INVALID_ARGUMENT", GET_BALANCE)) == 1
     assert grew("credits_rpc_seconds_count", (GET_BALANCE,)) == 4
+    # Labels in name order: method, reason; calls that succeed count no error.
+    assert grew("credits_rpc_errors_total", (DEBIT, "INSUFFICIENT_CREDITS")) == 1
+    assert grew("credits_rpc_errors_total", (GET_BALANCE, "INVALID_ARGUMENT")) == 1
+    assert sum(grew(*key) for key in after if key[0] == "credits_rpc_errors_total") == 2
     assert grew("credits_ledger_operations_total", ("grant", "false")) == 1
     assert grew("credits_ledger_operations_total", ("grant", "true")) == 1
     assert grew("credits_ledger_operations_total", ("debit", "false")) == 1
