@@ -352,9 +352,11 @@ class FakeProvider:
         self.error = error
         self.delay = delay
         self.jobs: list[Job] = []
+        self.called = asyncio.Event()
 
     async def generate(self, job: Job) -> Output:
         self.jobs.append(job)
+        self.called.set()
         await asyncio.sleep(self.delay)
         if self.error is not None:
             raise self.error
@@ -543,13 +545,11 @@ async def test_a_pool_runs_queued_generations_and_closes_closable_providers_once
 async def test_stopping_a_pool_lets_the_job_in_hand_finish_within_the_grace(
     store: FakeGenerationStore, feed: ChangeFeed, generations: Generations, alice: UserPrincipal
 ) -> None:
-    worker = a_worker(store, feed, FakeProvider(delay=0.3))
-    pool = WorkerPool([worker])
+    provider = FakeProvider(delay=0.3)
+    pool = WorkerPool([a_worker(store, feed, provider)])
     pool.start()
     made = await create(generations, alice)
-    async with asyncio.timeout(2):
-        while not worker.busy:
-            await asyncio.sleep(0.01)
+    await asyncio.wait_for(provider.called.wait(), 2)
     await pool.stop(grace=5)
     finished = await store.get(SERVICE, made.generation_id, None)
     assert finished.state == S
@@ -565,13 +565,11 @@ async def test_stopping_a_pool_cancels_idle_workers_at_once_and_busy_ones_after_
     await pool.stop(grace=5)
     assert asyncio.get_running_loop().time() - started < 1
 
-    slow = a_worker(store, feed, FakeProvider(delay=30))
-    pool = WorkerPool([slow])
+    slow = FakeProvider(delay=30)
+    pool = WorkerPool([a_worker(store, feed, slow)])
     pool.start()
     made = await create(generations, alice)
-    async with asyncio.timeout(2):
-        while not slow.busy:
-            await asyncio.sleep(0.01)
+    await asyncio.wait_for(slow.called.wait(), 2)
     started = asyncio.get_running_loop().time()
     await pool.stop(grace=0.2)
     assert asyncio.get_running_loop().time() - started < 1
