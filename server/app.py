@@ -16,8 +16,10 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from credits.v1 import (
+    credit_service_connect,
     credit_service_pb2,
     credit_service_pb2_grpc,
+    generation_service_connect,
     generation_service_pb2,
     generation_service_pb2_grpc,
 )
@@ -34,6 +36,11 @@ from server.credit.sweeper import HoldSweeper
 from server.db import embedded, migrate
 from server.db.watch import DatabaseWatch
 from server.domain.paging import PageTokens, page_budget
+from server.edges.calls import Calls
+from server.edges.connect import applications as connect_applications
+from server.edges.cors import Cors
+from server.edges.http import HttpEdge
+from server.edges.http_server import HttpServer
 from server.errors import ServiceCredentialsRejected
 from server.generation import catalogue as catalogue_file
 from server.generation.feed import ChangeFeed
@@ -89,7 +96,8 @@ class Backend:
 
 @dataclasses.dataclass
 class Application:
-    """A started service: its gRPC server, health, background jobs and backend."""
+    """A started service: its gRPC server (and HTTP edge), health, background jobs and
+    backend."""
 
     settings: Settings
     server: grpc.aio.Server
@@ -101,6 +109,13 @@ class Application:
     metrics: WSGIServer | None = None
     queue_tracker: asyncio.Task[None] | None = None
     generations: Generations | None = None
+    # The Connect edge (CREDITS_HTTP_LISTEN), when on.
+    http: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """The Connect edge's port (None: off)."""
+        return self.http.port if self.http is not None else None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, end open watches, let in-flight RPCs and generations finish
@@ -108,8 +123,12 @@ class Application:
         await self.health.enter_graceful_shutdown()
         if self.generations is not None:
             self.generations.stop()  # open watches end now (SERVER_STOPPING), not after grace
+        # The HTTP edge stops beside the gRPC server, with the same grace.
+        http = asyncio.create_task(self.http.stop(grace)) if self.http is not None else None
         # In-flight RPCs and generations both get the grace period, side by side.
         await asyncio.gather(self.server.stop(grace), self.workers.stop(grace))
+        if http is not None:
+            await http
         if self.queue_tracker is not None:
             await runtime.stop(self.queue_tracker)
         await self.sweeper.stop()
@@ -277,6 +296,8 @@ async def start(settings: Settings) -> Application:
     # share theirs: their supervisor checked it and holds it for them.
     if settings.processes == 1:
         serving.ensure_free(settings.listen)
+        if settings.http_listen:
+            serving.ensure_free(settings.http_listen)
     if settings.metrics_listen:
         serving.ensure_free(settings.metrics_listen)
     settings = resolve(settings)
@@ -291,7 +312,12 @@ async def start(settings: Settings) -> Application:
             page_tokens(settings),
             generation_limits(settings),
         )
-        server, health = await _grpc_server(settings, backend, generations)
+        served = servicers(settings, backend, generations)
+        verifier, keeper = token_verifier(settings), ProfileKeeper(backend.credits)
+        interceptor = CallInterceptor(
+            verifier, keeper, max_send_bytes=settings.max_send_message_bytes
+        )
+        server, health = await _grpc_server(settings, served, interceptor)
         try:
             port = (
                 server.add_secure_port(settings.listen, credentials)
@@ -303,6 +329,14 @@ async def start(settings: Settings) -> Application:
                 f"cannot listen on {settings.listen}: the address is already in use"
             ) from None
         await server.start()
+        try:
+            pipeline = Calls(
+                verifier, keeper, max_send_bytes=settings.max_send_message_bytes, protocol="connect"
+            )
+            http = await _http_edge(settings, served, pipeline, health)
+        except BaseException:
+            await server.stop(None)
+            raise
     except BaseException:
         await backend.close()
         raise
@@ -310,6 +344,7 @@ async def start(settings: Settings) -> Application:
         settings, server, port, health, backend, HoldSweeper(backend.credits), workers
     )
     app.generations = generations
+    app.http = http
     if settings.metrics_listen:
         app.metrics = metrics.serve(settings.metrics_listen)
         app.queue_tracker = asyncio.create_task(
@@ -326,21 +361,16 @@ async def start(settings: Settings) -> Application:
     return app
 
 
-async def _grpc_server(
-    settings: Settings, backend: Backend, generations: Generations
-) -> tuple[grpc.aio.Server, HealthServicer]:
-    """The server with both services, health (NOT_SERVING until told) and reflection."""
-    server = serving.GuardedServer(
-        grpc.aio.server(
-            options=serving.channel_options(settings), compression=serving.compression(settings)
-        ),
-        CallInterceptor(
-            token_verifier(settings),
-            ProfileKeeper(backend.credits),
-            max_send_bytes=settings.max_send_message_bytes,
-        ),
-    )
-    credit_service_pb2_grpc.add_CreditServiceServicer_to_server(
+@dataclasses.dataclass(frozen=True)
+class Servicers:
+    """The two services' servicers, which both edges serve."""
+
+    credits: CreditServicer
+    generations: GenerationServicer
+
+
+def servicers(settings: Settings, backend: Backend, generations: Generations) -> Servicers:
+    return Servicers(
         CreditServicer(
             CreditLedger(
                 backend.credits,
@@ -348,11 +378,22 @@ async def _grpc_server(
                 max_page_bytes=page_budget(settings.max_send_message_bytes),
             )
         ),
-        server,
+        GenerationServicer(generations),
     )
-    generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(
-        GenerationServicer(generations), server
+
+
+async def _grpc_server(
+    settings: Settings, served: Servicers, interceptor: CallInterceptor
+) -> tuple[grpc.aio.Server, HealthServicer]:
+    """The server with both services, health (NOT_SERVING until told) and reflection."""
+    server = serving.GuardedServer(
+        grpc.aio.server(
+            options=serving.channel_options(settings), compression=serving.compression(settings)
+        ),
+        interceptor,
     )
+    credit_service_pb2_grpc.add_CreditServiceServicer_to_server(served.credits, server)
+    generation_service_pb2_grpc.add_GenerationServiceServicer_to_server(served.generations, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable(
@@ -361,6 +402,31 @@ async def _grpc_server(
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     return server, health
+
+
+async def _http_edge(
+    settings: Settings, served: Servicers, pipeline: Calls, health: HealthServicer
+) -> HttpServer | None:
+    """The Connect edge serving both services (with /healthz and CORS) on
+    CREDITS_HTTP_LISTEN; None when that is off."""
+    if not settings.http_listen:
+        return None
+    services = connect_applications(
+        {
+            credit_service_connect.CreditServiceASGIApplication: (
+                served.credits,
+                credit_service_pb2.DESCRIPTOR.services_by_name["CreditService"],
+            ),
+            generation_service_connect.GenerationServiceASGIApplication: (
+                served.generations,
+                generation_service_pb2.DESCRIPTOR.services_by_name["GenerationService"],
+            ),
+        },
+        pipeline,
+        max_receive_bytes=settings.max_receive_message_bytes,
+    )
+    edge = HttpEdge(services, health.serving, Cors(settings.http_cors_origins))
+    return await HttpServer.start(edge, settings.http_listen, reuse_port=settings.processes > 1)
 
 
 async def _until_signalled() -> None:
@@ -399,6 +465,9 @@ async def serve(settings: Settings, grace: float = 10.0) -> None:
     app = await start(settings)
     host = settings.listen.rsplit(":", 1)[0]
     where = store_description(settings, app.backend.database)
+    if app.http_port is not None:
+        http_host = settings.http_listen.rsplit(":", 1)[0] if settings.http_listen else host
+        where += f"; Connect on {http_host}:{app.http_port}"
     log.info("credits serving on %s:%d (%s)", host, app.port, where)
     await _until_signalled()
     log.info("shutting down")

@@ -9,6 +9,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 MIB = 1024 * 1024
+# The Connect edge's address when CREDITS_HTTP_LISTEN is unset (`make run`).
+HTTP_LISTEN = "127.0.0.1:8080"
 COMPRESSIONS = ("none", "gzip", "deflate")
 
 
@@ -55,6 +57,11 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # The Connect edge's address (CREDITS_HTTP_LISTEN, which defaults to HTTP_LISTEN); None: no
+    # HTTP edge (the default here, so that servers built in code bind no fixed port).
+    http_listen: str | None = None
+    # Origins whose browser apps may call the Connect edge (CORS); "*" for any. Empty: none.
+    http_cors_origins: tuple[str, ...] = ()
     # Serving options of the gRPC server (server/serving.py turns them into channel options).
     max_receive_message_bytes: int = 4 * MIB
     # Generation outputs are bytes: answers may be larger than requests.
@@ -137,6 +144,8 @@ class Settings:
             tls_cert=read.path("CREDITS_TLS_CERT"),
             tls_key=read.path("CREDITS_TLS_KEY"),
             tls_client_ca=read.path("CREDITS_TLS_CLIENT_CA"),
+            http_listen=read.address_or_off("CREDITS_HTTP_LISTEN", HTTP_LISTEN),
+            http_cors_origins=read.origins("CREDITS_HTTP_CORS_ORIGINS"),
             max_receive_message_bytes=read.whole("CREDITS_MAX_RECEIVE_MESSAGE_BYTES", 4 * MIB),
             max_send_message_bytes=read.whole("CREDITS_MAX_SEND_MESSAGE_BYTES", 16 * MIB),
             max_prompt_bytes=read.whole("CREDITS_MAX_PROMPT_BYTES", 16 * 1024),
@@ -209,6 +218,29 @@ class _Reader:
                 raise ValueError(f"{name} must be host:port (got {address!r})") from None
         return address
 
+    def address_or_off(self, name: str, default: str) -> str | None:
+        """A host:port address, `default` when unset, None (off) when set to the empty string
+        (the one variable where empty means something: blank, with spaces, is still an
+        error)."""
+        if self._env.get(name) == "":
+            return None
+        return self.address(name) or default
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Comma-separated web origins (`scheme://host[:port]`, http or https, no path) or `*`;
+        none when unset."""
+        text = self.text(name)
+        if text is None:
+            return ()
+        origins = tuple(part.strip() for part in text.split(","))
+        for origin in origins:
+            if origin != "*" and not _is_origin(origin):
+                raise ValueError(
+                    f"{name} must be comma-separated origins such as https://app.example.com "
+                    f"(scheme://host[:port], no path) or * (got {origin!r})"
+                )
+        return origins
+
     def whole(self, name: str, default: int, *, minimum: int = 1) -> int:
         """A whole number >= `minimum`, or `default` when unset."""
         text = self.text(name)
@@ -237,6 +269,21 @@ class _Reader:
         if text not in choices:
             raise ValueError(f"{name} must be one of {', '.join(choices)}")
         return text
+
+
+def _is_origin(text: str) -> bool:
+    """True for a web origin as browsers send it: http(s)://host[:port], nothing after."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and not (parts.path or parts.query or parts.fragment or parts.username or parts.password)
+        and text == f"{parts.scheme}://{parts.netloc}"
+    )
 
 
 def host_port(address: str) -> tuple[str, int]:

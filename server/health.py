@@ -70,6 +70,11 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     def _status_of(self, service: str) -> int:
         return self._statuses.get(service, SERVICE_UNKNOWN)
 
+    def serving(self) -> bool:
+        """True while the server as a whole (service `""`) is SERVING: what the HTTP edge's
+        /healthz answers."""
+        return self._statuses.get("") == SERVING
+
     async def enter_graceful_shutdown(self) -> None:
         """Every service NOT_SERVING from now on, and every Watch told so and ended."""
         async with self._changed:

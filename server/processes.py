@@ -10,8 +10,9 @@ never a fork of a process that imported grpc. A child gets the frozen Settings a
 through a pipe, so the secret is in no environment variable or command line.
 
 Each child is `app.start` on that port: its own gRPC server (the kernel spreads connections
-over the children), health, metrics (CREDITS_METRICS_LISTEN port + i, or a port of its own for
-port 0), CREDITS_WORKERS generation workers and a hold sweeper. Nothing runs twice: workers
+over the children) and Connect edge (CREDITS_HTTP_LISTEN, reserved and shared the same way),
+health, metrics (CREDITS_METRICS_LISTEN port + i, or a port of its own for port 0),
+CREDITS_WORKERS generation workers and a hold sweeper. Nothing runs twice: workers
 claim jobs with `for update skip locked` under a lease, and the sweeper skips users another
 transaction holds, so N processes share the work through the database.
 
@@ -64,6 +65,7 @@ class Ready:
     pid: int
     port: int
     metrics_port: int | None
+    http_port: int | None = None
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -83,6 +85,17 @@ def reserve_port(host: str, port: int) -> socket.socket:
         holder.close()
         raise application.ConfigurationError(f"cannot listen on {host}:{port}: {error}") from None
     return holder
+
+
+def _reserve(listen: str | None) -> tuple[socket.socket | None, str | None]:
+    """The Connect edge's port reserved as the gRPC one is (port 0 made one port), and its
+    address; (None, None) when the edge is off."""
+    if not listen:
+        return None, None
+    host, port = host_port(listen)
+    holder = reserve_port(host, port)
+    port = holder.getsockname()[1]
+    return holder, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def child_settings(settings: Settings, index: int) -> Settings:
@@ -112,9 +125,10 @@ async def _serve_child(settings: Settings, index: int, parent: int, ready: Conne
     app = await application.start(settings)
     try:
         metrics_port = app.metrics.server_port if app.metrics is not None else None
-        ready.send(Ready(index, os.getpid(), app.port, metrics_port))
+        ready.send(Ready(index, os.getpid(), app.port, metrics_port, app.http_port))
         ready.close()
-        where = f", metrics on port {metrics_port}" if metrics_port is not None else ""
+        where = f", Connect on port {app.http_port}" if app.http_port is not None else ""
+        where += f", metrics on port {metrics_port}" if metrics_port is not None else ""
         log.info("credits process %d serving on port %d%s", index, app.port, where)
         watcher = asyncio.create_task(_watch_parent(parent, stopping), name="parent-watch")
         await stopping.wait()
@@ -329,6 +343,8 @@ def supervise(settings: Settings) -> int:
     # Only this group's processes may share the port: one held by anyone else is refused here,
     # before the SO_REUSEPORT socket below would join it.
     serving.ensure_free(settings.listen)
+    if settings.http_listen:
+        serving.ensure_free(settings.http_listen)
     for index in range(settings.processes):
         metrics_listen = child_settings(settings, index).metrics_listen
         if metrics_listen:
@@ -338,21 +354,23 @@ def supervise(settings: Settings) -> int:
     holder = reserve_port(host, port)
     port = holder.getsockname()[1]
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    http_holder, http_listen = _reserve(settings.http_listen)
     stop = StopSignal()
     database: embedded.EmbeddedPostgres | None = None
     supervisor: Supervisor | None = None
     ok = True
     try:
         database, children = application.start_shared_database(
-            dataclasses.replace(settings, listen=listen)
+            dataclasses.replace(settings, listen=listen, http_listen=http_listen)
         )
         supervisor = Supervisor(children, stop, database)
         if not stop.requested and supervisor.start():
             log.info(
-                "credits serving on %s (%s, %d processes)",
+                "credits serving on %s (%s, %d processes%s)",
                 listen,
                 application.store_description(settings, database),
                 settings.processes,
+                f"; Connect on {http_listen}" if http_listen else "",
             )
             ok = supervisor.run()
         else:
@@ -363,6 +381,8 @@ def supervise(settings: Settings) -> int:
         if database is not None:
             database.stop()
         holder.close()
+        if http_holder is not None:
+            http_holder.close()
         stop.close()
     log.info("stopped" if clean else "stopped (some processes had to be killed)")
     return 0 if ok and clean else 1

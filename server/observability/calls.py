@@ -1,5 +1,5 @@
 """The record of the RPC being served, filled in as the call passes the pipeline and logged
-once at its end (server/interceptors/pipeline.py).
+once at its end (server/edges/calls.py, for either edge).
 
 It is opened with the call's request id and method; authentication adds who called; the error
 table (or a rejection) adds how it ended. No token, key or prompt ever goes in.
@@ -22,6 +22,8 @@ REQUEST_ID_HEADER = "x-request-id"
 class CallRecord:
     request_id: str
     method: str
+    # The edge it came through: "grpc" or "connect".
+    protocol: str = "grpc"
     started: float = field(default_factory=time.perf_counter)
     code: grpc.StatusCode = grpc.StatusCode.OK
     reason: str = ""
@@ -51,6 +53,7 @@ class CallRecord:
             "duration_ms": round(self.elapsed() * 1000, 3),
             "principal": self.principal_kind,
             "user_id": self.user_id,
+            "protocol": self.protocol,
         }
 
 

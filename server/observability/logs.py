@@ -18,7 +18,7 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import TextIO
 
-# The logger of the per-RPC access lines (server/interceptors/access_log.py).
+# The logger of the per-RPC access lines (server/edges/calls.py).
 ACCESS_LOGGER = "credits.access"
 
 # The process id, read once (a system call on every record otherwise) and again after a fork.

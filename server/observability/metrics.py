@@ -1,8 +1,9 @@
 """Prometheus metrics, served on CREDITS_METRICS_LISTEN (off when unset).
 
-RPCs by method and status code with their latency, credential fallbacks and the breaker, ledger
-operations, the generation queue and worker outcomes, the database pool's use, whether the
-database answers, and restarts of the embedded PostgreSQL. Names are prefixed `credits_`.
+RPCs by method, status code and protocol (the gRPC or the Connect edge) with their latency,
+credential fallbacks and the breaker, ledger operations, the generation queue and worker
+outcomes, the database pool's use, whether the database answers, and restarts of the embedded
+PostgreSQL. Names are prefixed `credits_`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RPCS = Counter("credits_rpcs", "RPCs served, by method and status code", ["method", "code"])
+RPCS = Counter(
+    "credits_rpcs",
+    "RPCs served, by method, status code and protocol (grpc, connect)",
+    ["method", "code", "protocol"],
+)
 RPC_SECONDS = Histogram(
     "credits_rpc_seconds",
-    "Time to serve an RPC, by method",
-    ["method"],
+    "Time to serve an RPC, by method and protocol (grpc, connect)",
+    ["method", "protocol"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 RPC_ERRORS = Counter(
@@ -85,14 +90,15 @@ BATCHED_CALLS = Histogram(
 
 
 @functools.cache
-def _rpc_series(method: str, code: str) -> tuple[Counter, Histogram]:
+def _rpc_series(method: str, code: str, protocol: str) -> tuple[Counter, Histogram]:
     # Label lookups validate and lock on every call; a method's series are few and fixed.
-    return RPCS.labels(method, code), RPC_SECONDS.labels(method)
+    return RPCS.labels(method, code, protocol), RPC_SECONDS.labels(method, protocol)
 
 
-def rpc_done(method: str, code: str, seconds: float) -> None:
-    """Count an RPC that ended with `code` after `seconds`."""
-    calls, duration = _rpc_series(method, code)
+def rpc_done(method: str, code: str, seconds: float, protocol: str = "grpc") -> None:
+    """Count an RPC that came through `protocol`'s edge and ended with `code` after
+    `seconds`."""
+    calls, duration = _rpc_series(method, code, protocol)
     calls.inc()
     duration.observe(seconds)
 

@@ -138,7 +138,9 @@ def test_a_server_on_a_process_groups_port_is_refused(workdir: Path, group: Serv
 
 
 @pytest.mark.parametrize("processes", ["1", "2"])
-@pytest.mark.parametrize("variable", ["CREDITS_LISTEN", "CREDITS_METRICS_LISTEN"])
+@pytest.mark.parametrize(
+    "variable", ["CREDITS_LISTEN", "CREDITS_METRICS_LISTEN", "CREDITS_HTTP_LISTEN"]
+)
 def test_a_port_held_by_a_plain_socket_is_refused(
     workdir: Path, variable: str, processes: str
 ) -> None:

@@ -76,10 +76,11 @@ async def test_rpcs_are_counted_by_method_and_code_and_timed(
     def grew(name: str, labels: tuple[str, ...]) -> float:
         return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
 
-    assert grew("credits_rpcs_total", ("OK", GET_BALANCE)) == 3
-    assert grew("credits_rpcs_total", ("FAILED_PRECONDITION", DEBIT)) == 1
-    assert grew("credits_rpcs_total", ("INVALID_ARGUMENT", GET_BALANCE)) == 1
-    assert grew("credits_rpc_seconds_count", (GET_BALANCE,)) == 4
+    # Labels in name order: code, method, protocol.
+    assert grew("credits_rpcs_total", ("OK", GET_BALANCE, "grpc")) == 3
+    assert grew("credits_rpcs_total", ("FAILED_PRECONDITION", DEBIT, "grpc")) == 1
+    assert grew("credits_rpcs_total", ("INVALID_ARGUMENT", GET_BALANCE, "grpc")) == 1
+    assert grew("credits_rpc_seconds_count", (GET_BALANCE, "grpc")) == 4
     # Labels in name order: method, reason; calls that succeed count no error.
     assert grew("credits_rpc_errors_total", (DEBIT, "INSUFFICIENT_CREDITS")) == 1
     assert grew("credits_rpc_errors_total", (GET_BALANCE, "INVALID_ARGUMENT")) == 1

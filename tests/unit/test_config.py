@@ -50,10 +50,33 @@ def test_the_settings_read_the_variables_of_the_contract() -> None:
 @pytest.mark.parametrize("name", variables_read())
 @pytest.mark.parametrize("value", ["", " ", "\t\n"])
 def test_a_variable_set_but_blank_is_an_error(name: str, value: str) -> None:
+    if (name, value) == ("CREDITS_HTTP_LISTEN", ""):
+        return  # the one exception: empty turns the Connect edge off (below)
     with pytest.raises(
         ValueError, match=rf"^{name} is set but empty; unset it or give it a value$"
     ):
         Settings.from_env({name: value})
+
+
+def test_the_connect_edge_listens_on_8080_unless_told_otherwise_or_off() -> None:
+    assert Settings.from_env({}).http_listen == "127.0.0.1:8080"
+    assert Settings.from_env({"CREDITS_HTTP_LISTEN": ":9090"}).http_listen == ":9090"
+    assert Settings.from_env({"CREDITS_HTTP_LISTEN": ""}).http_listen is None
+    assert Settings().http_listen is None  # servers built in code bind no fixed port
+    with pytest.raises(ValueError, match=r"^CREDITS_HTTP_LISTEN must be host:port"):
+        Settings.from_env({"CREDITS_HTTP_LISTEN": "8080"})
+
+
+def test_cors_origins_are_comma_separated_web_origins() -> None:
+    assert Settings.from_env({}).http_cors_origins == ()
+    read = Settings.from_env(
+        {"CREDITS_HTTP_CORS_ORIGINS": "https://app.example.com, http://localhost:3000"}
+    )
+    assert read.http_cors_origins == ("https://app.example.com", "http://localhost:3000")
+    assert Settings.from_env({"CREDITS_HTTP_CORS_ORIGINS": "*"}).http_cors_origins == ("*",)
+    for bad in ("app.example.com", "https://app.example.com/", "ftp://x", "https://a.com,"):
+        with pytest.raises(ValueError, match=r"^CREDITS_HTTP_CORS_ORIGINS must be"):
+            Settings.from_env({"CREDITS_HTTP_CORS_ORIGINS": bad})
 
 
 def test_blank_supabase_url_does_not_fall_back_to_embedded_mode() -> None:
