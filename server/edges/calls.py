@@ -173,3 +173,5 @@ def finish(record: CallRecord) -> None:
     code = record.code.name
     access.info("rpc %s %s", record.method, code, extra={"fields": record.fields()})
     metrics.rpc_done(record.method, code, record.elapsed(), record.protocol)
+    if record.reason:
+        metrics.rpc_failed(record.method, record.reason)
