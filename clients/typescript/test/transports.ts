@@ -1,9 +1,8 @@
 /**
  * The transports the server scenario runs over, each with the server port it speaks to.
  *
- * gRPC talks to CREDITS_LISTEN. Connect talks to the server's Connect edge on
- * CREDITS_HTTP_LISTEN, which the harness already sets to a free port; once `credits serve`
- * serves that edge, add CONNECT to TRANSPORTS and the whole scenario runs over both.
+ * gRPC talks to CREDITS_LISTEN; Connect talks to the server's Connect edge on
+ * CREDITS_HTTP_LISTEN, which the harness sets to a free port. The whole scenario runs over both.
  */
 import type { ServeProcess } from "./server.js";
 
@@ -16,4 +15,4 @@ export const GRPC: TransportUnderTest = { transport: "grpc", baseUrl: (s) => s.g
 
 export const CONNECT: TransportUnderTest = { transport: "connect", baseUrl: (s) => s.httpUrl };
 
-export const TRANSPORTS: readonly TransportUnderTest[] = [GRPC];
+export const TRANSPORTS: readonly TransportUnderTest[] = [GRPC, CONNECT];
