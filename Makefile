@@ -14,7 +14,7 @@ run: $(STAMP)
 
 test: lint typecheck protos-check pytest ts-test
 
-# The service against this machine's limits (pgbench, a bare gRPC echo server); minutes, and
+# The service against this machine's limits (pgbench, bare gRPC and ASGI echo servers); minutes, and
 # never part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -4,6 +4,8 @@
   2. the database's limit: pgbench calling the debit function for many users at 8 clients;
   3. the transport's limit: a bare grpc.aio echo server (bench/echo.py);
   4. the service: GetBalance, DebitCredits and CreateGeneration at concurrency 1 and 32,
+  5. the Connect edge: GetBalance and DebitCredits as JSON at 32, beside a bare ASGI echo under
+     the same uvicorn (bench/http_echo.py), their floor,
 
 then one table with throughput, p50/p99 latency, and the ratios against their targets. The
 database, servers and load share this machine's cores; only ratios of one run mean anything.
@@ -19,8 +21,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import loadgen, machine, pgbench, scenarios, servers, users
-from bench.report import ECHO, ECHO_DEBIT, ECHO_SELECT, Report
+from bench import http_loadgen, loadgen, machine, pgbench, scenarios, servers, users
+from bench.report import (
+    CONNECT_BALANCE,
+    CONNECT_DEBIT,
+    ECHO,
+    ECHO_DEBIT,
+    ECHO_SELECT,
+    HTTP_ECHO,
+    Report,
+)
 from server.db import embedded, migrate
 
 
@@ -67,12 +77,13 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
         asyncio.run(users.create(database.uri, users.COUNT))
         secret = secrets.token_urlsafe(32)
         tokens = users.tokens(secret, users.COUNT)
-        echo, service = (f"127.0.0.1:{servers.free_port()}" for _ in range(2))
+        echo, service, connect = (f"127.0.0.1:{servers.free_port()}" for _ in range(3))
         settings = {
             **serving,
             "DATABASE_URL": database.uri,
             "SUPABASE_JWT_SECRET": secret,
             "CREDITS_LISTEN": service,
+            "CREDITS_HTTP_LISTEN": connect,
         }
         echo_port = int(echo.rsplit(":", 1)[1])
         with (
@@ -90,6 +101,16 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
                 report.add(debit.name, 32, _drive(args, service, debit, 32))
                 report.add(ECHO, 32, _drive(args, echo, balance, 32))
                 report.add(balance.name, 32, _drive(args, service, balance, 32))
+            say("the Connect edge: ASGI echo, GetBalance, DebitCredits (JSON)")
+            http_echo = f"127.0.0.1:{servers.free_port()}"
+            with servers.http_echo_serve(int(http_echo.rsplit(":", 1)[1]), args.processes, log):
+                servers.wait_http(http_echo, "/")
+                servers.wait_http(connect)
+                for round_ in range(1, args.rounds + 1):
+                    say(f"round {round_}/{args.rounds}: ASGI echo, GetBalance, DebitCredits")
+                    report.add(HTTP_ECHO, 32, _drive_http(args, http_echo, balance, 32))
+                    report.add(CONNECT_BALANCE, 32, _drive_http(args, connect, balance, 32))
+                    report.add(CONNECT_DEBIT, 32, _drive_http(args, connect, debit, 32))
             say("floors: echo with one database call per RPC")
             for mode, name in (("select1", ECHO_SELECT), ("debit", ECHO_DEBIT)):
                 floor = f"127.0.0.1:{servers.free_port()}"
@@ -118,6 +139,15 @@ def _drive(
         target, scenario, concurrency, processes=args.load_processes, seconds=args.seconds
     )
     return loadgen.run(load)
+
+
+def _drive_http(
+    args: argparse.Namespace, target: str, scenario: scenarios.Scenario, concurrency: int
+) -> loadgen.Result:
+    load = loadgen.Load(
+        target, scenario, concurrency, processes=args.load_processes, seconds=args.seconds
+    )
+    return http_loadgen.run(load)
 
 
 def say(what: str) -> None:

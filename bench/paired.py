@@ -62,6 +62,7 @@ def serve(
         "DATABASE_URL": database_url,
         "SUPABASE_JWT_SECRET": secret,
         "CREDITS_LISTEN": address,
+        "CREDITS_HTTP_LISTEN": "",  # no Connect edge (a revision without one ignores this)
         "PYTHONPATH": os.pathsep.join((str(code), str(code / "gen" / "python"))),
     }
     command = [sys.executable, "-c", "from server.cli import main; raise SystemExit(main())"]

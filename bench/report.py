@@ -16,6 +16,11 @@ ECHO = "echo (bare grpc.aio) GetBalance"
 # The echo server making one database call per RPC: the floors of a read and of a debit.
 ECHO_SELECT = "echo + asyncpg select 1"
 ECHO_DEBIT = "echo + asyncpg credit_debit"
+# The Connect edge (JSON) and its floor: a bare ASGI application under the same uvicorn.
+HTTP_ECHO = "echo (bare ASGI, uvicorn) POST"
+CONNECT_BALANCE = "GetBalance over Connect (JSON)"
+CONNECT_DEBIT = "DebitCredits over Connect (JSON)"
+CONNECT_VS_HTTP_ECHO = 0.6
 DEBIT_VS_PGBENCH = 0.35
 BALANCE_VS_ECHO = 0.6
 P99_MS_AT_32 = 10.0
@@ -66,8 +71,20 @@ class Report:
                 balance >= BALANCE_VS_ECHO,
             ),
         ]
+        if (HTTP_ECHO, 32) in self.runs:
+            floor = [r.throughput for r in self.runs[HTTP_ECHO, 32]]
+            for name in (CONNECT_BALANCE, CONNECT_DEBIT):
+                ratio = statistics.median(self.ratios(name, floor))
+                found.append(
+                    (
+                        f"{name} / ASGI echo, c32",
+                        ratio,
+                        f">= {CONNECT_VS_HTTP_ECHO}",
+                        ratio >= CONNECT_VS_HTTP_ECHO,
+                    )
+                )
         for (name, concurrency), results in self.runs.items():
-            if concurrency == 32 and name not in (ECHO, ECHO_SELECT, ECHO_DEBIT):
+            if concurrency == 32 and name not in (ECHO, ECHO_SELECT, ECHO_DEBIT, HTTP_ECHO):
                 p99 = merged(results).percentile(0.99)
                 found.append(
                     (f"{name} p99 at c32 (ms)", p99, f"< {P99_MS_AT_32:g}", p99 < P99_MS_AT_32)
@@ -109,6 +126,16 @@ class Report:
         echo = [r.throughput for r in self.runs[ECHO, 32]]
         balance = ", ".join(f"{r:.2f}" for r in self.ratios("GetBalance", echo))
         lines += ["", f"per round: DebitCredits/pgbench {debit}; GetBalance/echo {balance}"]
+        if (HTTP_ECHO, 32) in self.runs:
+            floor = [r.throughput for r in self.runs[HTTP_ECHO, 32]]
+            over = {
+                name: ", ".join(f"{r:.2f}" for r in self.ratios(name, floor))
+                for name in (CONNECT_BALANCE, CONNECT_DEBIT)
+            }
+            lines.append(
+                f"per round over Connect: GetBalance/ASGI echo {over[CONNECT_BALANCE]}; "
+                f"DebitCredits/ASGI echo {over[CONNECT_DEBIT]}"
+            )
         select, bare_debit = (
             merged(self.runs[name, 32]).throughput for name in (ECHO_SELECT, ECHO_DEBIT)
         )

@@ -1,5 +1,6 @@
-"""Servers under test as real processes: `credits serve` and the echo server, each on a port
-of its own, waited for through gRPC health and stopped with SIGTERM."""
+"""Servers under test as real processes: `credits serve` and the echo servers (gRPC and HTTP),
+each on a port of its own, waited for through gRPC health (or /healthz, or a connection) and
+stopped with SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -53,6 +55,20 @@ def wait_ready(target: str, timeout: float = 30.0) -> None:
         grpc.channel_ready_future(channel).result(timeout=timeout)
 
 
+def wait_http(address: str, path: str = "/healthz", timeout: float = 30.0) -> None:
+    """Block until `http://address` answers `path` with 200 (the echo answers any path)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://{address}{path}", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:  # refused, or an HTTP error status (urllib.error.HTTPError)
+            pass
+        time.sleep(0.01)
+    raise TimeoutError(f"{address} did not answer {path} in {timeout} s")
+
+
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("CREDITS_")}
     for key in ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_JWT_SECRET"):
@@ -81,8 +97,10 @@ def running(
 def credits_serve(
     settings: Mapping[str, str], log: Path
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    """`credits serve` with exactly these CREDITS_*/database variables."""
-    return running([str(CREDITS), "serve"], clean_env(settings), log)
+    """`credits serve` with exactly these CREDITS_*/database variables (and no Connect edge
+    unless they name CREDITS_HTTP_LISTEN)."""
+    env = clean_env({"CREDITS_HTTP_LISTEN": "", **settings})
+    return running([str(CREDITS), "serve"], env, log)
 
 
 def echo_serve(
@@ -90,6 +108,14 @@ def echo_serve(
 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     """bench/echo.py: bare, or with one database call per RPC (mode select1 or debit)."""
     command = [sys.executable, "-m", "bench.echo", str(port), str(processes), mode, database_url]
+    return running(command, clean_env({}), log)
+
+
+def http_echo_serve(
+    port: int, processes: int, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """bench/http_echo.py: a bare ASGI application under the Connect edge's uvicorn."""
+    command = [sys.executable, "-m", "bench.http_echo", str(port), str(processes)]
     return running(command, clean_env({}), log)
 
 
