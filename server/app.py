@@ -40,7 +40,7 @@ from server.edges.calls import Calls
 from server.edges.connect import applications as connect_applications
 from server.edges.cors import Cors
 from server.edges.http import HttpEdge
-from server.edges.http_server import HttpServer
+from server.edges.http_server import HttpServer, TlsFiles
 from server.errors import ServiceCredentialsRejected
 from server.generation import catalogue as catalogue_file
 from server.generation.feed import ChangeFeed
@@ -426,7 +426,14 @@ async def _http_edge(
         max_receive_bytes=settings.max_receive_message_bytes,
     )
     edge = HttpEdge(services, health.serving, Cors(settings.http_cors_origins))
-    return await HttpServer.start(edge, settings.http_listen, reuse_port=settings.processes > 1)
+    tls = (
+        TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        if settings.tls_cert and settings.tls_key
+        else None
+    )
+    return await HttpServer.start(
+        edge, settings.http_listen, reuse_port=settings.processes > 1, tls=tls
+    )
 
 
 async def _until_signalled() -> None:

@@ -3,6 +3,8 @@
 The socket is bound here, as grpc binds its own: SO_REUSEADDR, and SO_REUSEPORT only for the
 processes of one `credits serve` (CREDITS_PROCESSES > 1), so port 0 picks a port, and a port
 another server holds is refused (serving.ensure_free checks first, for the one-line message).
+With CREDITS_TLS_CERT and CREDITS_TLS_KEY the edge speaks HTTPS with the gRPC port's certificate,
+and with CREDITS_TLS_CLIENT_CA it asks for client certificates that CA signed, as gRPC does.
 uvicorn's own signal handlers are not installed (the service's own SIGTERM handling stops both
 edges), nor its logging configuration (its lines go through the service's JSON logs, warnings
 and up) or access log (the call pipeline writes the service's).
@@ -15,7 +17,10 @@ import contextlib
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
@@ -26,6 +31,16 @@ from server.serving import MAX_METADATA_BYTES, AddressUnavailable
 # How long an idle keep-alive connection stays open.
 KEEP_ALIVE_SECONDS = 60
 _STARTED_POLL = 0.005
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files: the server's certificate chain and key, and the CA of client certificates
+    (None: none asked for)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
 
 
 class _Server(uvicorn.Server):
@@ -45,9 +60,11 @@ class HttpServer:
         self.port: int = sock.getsockname()[1]
 
     @classmethod
-    async def start(cls, app: ASGIApp, listen: str, *, reuse_port: bool = False) -> HttpServer:
-        """Serving `app` on `listen` ("host:port"; port 0 picks one) once this returns;
-        AddressUnavailable if the address cannot be bound."""
+    async def start(
+        cls, app: ASGIApp, listen: str, *, reuse_port: bool = False, tls: TlsFiles | None = None
+    ) -> HttpServer:
+        """Serving `app` on `listen` ("host:port"; port 0 picks one) once this returns, over
+        TLS with `tls`; AddressUnavailable if the address cannot be bound."""
         sock = bind(listen, reuse_port=reuse_port)
         config = uvicorn.Config(
             app,
@@ -61,6 +78,10 @@ class HttpServer:
             proxy_headers=False,
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
             h11_max_incomplete_event_size=MAX_METADATA_BYTES,
+            ssl_certfile=tls.cert if tls else None,
+            ssl_keyfile=tls.key if tls else None,
+            ssl_ca_certs=tls.client_ca if tls else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
         )
         server = _Server(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name="http-edge")
