@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal, TypeAlias
 
 import asyncpg
@@ -24,7 +25,15 @@ from asyncpg.pool import PoolConnectionProxy
 Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 Role: TypeAlias = Literal["anon", "authenticated", "service_role"]
 
-TABLES = ("credit_profiles", "credit_transactions", "credit_holds", "credit_generations")
+TABLES = (
+    "credit_profiles",
+    "credit_transactions",
+    "credit_holds",
+    "credit_generations",
+    "credit_grants",
+    "credit_allocations",
+    "credit_hold_pins",
+)
 INSUFFICIENT_PRIVILEGE = "42501"
 CHECK_VIOLATION = "23514"
 INSUFFICIENT_CREDITS = "CR001"
@@ -34,6 +43,11 @@ HOLD_NOT_FOUND = "CR004"
 BALANCE_LIMIT_EXCEEDED = "CR011"
 TRANSACTION_NOT_FOUND = "CR006"
 GENERATION_NOT_FOUND = "CR009"
+GRANT_NOT_FOUND = "CR012"
+GRANT_SIGNATURE = (
+    "credit_grant(uuid, bigint, text, text, jsonb, timestamp with time zone,"
+    " timestamp with time zone, integer, text, text[])"
+)
 LEDGER_SUM = """
     select coalesce(sum(case when kind in ('grant', 'refund') then amount else -amount end), 0)
       from public.credit_transactions where user_id = $1
@@ -120,6 +134,7 @@ class Snapshot:
     ledger: list[tuple[object, ...]]
     holds: list[tuple[object, ...]]
     generations: list[tuple[object, ...]]
+    grants: list[tuple[object, ...]]
 
 
 async def snapshot(conn: Conn, user_id: uuid.UUID) -> Snapshot:
@@ -147,6 +162,10 @@ async def snapshot(conn: Conn, user_id: uuid.UUID) -> Snapshot:
             "select generation_id, state, cost from public.credit_generations where user_id = $1"
             " order by generation_id"
         ),
+        grants=await rows(
+            "select grant_id, amount, remaining, pinned, voided_at from public.credit_grants"
+            " where user_id = $1 order by seq"
+        ),
     )
 
 
@@ -164,14 +183,19 @@ async def seeded_user(owner: asyncpg.Connection) -> uuid.UUID:
     """A fresh user with balance 95 (grant 100, debit 5), one released hold and one generation.
 
     The owner inserts the hold and the generation directly (a queued one of cost 0, without a
-    hold, that no function would make); the hold is released, so `held` stays 0. The generation
-    is never due, so no worker on the shared queue (the server's, or a test's) ever claims it.
+    hold, that no function would make); the hold is released, so `held` stays 0, and its pin on
+    the user's grant is history. The generation is never due, so no worker on the shared queue
+    (the server's, or a test's) ever claims it.
     """
     user_id = uuid.uuid4()
     await provision(owner, user_id)
     await owner.execute(
-        "insert into public.credit_holds (user_id, amount, state, idempotency_key, fingerprint,"
-        " expires_at) values ($1, 3, 'released', 'h1', 'fp', now() + interval '1 hour')",
+        "with hold as (insert into public.credit_holds (user_id, amount, state, idempotency_key,"
+        " fingerprint, expires_at) values ($1, 3, 'released', 'h1', 'fp',"
+        " now() + interval '1 hour') returning hold_id)"
+        " insert into public.credit_hold_pins (hold_id, grant_id, user_id, ordinal, amount)"
+        " select hold.hold_id, g.grant_id, $1, 1, 3 from hold, public.credit_grants g"
+        " where g.user_id = $1",
         user_id,
     )
     await owner.execute(
@@ -315,6 +339,36 @@ async def test_user_sees_own_balance(owner: asyncpg.Connection, alice: uuid.UUID
     assert [tuple(r) for r in ledger] == [("grant", 100, 100), ("debit", 5, 95)]
 
 
+async def test_user_sees_own_grants_allocations_and_pins(
+    owner: asyncpg.Connection, alice: uuid.UUID, bob: uuid.UUID
+) -> None:
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        grants = await conn.fetch(
+            "select user_id, amount, remaining, category, priority, scopes, activated"
+            " from public.credit_grants"
+        )
+        allocations = await conn.fetch(
+            "select t.kind, a.amount, a.grant_id = g.grant_id as own_grant"
+            " from public.credit_allocations a"
+            " join public.credit_transactions t using (transaction_id)"
+            " join public.credit_grants g on g.user_id = a.user_id order by t.seq"
+        )
+        pins = await conn.fetch(
+            "select h.idempotency_key, p.amount from public.credit_hold_pins p"
+            " join public.credit_holds h using (hold_id)"
+        )
+        bobs = await conn.fetch(
+            "select 1 from public.credit_grants where user_id = $1 union all"
+            " select 1 from public.credit_allocations where user_id = $1 union all"
+            " select 1 from public.credit_hold_pins where user_id = $1",
+            bob,
+        )
+    assert [tuple(r) for r in grants] == [(alice, 100, 95, "paid", 50, [], True)]
+    assert [tuple(r) for r in allocations] == [("grant", 100, True), ("debit", 5, True)]
+    assert [tuple(r) for r in pins] == [("h1", 3)]
+    assert bobs == []
+
+
 # 2. A user's session cannot change anything, its own rows or another's.
 
 WRITES_BY_USERS = [
@@ -335,6 +389,21 @@ WRITES_BY_USERS = [
     " values ($1, 'm', 'p', 0, 'evil', 'fp')",
     "update public.credit_generations set cost = 0, state = 'succeeded' where user_id = $1",
     "delete from public.credit_generations where user_id = $1",
+    "insert into public.credit_grants (user_id, amount, remaining, effective_at, activated,"
+    " fingerprint, created_at) values ($1, 1000000, 1000000, now(), true, 'fp', now())",
+    "update public.credit_grants set remaining = amount where user_id = $1",
+    "update public.credit_grants set expires_at = null, voided_at = null where user_id = $1",
+    "delete from public.credit_grants where user_id = $1",
+    "insert into public.credit_allocations (transaction_id, grant_id, user_id, ordinal, amount)"
+    " select transaction_id, (select grant_id from public.credit_grants where user_id = $1),"
+    " user_id, 9, 1 from public.credit_transactions where user_id = $1 limit 1",
+    "update public.credit_allocations set amount = amount + 1 where user_id = $1",
+    "delete from public.credit_allocations where user_id = $1",
+    "insert into public.credit_hold_pins (hold_id, grant_id, user_id, ordinal, amount)"
+    " select hold_id, (select grant_id from public.credit_grants where user_id = $1),"
+    " user_id, 9, 1 from public.credit_holds where user_id = $1 limit 1",
+    "update public.credit_hold_pins set amount = 0 where user_id = $1",
+    "delete from public.credit_hold_pins where user_id = $1",
 ]
 TRUNCATES = [f"truncate public.{table} cascade" for table in (*TABLES, "credit_models")]
 
@@ -379,9 +448,31 @@ async def test_user_cannot_read_private_settings(
         await expect_sqlstate(
             conn,
             INSUFFICIENT_PRIVILEGE,
-            "select credits_private.append($1, 'grant', 1000000, 'evil', 'fp', '', '{}')",
+            "select credits_private.record($1, 'grant', 1000000, 'evil', 'fp', '', '{}',"
+            " null, null)",
             alice,
         )
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated", "service_role"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "select * from credits_private.clock",
+        "update credits_private.clock set \"offset\" = interval '1 year'",
+    ],
+)
+async def test_no_api_role_reads_or_moves_the_clock(
+    owner: asyncpg.Connection, alice: uuid.UUID, statement: str, role: Role
+) -> None:
+    claims = {
+        "anon": ANON_CLAIMS,
+        "authenticated": claims_for(alice),
+        "service_role": SERVICE_CLAIMS,
+    }
+    async with rolled_back(owner), as_role(owner, role, claims[role]) as conn:
+        await expect_sqlstate(conn, INSUFFICIENT_PRIVILEGE, statement)
+    assert await owner.fetchval('select "offset" from credits_private.clock') == timedelta(0)
 
 
 # 3. The anonymous role reads nothing and calls nothing.
@@ -558,6 +649,14 @@ WRITES_BY_SERVICE = [
     "update public.credit_generations set cost = 0 where user_id = $1",
     "update public.credit_generations set state = 'queued', lease_owner = 'evil',"
     " next_attempt_at = now() where user_id = $1",
+    "insert into public.credit_grants (user_id, amount, remaining, effective_at, activated,"
+    " fingerprint, created_at) values ($1, 1000000, 1000000, now(), true, 'fp', now())",
+    "update public.credit_grants set remaining = amount where user_id = $1",
+    "delete from public.credit_grants where user_id = $1",
+    "update public.credit_allocations set amount = amount + 1 where user_id = $1",
+    "delete from public.credit_allocations where user_id = $1",
+    "update public.credit_hold_pins set amount = 0 where user_id = $1",
+    "delete from public.credit_hold_pins where user_id = $1",
 ]
 
 
@@ -751,7 +850,10 @@ async def test_concurrent_debits_never_overdraw(
     assert len(succeeded) == 20
     assert sorted(r["balance"] for r in succeeded) == list(range(20))
     assert {r.sqlstate for r in refused} == {INSUFFICIENT_CREDITS}
-    assert all(json.loads(r.detail or "null") == {"required": 1, "available": 0} for r in refused)
+    assert all(
+        json.loads(r.detail or "null") == {"required": 1, "available": 0, "scope": ""}
+        for r in refused
+    )
     final = await snapshot(owner, user_id)
     assert (final.balance, final.held) == (0, 0)
     assert await owner.fetchval(LEDGER_SUM, user_id) == 0
@@ -886,7 +988,10 @@ RUNNING_JOB = (("queued", 0), ("running", 5))
 
 FUNCTION_MATRIX = [
     Entry(
-        "credit_configure(bigint)", "select public.credit_configure($1)", ("signup",), SERVICE_ONLY
+        "credit_configure(bigint, bigint)",
+        "select public.credit_configure($1, $2)",
+        ("signup", "signup_ttl"),
+        SERVICE_ONLY,
     ),
     Entry(
         "credit_provision_profile(uuid, text)",
@@ -907,7 +1012,29 @@ FUNCTION_MATRIX = [
         "select public.credit_get_profile($1)",
         ("alice",),
         USER_READ,
-        Effect(returns={"balance": 95, "held": 10, "available": 85}),
+        Effect(
+            returns={
+                "balance": 95,
+                "held": 10,
+                "available": 85,
+                "next_expire_time": None,
+                "next_expire_amount": 0,
+            }
+        ),
+    ),
+    Entry(
+        "credit_check(uuid, bigint, text)",
+        "select public.credit_check($1, 90, '')",
+        ("alice",),
+        USER_READ,
+        Effect(returns={"sufficient": False, "available": 85, "shortfall": 5}),
+    ),
+    Entry(
+        "credit_list_grants(uuid, integer, bigint, text[])",
+        "select public.credit_list_grants($1, 10, null, array['active'])",
+        ("alice",),
+        USER_READ,
+        Effect(returns=[{"amount": 100, "remaining": 95, "state": "active", "priority": 50}]),
     ),
     Entry(
         "credit_list_transactions(uuid, integer, bigint, text[], timestamp with time zone,"
@@ -919,16 +1046,25 @@ FUNCTION_MATRIX = [
         Effect(returns=[{"kind": "debit", "amount": 5}]),
     ),
     Entry(
-        "credit_debit(uuid, bigint, text, text, jsonb)",
+        "credit_debit(uuid, bigint, text, text, jsonb, text)",
         "select public.credit_debit($1, 1, 'matrix-debit', '', '{}'::jsonb)",
         ("alice",),
         USER_WRITE,
         Effect(returns={"balance": 94, "replayed": False}, balance=-1, ledger=(("debit", 1),)),
     ),
+    # A scope: alice's grant is unscoped, so it pays for any scope.
     Entry(
-        "credit_debit_each(uuid[], bigint[], text[], text[], jsonb[])",
+        "credit_debit(uuid, bigint, text, text, jsonb, text)",
+        "select public.credit_debit($1, 1, 'matrix-debit', '', '{}'::jsonb, 'some-model')",
+        ("alice",),
+        USER_WRITE,
+        Effect(returns={"balance": 94, "replayed": False}, balance=-1, ledger=(("debit", 1),)),
+        variant="scoped",
+    ),
+    Entry(
+        "credit_debit_each(uuid[], bigint[], text[], text[], jsonb[], text[])",
         "select public.credit_debit_each(array[$1::uuid], array[1::bigint], array['matrix-debit'],"
-        " array[''], array['{}'::jsonb])",
+        " array[''], array['{}'::jsonb], array['some-model'])",
         ("alice",),
         SERVICE_ONLY,
         Effect(
@@ -945,22 +1081,63 @@ FUNCTION_MATRIX = [
         Effect(returns={"ordinal": 1, "result": {"available": 85}, "error_code": None}),
     ),
     Entry(
-        "credit_grant(uuid, bigint, text, text, jsonb)",
+        GRANT_SIGNATURE,
         "select public.credit_grant($1, 7, 'matrix-grant', '', '{}'::jsonb)",
         ("alice",),
         SERVICE_ONLY,
-        Effect(returns={"balance": 102, "replayed": False}, balance=7, ledger=(("grant", 7),)),
+        Effect(
+            returns={"balance": 102, "replayed": False, "grant": {"amount": 7, "state": "active"}},
+            balance=7,
+            ledger=(("grant", 7),),
+        ),
+    ),
+    # Taking effect in an hour: pending, counted nowhere, no ledger entry yet.
+    Entry(
+        GRANT_SIGNATURE,
+        "select public.credit_grant($1, 7, 'matrix-grant', '', '{}'::jsonb,"
+        " now() + interval '1 day', now() + interval '1 hour', 10, 'promotional',"
+        " array['some-model'])",
+        ("alice",),
+        SERVICE_ONLY,
+        Effect(
+            returns={
+                "balance": 95,
+                "transaction": None,
+                "grant": {"state": "pending", "category": "promotional", "scopes": ["some-model"]},
+            }
+        ),
+        variant="pending",
     ),
     # Past the largest bigint balance: refused before the ledger entry, nothing written.
     Entry(
-        "credit_grant(uuid, bigint, text, text, jsonb)",
+        GRANT_SIGNATURE,
         "select public.credit_grant($1, 9223372036854775807, 'matrix-grant', '', '{}'::jsonb)",
         ("alice",),
         outcomes(own=DENIED, other=DENIED, service=BALANCE_LIMIT_EXCEEDED),
         variant="past-the-ceiling",
     ),
+    # Voids alice's grant: its unpinned 85 leave now; the 10 her pending hold pins stay.
     Entry(
-        "credit_reserve(uuid, bigint, text, integer, text)",
+        "credit_void_grant(uuid, text, text, uuid)",
+        "select public.credit_void_grant($1, 'matrix-void', 'refund')",
+        ("grant",),
+        SERVICE_ONLY,
+        Effect(
+            returns={"balance": 10, "grant": {"state": "voided", "remaining": 10}},
+            balance=-85,
+            ledger=(("void", 85),),
+        ),
+    ),
+    # A user given must own the grant: another's is not found.
+    Entry(
+        "credit_void_grant(uuid, text, text, uuid)",
+        "select public.credit_void_grant($1, 'matrix-void', 'refund', $2)",
+        ("grant", "bob"),
+        outcomes(own=DENIED, other=DENIED, service=GRANT_NOT_FOUND),
+        variant="p_user_id=bob",
+    ),
+    Entry(
+        "credit_reserve(uuid, bigint, text, integer, text, text)",
         "select public.credit_reserve($1, 3, 'matrix-reserve', 60, 'job')",
         ("alice",),
         USER_WRITE,
@@ -1120,10 +1297,12 @@ FUNCTION_MATRIX = [
 
 @dataclass(frozen=True)
 class Target:
-    """Alice's money as the matrix finds it: her pending hold of 10 and her debit 'k2'."""
+    """Alice's money as the matrix finds it: her pending hold of 10 (pinned on her grant), her
+    debit 'k2' and her grant 'k1'."""
 
     hold: uuid.UUID
     debit: uuid.UUID
+    grant: uuid.UUID
 
 
 @pytest.fixture
@@ -1136,7 +1315,11 @@ async def target(owner: asyncpg.Connection, alice: uuid.UUID) -> Target:
         " where user_id = $1 and idempotency_key = 'k2'",
         alice,
     )
-    return Target(hold=uuid.UUID(reserved["hold"]["hold_id"]), debit=debit)
+    grant = await owner.fetchval(
+        "select grant_id from public.credit_grants where user_id = $1 and idempotency_key = 'k1'",
+        alice,
+    )
+    return Target(hold=uuid.UUID(reserved["hold"]["hold_id"]), debit=debit, grant=grant)
 
 
 def matches(actual: object, expected: object) -> bool:
@@ -1198,14 +1381,18 @@ async def check_matrix_entry(
             job = await claim(conn, "matrix-worker")
         assert job is not None
         assert (job["generation_id"], job["attempt"]) == (str(generation), 1)
-    signup = await owner.fetchval("select signup_credits from credits_private.settings")
+    signup, signup_ttl = await owner.fetchrow(
+        "select signup_credits, signup_ttl_seconds from credits_private.settings"
+    )
     models = await active_models(owner)
     values = {
         "alice": alice,
         "bob": bob,
         "hold": target.hold,
         "debit": target.debit,
+        "grant": target.grant,
         "signup": signup,
+        "signup_ttl": signup_ttl,
         "models": json.dumps(models),
         "generation": generation,
     }
