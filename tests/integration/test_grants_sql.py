@@ -674,6 +674,19 @@ async def test_an_expired_hold_frees_its_pins_before_the_grant_expires(
     await assert_consistent(owner, user)
 
 
+async def test_a_holds_create_and_expire_times_follow_the_clock(
+    owner: asyncpg.Connection,
+) -> None:
+    user = await new_user(owner)
+    await give(owner, user, 10)
+    await advance(owner, timedelta(days=2))
+    reserved = await call(owner, "select public.credit_reserve($1, 5, 'timed', 600, '')", user)
+    created = datetime.fromisoformat(reserved["hold"]["create_time"])
+    expires = datetime.fromisoformat(reserved["hold"]["expire_time"])
+    assert expires - created == timedelta(seconds=600)
+    assert abs(created - await now(owner)) < timedelta(seconds=5)  # two days ahead, as the clock
+
+
 async def test_partial_capture_consumes_pins_in_order_and_frees_the_rest(
     owner: asyncpg.Connection,
 ) -> None:
