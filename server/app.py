@@ -267,7 +267,10 @@ async def open_backend(settings: Settings) -> Backend:
     try:
         if isinstance(feed, PostgresChangeFeed):
             await feed.start()
-        await backend.credits.configure(signup_credits=settings.signup_credits)
+        await backend.credits.configure(
+            signup_credits=settings.signup_credits,
+            signup_ttl_seconds=settings.signup_credits_ttl_seconds,
+        )
         await backend.generations.sync_models(list(catalogue.values()))
     except ServiceCredentialsRejected:
         # Users are still served through their own JWTs; the breaker has said why, loudly.

@@ -11,6 +11,9 @@ from urllib.parse import urlsplit
 MIB = 1024 * 1024
 # The Connect edge's address when CREDITS_HTTP_LISTEN is unset (`make run`).
 HTTP_LISTEN = "127.0.0.1:8080"
+# The units of a duration setting (CREDITS_SIGNUP_CREDITS_TTL), in seconds.
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_DURATION_SECONDS = 100 * 366 * 86400
 COMPRESSIONS = ("none", "gzip", "deflate")
 
 
@@ -39,6 +42,8 @@ class Settings:
     jwt_issuer: str | None = None
     data_dir: Path = Path(".data")
     signup_credits: int = 0
+    # How long signup credits last, in seconds (CREDITS_SIGNUP_CREDITS_TTL); None: forever.
+    signup_credits_ttl_seconds: int | None = None
     metrics_listen: str | None = None
     # The secret API key a trusted service may send as its bearer instead of a JWT.
     service_api_key: str | None = None
@@ -134,6 +139,7 @@ class Settings:
             jwt_issuer=read.text("CREDITS_JWT_ISSUER") or auth_url,
             data_dir=read.path("CREDITS_DATA_DIR") or Path(".data"),
             signup_credits=read.whole("CREDITS_SIGNUP_CREDITS", 0, minimum=0),
+            signup_credits_ttl_seconds=read.duration("CREDITS_SIGNUP_CREDITS_TTL"),
             metrics_listen=read.address("CREDITS_METRICS_LISTEN"),
             service_api_key=read.text("CREDITS_SERVICE_API_KEY"),
             page_token_key=read.text("CREDITS_PAGE_TOKEN_KEY"),
@@ -262,6 +268,22 @@ class _Reader:
         if positive and not 0 < value < float("inf"):
             raise ValueError(f"{name} must be a number of seconds above 0 (got {text!r})")
         return value
+
+    def duration(self, name: str) -> int | None:
+        """A duration in whole seconds, above 0: a number with a unit, `s`, `m`, `h` or `d`
+        (`30d`, `12h`, `90m`), or a number of seconds alone; None when unset."""
+        text = self.text(name)
+        if text is None:
+            return None
+        number, unit = (text[:-1], text[-1].lower()) if text[-1:].isalpha() else (text, "s")
+        if not (number.isascii() and number.isdigit()) or unit not in _DURATION_UNITS:
+            raise ValueError(
+                f"{name} must be a duration such as 30d, 12h, 90m or 3600 (seconds) (got {text!r})"
+            )
+        seconds = int(number) * _DURATION_UNITS[unit]
+        if not 0 < seconds <= _MAX_DURATION_SECONDS:
+            raise ValueError(f"{name} must be more than 0 and at most 100 years (got {text!r})")
+        return seconds
 
     def choice(self, name: str, choices: tuple[str, ...]) -> str:
         """One of `choices` (any case); the first when unset."""

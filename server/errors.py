@@ -75,6 +75,11 @@ class GenerationNotFound(CreditsError):
     default_message = "generation not found"
 
 
+class GrantNotFound(CreditsError):
+    reason = "GRANT_NOT_FOUND"
+    default_message = "grant not found"
+
+
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
     field: str
@@ -96,15 +101,22 @@ class InvalidArgument(CreditsError):
 
 
 class InsufficientCredits(CreditsError):
+    """Fewer credits available for the spending's `scope` ("" unscoped: only unscoped grants
+    pay for it) than `required`. The metadata names the scope only when there is one, so an
+    unscoped refusal carries exactly `required` and `available`, as before scopes existed."""
+
     reason = "INSUFFICIENT_CREDITS"
 
-    def __init__(self, required: int, available: int) -> None:
+    def __init__(self, required: int, available: int, scope: str = "") -> None:
         self.required = required
         self.available = available
+        self.scope = scope
+        judged = f" for scope {scope!r}" if scope else ""
         super().__init__(
-            f"insufficient credits: {required} required, {available} available",
+            f"insufficient credits{judged}: {required} required, {available} available",
             required=required,
             available=available,
+            **({"scope": scope} if scope else {}),
         )
 
 
@@ -133,6 +145,18 @@ class HoldNotPending(CreditsError):
             message = self.default_message
         known = {"state": state, "generation_id": generation_id}
         super().__init__(message, **{key: value for key, value in known.items() if value})
+
+
+class GrantNotActive(CreditsError):
+    """VoidGrant of a grant already expired, depleted or voided (`state`, in the metadata)."""
+
+    reason = "GRANT_NOT_ACTIVE"
+    default_message = "the grant is no longer active"
+
+    def __init__(self, state: str = "") -> None:
+        message = f"{self.default_message}: it is {state}" if state else None
+        super().__init__(message, **({"state": state} if state else {}))
+        self.state = state
 
 
 class RefundExceedsDebit(CreditsError):

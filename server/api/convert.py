@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from credits.v1 import credit_service_pb2, generation_pb2, ledger_pb2
+from credits.v1 import credit_service_pb2, generation_pb2, grant_pb2, ledger_pb2
 from server.credit.models import (
+    Grant,
+    GrantCategory,
+    GrantResult,
+    GrantState,
     Hold,
     HoldState,
     LedgerResult,
@@ -27,6 +32,8 @@ _KINDS = {
     TransactionKind.GRANT: ledger_pb2.TRANSACTION_KIND_GRANT,
     TransactionKind.REFUND: ledger_pb2.TRANSACTION_KIND_REFUND,
     TransactionKind.CAPTURE: ledger_pb2.TRANSACTION_KIND_CAPTURE,
+    TransactionKind.EXPIRE: ledger_pb2.TRANSACTION_KIND_EXPIRE,
+    TransactionKind.VOID: ledger_pb2.TRANSACTION_KIND_VOID,
 }
 
 _KINDS_BY_NUMBER = {number: kind for kind, number in _KINDS.items()}
@@ -36,6 +43,21 @@ _HOLD_STATES = {
     HoldState.RELEASED: ledger_pb2.HOLD_STATE_RELEASED,
     HoldState.EXPIRED: ledger_pb2.HOLD_STATE_EXPIRED,
 }
+
+_GRANT_STATES = {
+    GrantState.PENDING: grant_pb2.GRANT_STATE_PENDING,
+    GrantState.ACTIVE: grant_pb2.GRANT_STATE_ACTIVE,
+    GrantState.DEPLETED: grant_pb2.GRANT_STATE_DEPLETED,
+    GrantState.EXPIRED: grant_pb2.GRANT_STATE_EXPIRED,
+    GrantState.VOIDED: grant_pb2.GRANT_STATE_VOIDED,
+}
+_GRANT_STATES_BY_NUMBER = {number: state for state, number in _GRANT_STATES.items()}
+
+_GRANT_CATEGORIES = {
+    GrantCategory.PAID: grant_pb2.GRANT_CATEGORY_PAID,
+    GrantCategory.PROMOTIONAL: grant_pb2.GRANT_CATEGORY_PROMOTIONAL,
+}
+_GRANT_CATEGORIES_BY_NUMBER = {number: category for category, number in _GRANT_CATEGORIES.items()}
 
 _GENERATION_STATES = {
     GenerationState.QUEUED: generation_pb2.GENERATION_STATE_QUEUED,
@@ -67,6 +89,10 @@ def timestamp(value: datetime) -> Timestamp:
     return stamp
 
 
+def timestamp_or_none(value: datetime | None) -> Timestamp | None:
+    return timestamp(value) if value is not None else None
+
+
 def profile(value: Profile) -> ledger_pb2.Profile:
     return ledger_pb2.Profile(
         user_id=str(value.user_id),
@@ -76,6 +102,8 @@ def profile(value: Profile) -> ledger_pb2.Profile:
         available=value.available,
         create_time=timestamp(value.create_time),
         update_time=timestamp(value.update_time),
+        next_expire_time=timestamp_or_none(value.next_expire_time),
+        next_expire_amount=value.next_expire_amount,
     )
 
 
@@ -92,7 +120,67 @@ def transaction(value: Transaction) -> ledger_pb2.Transaction:
         create_time=timestamp(value.create_time),
         refunded_transaction_id=str(value.refunded_transaction_id or ""),
         hold_id=str(value.hold_id or ""),
+        allocations=[
+            ledger_pb2.Allocation(grant_id=str(part.grant_id), amount=part.amount)
+            for part in value.allocations
+        ],
     )
+
+
+def grant(value: Grant) -> grant_pb2.Grant:
+    return grant_pb2.Grant(
+        grant_id=str(value.grant_id),
+        user_id=str(value.user_id),
+        amount=value.amount,
+        remaining=value.remaining,
+        category=_GRANT_CATEGORIES[value.category],
+        priority=value.priority,
+        scopes=value.scopes,
+        effective_time=timestamp(value.effective_time),
+        expire_time=timestamp_or_none(value.expire_time),
+        state=_GRANT_STATES[value.state],
+        transaction_id=str(value.transaction_id or ""),
+        create_time=timestamp(value.create_time),
+    )
+
+
+def grant_result(value: GrantResult) -> dict[str, Any]:
+    """The fields GrantCreditsResponse and VoidGrantResponse share (`transaction` unset when
+    none was written; `grant` unset on a replay of a grant made before grants existed)."""
+    entry, made = value.transaction, value.grant
+    return {
+        "transaction": transaction(entry) if entry is not None else None,
+        "grant": grant(made) if made is not None else None,
+        "balance": value.balance,
+        "replayed": value.replayed,
+    }
+
+
+def grant_category(number: grant_pb2.GrantCategory.ValueType) -> GrantCategory | None:
+    """A request's category: None for unspecified (the default), INVALID_ARGUMENT for a
+    number the enum does not name."""
+    if number == grant_pb2.GRANT_CATEGORY_UNSPECIFIED:
+        return None
+    category = _GRANT_CATEGORIES_BY_NUMBER.get(number)
+    if category is None:
+        raise InvalidArgument.one("category", "must be GRANT_CATEGORY_PAID or _PROMOTIONAL")
+    return category
+
+
+def grant_states(numbers: Iterable[grant_pb2.GrantState.ValueType]) -> frozenset[GrantState]:
+    """ListGrants' states filter; an unknown or unspecified state is INVALID_ARGUMENT."""
+    states = set()
+    for number in numbers:
+        state = _GRANT_STATES_BY_NUMBER.get(number)
+        if state is None:
+            raise InvalidArgument.one("states", "must name grant states")
+        states.add(state)
+    return frozenset(states)
+
+
+def optional_time(message: Any, field: str) -> datetime | None:
+    """The Timestamp field `field` of a request message, or None when it is not set."""
+    return time_of(getattr(message, field), field) if message.HasField(field) else None
 
 
 def ledger_result(value: LedgerResult) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             balance=profile.balance,
             held=profile.held,
             available=profile.available,
+            next_expire_time=convert.timestamp_or_none(profile.next_expire_time),
+            next_expire_amount=profile.next_expire_amount,
         )
 
     async def GetProfile(
@@ -42,7 +44,9 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
     async def CheckCredits(
         self, request: pb.CheckCreditsRequest, context: Context
     ) -> pb.CheckCreditsResponse:
-        check = await self._ledger.check(current_principal(), request.user_id, request.amount)
+        check = await self._ledger.check(
+            current_principal(), request.user_id, request.amount, request.scope
+        )
         return pb.CheckCreditsResponse(
             sufficient=check.sufficient, available=check.available, shortfall=check.shortfall
         )
@@ -57,6 +61,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             idempotency_key=request.idempotency_key,
             description=request.description,
             metadata=request.metadata,
+            scope=request.scope,
         )
         return pb.DebitCreditsResponse(**convert.ledger_result(result))
 
@@ -70,8 +75,13 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             idempotency_key=request.idempotency_key,
             description=request.description,
             metadata=request.metadata,
+            expire_time=convert.optional_time(request, "expire_time"),
+            effective_time=convert.optional_time(request, "effective_time"),
+            priority=request.priority if request.HasField("priority") else None,
+            category=convert.grant_category(request.category),
+            scopes=request.scopes,
         )
-        return pb.GrantCreditsResponse(**convert.ledger_result(result))
+        return pb.GrantCreditsResponse(**convert.grant_result(result))
 
     async def RefundCredits(
         self, request: pb.RefundCreditsRequest, context: Context
@@ -96,6 +106,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             idempotency_key=request.idempotency_key,
             ttl=convert.duration_of(request.ttl, "ttl") if request.HasField("ttl") else None,
             description=request.description,
+            scope=request.scope,
         )
         return pb.ReserveCreditsResponse(
             hold=convert.hold(reservation.hold),
@@ -139,5 +150,31 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
         )
         return pb.ListTransactionsResponse(
             transactions=[convert.transaction(t) for t in page.transactions],
+            next_page_token=page.next_page_token,
+        )
+
+    async def VoidGrant(
+        self, request: pb.VoidGrantRequest, context: Context
+    ) -> pb.VoidGrantResponse:
+        result = await self._ledger.void_grant(
+            current_principal(),
+            request.grant_id,
+            idempotency_key=request.idempotency_key,
+            description=request.description,
+        )
+        return pb.VoidGrantResponse(**convert.grant_result(result))
+
+    async def ListGrants(
+        self, request: pb.ListGrantsRequest, context: Context
+    ) -> pb.ListGrantsResponse:
+        page = await self._ledger.list_grants(
+            current_principal(),
+            request.user_id,
+            request.page_size,
+            request.page_token,
+            convert.grant_states(request.states),
+        )
+        return pb.ListGrantsResponse(
+            grants=[convert.grant(g) for g in page.grants],
             next_page_token=page.next_page_token,
         )

@@ -25,9 +25,11 @@ STATUS_CODES: dict[type[errors.CreditsError], grpc.StatusCode] = {
     errors.TransactionNotFound: grpc.StatusCode.NOT_FOUND,
     errors.HoldNotFound: grpc.StatusCode.NOT_FOUND,
     errors.GenerationNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.GrantNotFound: grpc.StatusCode.NOT_FOUND,
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InsufficientCredits: grpc.StatusCode.FAILED_PRECONDITION,
     errors.HoldNotPending: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.GrantNotActive: grpc.StatusCode.FAILED_PRECONDITION,
     errors.RefundExceedsDebit: grpc.StatusCode.FAILED_PRECONDITION,
     errors.GenerationNotCancellable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.BalanceLimitExceeded: grpc.StatusCode.FAILED_PRECONDITION,
@@ -69,7 +71,8 @@ def _extra_details(error: errors.CreditsError) -> list[any_pb2.Any]:
                 error_details_pb2.PreconditionFailure.Violation(
                     type=error.reason,
                     subject="available",
-                    description=f"{error.required} credits required, {error.available} available",
+                    description=f"{error.required} credits required, {error.available} available"
+                    + (f" for scope {error.scope!r}" if error.scope else ""),
                 )
             ]
         )

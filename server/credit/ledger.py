@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import timedelta
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 
 from server.auth.principal import Principal
 from server.credit.models import (
+    DEFAULT_GRANT_PRIORITY,
     Capture,
     CreditCheck,
+    Grant,
+    GrantCategory,
+    GrantPage,
+    GrantRequest,
+    GrantResult,
+    GrantState,
     HoldRequest,
     LedgerResult,
     Movement,
@@ -19,6 +26,7 @@ from server.credit.models import (
     Transaction,
     TransactionFilter,
     TransactionPage,
+    VoidRequest,
 )
 from server.credit.ports import CreditStore
 from server.domain import access, paging, validation
@@ -27,6 +35,16 @@ from server.domain.paging import PageTokens
 # A transaction's fields besides its texts in a response (ids, numbers, a timestamp, framing):
 # about 250 bytes at most.
 TRANSACTION_OVERHEAD_BYTES = 512
+# A transaction's allocation in a response: a grant id and an amount, with framing.
+ALLOCATION_BYTES = 64
+# A grant's fields besides its scopes (ids, numbers, timestamps, framing): about 200 bytes.
+GRANT_OVERHEAD_BYTES = 512
+# A scope's framing in a response (its tag and length).
+SCOPE_FRAMING_BYTES = 4
+
+
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
 
 
 class CreditLedger:
@@ -36,22 +54,25 @@ class CreditLedger:
         page_tokens: PageTokens | None = None,
         *,
         max_page_bytes: int = paging.DEFAULT_MAX_PAGE_BYTES,
+        now: Callable[[], datetime] = _wall_clock,
     ) -> None:
-        """`page_tokens` signs the listing's page tokens (None: a key of this process only);
-        a page's transactions take at most `max_page_bytes` of its response."""
+        """`page_tokens` signs the listings' page tokens (None: a key of this process only);
+        a page's rows take at most `max_page_bytes` of its response. `now` is the clock a
+        grant's times are judged by before the store (which judges them again by its own)."""
         self._store = store
         self._pages = page_tokens or PageTokens.ephemeral()
         self._max_page_bytes = max_page_bytes
+        self._now = now
 
     async def get_profile(self, principal: Principal, user_id: str) -> Profile:
         return await self._store.get_profile(principal, access.target_user(principal, user_id))
 
-    async def check(self, principal: Principal, user_id: str, amount: int) -> CreditCheck:
+    async def check(
+        self, principal: Principal, user_id: str, amount: int, scope: str = ""
+    ) -> CreditCheck:
         target = access.target_user(principal, user_id)
         validation.positive_amount(amount)
-        profile = await self._store.get_profile(principal, target)
-        shortfall = max(0, amount - profile.available)
-        return CreditCheck(shortfall == 0, profile.available, shortfall)
+        return await self._store.check(principal, target, amount, validation.spending_scope(scope))
 
     async def debit(
         self,
@@ -62,9 +83,10 @@ class CreditLedger:
         idempotency_key: str,
         description: str,
         metadata: Mapping[str, str],
+        scope: str = "",
     ) -> LedgerResult:
         target = access.target_user(principal, user_id)
-        movement = _movement(amount, idempotency_key, description, metadata)
+        movement = _movement(amount, idempotency_key, description, metadata, scope)
         return await self._store.debit(principal, target, movement)
 
     async def grant(
@@ -76,11 +98,63 @@ class CreditLedger:
         idempotency_key: str,
         description: str,
         metadata: Mapping[str, str],
-    ) -> LedgerResult:
+        expire_time: datetime | None = None,
+        effective_time: datetime | None = None,
+        priority: int | None = None,
+        category: GrantCategory | None = None,
+        scopes: Sequence[str] = (),
+    ) -> GrantResult:
+        """Gives credits: `effective_time` None is now, `expire_time` None never, `priority`
+        None 50, `category` None paid, `scopes` empty any spending."""
         access.require_service(principal)
         target = access.target_user(principal, user_id)
         movement = _movement(amount, idempotency_key, description, metadata)
-        return await self._store.grant(principal, target, movement)
+        validation.grant_times(effective_time, expire_time, self._now())
+        request = GrantRequest(
+            amount=movement.amount,
+            idempotency_key=movement.idempotency_key,
+            description=movement.description,
+            metadata=movement.metadata,
+            expire_time=expire_time,
+            effective_time=effective_time,
+            priority=validation.priority(DEFAULT_GRANT_PRIORITY if priority is None else priority),
+            category=category or GrantCategory.PAID,
+            scopes=validation.grant_scopes(scopes),
+        )
+        return await self._store.grant(principal, target, request)
+
+    async def void_grant(
+        self, principal: Principal, grant_id: str, *, idempotency_key: str, description: str
+    ) -> GrantResult:
+        """Removes what is left of a grant, but what pending holds pin of it (service only)."""
+        access.require_service(principal)
+        void = VoidRequest(
+            grant_id=validation.parse_uuid("grant_id", grant_id),
+            idempotency_key=validation.idempotency_key(idempotency_key),
+            description=validation.description(description),
+        )
+        return await self._store.void_grant(principal, void)
+
+    async def list_grants(
+        self,
+        principal: Principal,
+        user_id: str,
+        page_size: int,
+        page_token: str,
+        states: frozenset[GrantState] = frozenset(),
+    ) -> GrantPage:
+        """One page of the user's grants, newest first, in `states` as of now (empty: all)."""
+        target = access.target_user(principal, user_id)
+        page, token = await self._pages.read_page(
+            lambda limit, before: self._store.list_grants(principal, target, limit, before, states),
+            user_id=target,
+            scope=paging.listing("grants", sorted(states)),
+            page_size=page_size,
+            page_token=page_token,
+            size_of=grant_bytes,
+            max_bytes=self._max_page_bytes,
+        )
+        return GrantPage(page, token)
 
     async def refund(
         self,
@@ -112,6 +186,7 @@ class CreditLedger:
         idempotency_key: str,
         ttl: timedelta | None,
         description: str,
+        scope: str = "",
     ) -> Reservation:
         target = access.target_user(principal, user_id)
         hold = HoldRequest(
@@ -119,6 +194,7 @@ class CreditLedger:
             idempotency_key=validation.idempotency_key(idempotency_key),
             ttl_seconds=validation.hold_ttl_seconds(ttl),
             description=validation.description(description),
+            scope=validation.spending_scope(scope),
         )
         return await self._store.reserve(principal, target, hold)
 
@@ -167,13 +243,28 @@ class CreditLedger:
 def listed_bytes(transaction: Transaction) -> int:
     """An upper bound of the transaction's size in a ListTransactions response."""
     texts = validation.utf8_size(transaction.idempotency_key, transaction.description)
-    return TRANSACTION_OVERHEAD_BYTES + texts + paging.entries_bytes(transaction.metadata)
+    allocations = ALLOCATION_BYTES * len(transaction.allocations)
+    return (
+        TRANSACTION_OVERHEAD_BYTES
+        + texts
+        + paging.entries_bytes(transaction.metadata)
+        + allocations
+    )
 
 
-def _movement(amount: int, key: str, text: str, entries: Mapping[str, str]) -> Movement:
+def grant_bytes(grant: Grant) -> int:
+    """An upper bound of the grant's size in a ListGrants response."""
+    scopes = validation.utf8_size(*grant.scopes) + SCOPE_FRAMING_BYTES * len(grant.scopes)
+    return GRANT_OVERHEAD_BYTES + scopes
+
+
+def _movement(
+    amount: int, key: str, text: str, entries: Mapping[str, str], scope: str = ""
+) -> Movement:
     return Movement(
         validation.positive_amount(amount),
         validation.idempotency_key(key),
         validation.description(text),
         validation.metadata(entries),
+        validation.spending_scope(scope),
     )

@@ -14,6 +14,25 @@ class TransactionKind(StrEnum):
     GRANT = "grant"
     REFUND = "refund"
     CAPTURE = "capture"
+    # A grant's unspent remainder leaving the balance at its expire time.
+    EXPIRE = "expire"
+    # A grant's remainder removed by VoidGrant.
+    VOID = "void"
+
+
+class GrantCategory(StrEnum):
+    PAID = "paid"
+    PROMOTIONAL = "promotional"
+
+
+class GrantState(StrEnum):
+    """A grant's state as of a read, judged by time (see the contract's Grants section)."""
+
+    PENDING = "pending"
+    ACTIVE = "active"
+    DEPLETED = "depleted"
+    EXPIRED = "expired"
+    VOIDED = "voided"
 
 
 class HoldState(StrEnum):
@@ -34,6 +53,18 @@ class Profile:
     available: int
     create_time: datetime
     update_time: datetime
+    # The soonest expiry among the user's active grants (None: none expires) and how much of
+    # the balance goes then.
+    next_expire_time: datetime | None = None
+    next_expire_amount: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """How much of a ledger entry one grant took or gave."""
+
+    grant_id: uuid.UUID
+    amount: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,16 +84,69 @@ class Transaction:
     hold_id: uuid.UUID | None
     # Position in the ledger's total order; only paging uses it.
     seq: int
+    # The grants it drew on or returned to, in the order they were drawn.
+    allocations: tuple[Allocation, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A batch of credits a user was given; `state` and `remaining` as of the read."""
+
+    grant_id: uuid.UUID
+    user_id: uuid.UUID
+    amount: int
+    remaining: int
+    category: GrantCategory
+    priority: int
+    scopes: tuple[str, ...]
+    effective_time: datetime
+    expire_time: datetime | None
+    state: GrantState
+    # The GRANT entry, once written (None while pending, and for pre-grant balances).
+    transaction_id: uuid.UUID | None
+    create_time: datetime
+    # Position in the user's grants; only paging uses it.
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
 class Movement:
-    """A validated request to debit or grant credits."""
+    """A validated request to debit credits (`scope`: what the spending is for; "" unscoped)."""
 
     amount: int
     idempotency_key: str
     description: str
     metadata: Mapping[str, str]
+    scope: str = ""
+
+
+# A grant's priority when the request names none.
+DEFAULT_GRANT_PRIORITY = 50
+
+
+@dataclass(frozen=True, slots=True)
+class GrantRequest:
+    """A validated request to give credits: `effective_time` None means now, `expire_time`
+    None never; `scopes` sorted and distinct (empty: any spending)."""
+
+    amount: int
+    idempotency_key: str
+    description: str
+    metadata: Mapping[str, str]
+    expire_time: datetime | None = None
+    effective_time: datetime | None = None
+    priority: int = DEFAULT_GRANT_PRIORITY
+    category: GrantCategory = GrantCategory.PAID
+    scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class VoidRequest:
+    """A validated request to void what is left of a grant."""
+
+    grant_id: uuid.UUID
+    idempotency_key: str
+    description: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +167,7 @@ class HoldRequest:
     idempotency_key: str
     ttl_seconds: int
     description: str
+    scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +176,19 @@ class LedgerResult:
     replay of an earlier call with the same idempotency key."""
 
     transaction: Transaction
+    balance: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GrantResult:
+    """What GrantCredits and VoidGrant return: the ledger entry (None when none was written:
+    a grant not yet effective, a void with nothing unpinned to remove), the grant as it is
+    after the call (None only on a replay of a grant made before grants existed), the balance,
+    and whether this is a replay."""
+
+    transaction: Transaction | None
+    grant: Grant | None
     balance: int
     replayed: bool
 
@@ -154,4 +252,10 @@ class CreditCheck:
 @dataclass(frozen=True, slots=True)
 class TransactionPage:
     transactions: Sequence[Transaction]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class GrantPage:
+    grants: Sequence[Grant]
     next_page_token: str

@@ -13,6 +13,11 @@ from typing import Protocol
 from server.auth.principal import Principal, UserPrincipal
 from server.credit.models import (
     Capture,
+    CreditCheck,
+    Grant,
+    GrantRequest,
+    GrantResult,
+    GrantState,
     HoldRequest,
     LedgerResult,
     Movement,
@@ -22,11 +27,19 @@ from server.credit.models import (
     Reservation,
     Transaction,
     TransactionFilter,
+    VoidRequest,
 )
 
 
 class CreditStore(Protocol):
     async def get_profile(self, principal: Principal, user_id: uuid.UUID) -> Profile: ...
+
+    async def check(
+        self, principal: Principal, user_id: uuid.UUID, amount: int, scope: str
+    ) -> CreditCheck:
+        """Whether `amount` could be spent now with `scope` ("" unscoped): the grants that
+        would pay for it, less what holds pin of them."""
+        ...
 
     async def list_transactions(
         self,
@@ -42,8 +55,24 @@ class CreditStore(Protocol):
     ) -> LedgerResult: ...
 
     async def grant(
-        self, principal: Principal, user_id: uuid.UUID, movement: Movement
-    ) -> LedgerResult: ...
+        self, principal: Principal, user_id: uuid.UUID, grant: GrantRequest
+    ) -> GrantResult: ...
+
+    async def void_grant(self, principal: Principal, void: VoidRequest) -> GrantResult:
+        """Removes the unpinned remainder of the grant `void` names (of any user)."""
+        ...
+
+    async def list_grants(
+        self,
+        principal: Principal,
+        user_id: uuid.UUID,
+        limit: int,
+        before_seq: int | None,
+        states: frozenset[GrantState],
+    ) -> Sequence[Grant]:
+        """Up to `limit` of the user's grants before `before_seq`, newest first, in `states`
+        as of now (empty: all)."""
+        ...
 
     async def refund(
         self, principal: Principal, user_id: uuid.UUID | None, refund: RefundRequest
@@ -72,7 +101,8 @@ class CreditStore(Protocol):
 
 class HoldExpiry(Protocol):
     async def expire_holds(self, users: int) -> int:
-        """Marks overdue holds expired for up to `users` users; returns how many it swept."""
+        """Marks overdue holds expired, and writes the due activations and expiries of grants,
+        for up to `users` users; returns how many it settled."""
         ...
 
 

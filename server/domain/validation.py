@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 from server.errors import InvalidArgument
@@ -18,6 +19,9 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 DEFAULT_HOLD_TTL = timedelta(minutes=15)
 MAX_HOLD_TTL = timedelta(hours=24)
+MAX_SCOPE_LENGTH = 100
+MAX_SCOPES = 20
+MIN_PRIORITY, MAX_PRIORITY = 0, 100
 
 
 def parse_uuid(field: str, value: str) -> uuid.UUID:
@@ -107,3 +111,50 @@ def page_size(size: int) -> int:
     if size < 0:
         raise InvalidArgument.one("page_size", "must not be negative")
     return min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def spending_scope(text: str) -> str:
+    """What a spending is for (a model's name, say): at most 100 characters, none a control
+    character; "" is unscoped."""
+    if len(text) > MAX_SCOPE_LENGTH or any(map(_is_control, text)):
+        raise InvalidArgument.one(
+            "scope", f"must be at most {MAX_SCOPE_LENGTH} characters, none a control character"
+        )
+    return text
+
+
+def grant_scopes(values: Sequence[str]) -> tuple[str, ...]:
+    """A grant's scopes, sorted and without repeats: at most 20, each 1 to 100 characters."""
+    if len(values) > MAX_SCOPES:
+        raise InvalidArgument.one("scopes", f"at most {MAX_SCOPES} scopes")
+    for value in values:
+        if not 1 <= len(value) <= MAX_SCOPE_LENGTH or any(map(_is_control, value)):
+            raise InvalidArgument.one(
+                "scopes",
+                f"each scope must be 1 to {MAX_SCOPE_LENGTH} characters, none a control character",
+            )
+    # Code point order is the byte order of UTF-8: the database's order of stored scopes.
+    return tuple(sorted(set(values)))
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) == "Cc"
+
+
+def priority(value: int) -> int:
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise InvalidArgument.one(
+            "priority", f"must be {MIN_PRIORITY} to {MAX_PRIORITY} (lower is spent first)"
+        )
+    return value
+
+
+def grant_times(effective: datetime | None, expire: datetime | None, now: datetime) -> None:
+    """A grant's expiry, when it has one, comes after it takes effect (None: now) and after
+    `now`."""
+    if expire is None:
+        return
+    if expire <= now:
+        raise InvalidArgument.one("expire_time", "must be in the future")
+    if effective is not None and expire <= effective:
+        raise InvalidArgument.one("expire_time", "must be after effective_time")

@@ -8,6 +8,11 @@ from collections.abc import Sequence
 from server.auth.principal import Principal, UserPrincipal
 from server.credit.models import (
     Capture,
+    CreditCheck,
+    Grant,
+    GrantRequest,
+    GrantResult,
+    GrantState,
     HoldRequest,
     LedgerResult,
     Movement,
@@ -17,6 +22,7 @@ from server.credit.models import (
     Reservation,
     Transaction,
     TransactionFilter,
+    VoidRequest,
 )
 from server.observability import metrics
 from server.repository import functions as fn
@@ -27,8 +33,9 @@ class CreditRepository:
     def __init__(self, layers: LayeredRepository) -> None:
         self._layers = layers
 
-    async def configure(self, *, signup_credits: int) -> None:
-        await self._layers.call_as_service(fn.Configure(signup_credits))
+    async def configure(self, *, signup_credits: int, signup_ttl_seconds: int | None) -> None:
+        """The signup credits (a promotional grant) and how long they last (None: forever)."""
+        await self._layers.call_as_service(fn.Configure(signup_credits, signup_ttl_seconds))
 
     async def provision(self, principal: UserPrincipal) -> None:
         await self._layers.call(principal, fn.ProvisionProfile(principal.user_id, principal.email))
@@ -38,6 +45,11 @@ class CreditRepository:
 
     async def get_profile(self, principal: Principal, user_id: uuid.UUID) -> Profile:
         return await self._layers.call(principal, fn.GetProfile(user_id))
+
+    async def check(
+        self, principal: Principal, user_id: uuid.UUID, amount: int, scope: str
+    ) -> CreditCheck:
+        return await self._layers.call(principal, fn.Check(user_id, amount, scope))
 
     async def list_transactions(
         self,
@@ -60,20 +72,45 @@ class CreditRepository:
             movement.idempotency_key,
             movement.description,
             dict(movement.metadata),
+            movement.scope,
         )
         return _counted(await self._layers.call(principal, call))
 
     async def grant(
-        self, principal: Principal, user_id: uuid.UUID, movement: Movement
-    ) -> LedgerResult:
-        call = fn.Grant(
+        self, principal: Principal, user_id: uuid.UUID, grant: GrantRequest
+    ) -> GrantResult:
+        call = fn.GrantCredits(
             user_id,
-            movement.amount,
-            movement.idempotency_key,
-            movement.description,
-            dict(movement.metadata),
+            grant.amount,
+            grant.idempotency_key,
+            grant.description,
+            dict(grant.metadata),
+            grant.expire_time,
+            grant.effective_time,
+            grant.priority,
+            grant.category.value,
+            list(grant.scopes),
         )
-        return _counted(await self._layers.call(principal, call))
+        result = await self._layers.call(principal, call)
+        metrics.ledger_operation("grant", result.replayed)
+        return result
+
+    async def void_grant(self, principal: Principal, void: VoidRequest) -> GrantResult:
+        call = fn.VoidGrant(void.grant_id, void.idempotency_key, void.description)
+        result = await self._layers.call(principal, call)
+        metrics.ledger_operation("void", result.replayed)
+        return result
+
+    async def list_grants(
+        self,
+        principal: Principal,
+        user_id: uuid.UUID,
+        limit: int,
+        before_seq: int | None,
+        states: frozenset[GrantState],
+    ) -> Sequence[Grant]:
+        wanted = [state.value for state in sorted(states)] or None
+        return await self._layers.call(principal, fn.ListGrants(user_id, limit, before_seq, wanted))
 
     async def refund(
         self, principal: Principal, user_id: uuid.UUID | None, refund: RefundRequest
@@ -91,7 +128,12 @@ class CreditRepository:
         self, principal: Principal, user_id: uuid.UUID, hold: HoldRequest
     ) -> Reservation:
         call = fn.Reserve(
-            user_id, hold.amount, hold.idempotency_key, hold.ttl_seconds, hold.description
+            user_id,
+            hold.amount,
+            hold.idempotency_key,
+            hold.ttl_seconds,
+            hold.description,
+            hold.scope,
         )
         reservation = await self._layers.call(principal, call)
         metrics.ledger_operation("reserve", reservation.replayed)

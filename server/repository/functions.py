@@ -19,6 +19,9 @@ from typing import Any, ClassVar, Generic, TypeVar, dataclass_transform
 
 from server.credit.models import (
     Capture,
+    CreditCheck,
+    Grant,
+    GrantResult,
     LedgerResult,
     Profile,
     Release,
@@ -40,13 +43,21 @@ class SqlCall(Generic[T]):
     function: ClassVar[str] = ""
     # The batched form, taking each parameter as an array (see *_credits_batched_calls.sql).
     batched: ClassVar[str | None] = None
+    # Fields whose array parameter in the batched form has another name (field -> name).
+    batched_names: ClassVar[Mapping[str, str]] = {}
 
     def __init_subclass__(
-        cls, *, function: str = "", batched: str | None = None, **kwargs: Any
+        cls,
+        *,
+        function: str = "",
+        batched: str | None = None,
+        batched_names: Mapping[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
         if function:
             cls.function, cls.batched = function, batched
+            cls.batched_names = dict(batched_names or {})
         dataclasses.dataclass(frozen=True)(cls)
 
     @classmethod
@@ -54,6 +65,12 @@ class SqlCall(Generic[T]):
     def params(cls) -> tuple[str, ...]:
         """The function's parameter names, in order."""
         return tuple(f"p_{name}" for name in cls._fields())
+
+    @classmethod
+    @functools.cache
+    def batched_params(cls) -> tuple[str, ...]:
+        """The batched form's parameter names, in the order of `params()`."""
+        return tuple(f"p_{cls.batched_names.get(name, name)}" for name in cls._fields())
 
     @classmethod
     @functools.cache
@@ -79,6 +96,7 @@ class _NoResult(SqlCall[None]):
 
 class Configure(_NoResult, function="credit_configure"):
     signup_credits: int
+    signup_ttl_seconds: int | None  # None: signup credits never expire
 
 
 class SyncModels(_NoResult, function="credit_sync_models"):
@@ -116,6 +134,15 @@ class GetProfile(
         return records.profile(raw)
 
 
+class Check(SqlCall[CreditCheck], function="credit_check"):
+    user_id: uuid.UUID
+    amount: int
+    scope: str
+
+    def decode(self, raw: Any) -> CreditCheck:
+        return CreditCheck(raw["sufficient"], raw["available"], raw["shortfall"])
+
+
 class ListTransactions(SqlCall[list[Transaction]], function="credit_list_transactions"):
     user_id: uuid.UUID
     limit: int
@@ -133,20 +160,52 @@ class _Movement(SqlCall[LedgerResult]):
         return records.ledger_result(raw)
 
 
-class Debit(_Movement, function="credit_debit", batched="credit_debit_each"):
+class Debit(
+    _Movement,
+    function="credit_debit",
+    batched="credit_debit_each",
+    batched_names={"scope": "scopes"},
+):
     user_id: uuid.UUID
     amount: int
     idempotency_key: str
     description: str
     metadata: Mapping[str, str]
+    scope: str  # "": unscoped
 
 
-class Grant(_Movement, function="credit_grant"):
+class _GrantChange(SqlCall[GrantResult]):
+    def decode(self, raw: Any) -> GrantResult:
+        return records.grant_result(raw)
+
+
+class GrantCredits(_GrantChange, function="credit_grant"):
     user_id: uuid.UUID
     amount: int
     idempotency_key: str
     description: str
     metadata: Mapping[str, str]
+    expire_time: datetime | None  # None: never
+    effective_time: datetime | None  # None: now
+    priority: int
+    category: str
+    scopes: list[str]
+
+
+class VoidGrant(_GrantChange, function="credit_void_grant"):
+    grant_id: uuid.UUID
+    idempotency_key: str
+    description: str
+
+
+class ListGrants(SqlCall[list[Grant]], function="credit_list_grants"):
+    user_id: uuid.UUID
+    limit: int
+    before_seq: int | None
+    states: list[str] | None  # None: every state
+
+    def decode(self, raw: Any) -> list[Grant]:
+        return [records.grant(row) for row in raw]
 
 
 class Refund(_Movement, function="credit_refund"):
@@ -163,6 +222,7 @@ class Reserve(SqlCall[Reservation], function="credit_reserve"):
     idempotency_key: str
     ttl_seconds: int
     description: str
+    scope: str  # "": unscoped
 
     def decode(self, raw: Any) -> Reservation:
         return records.reservation(raw)

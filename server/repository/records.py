@@ -9,7 +9,12 @@ from datetime import datetime
 from typing import Any
 
 from server.credit.models import (
+    Allocation,
     Capture,
+    Grant,
+    GrantCategory,
+    GrantResult,
+    GrantState,
     Hold,
     HoldState,
     LedgerResult,
@@ -26,6 +31,10 @@ def _uuid_or_none(value: Any) -> uuid.UUID | None:
     return uuid.UUID(value) if value else None
 
 
+def _time_or_none(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
 def profile(row: Mapping[str, Any]) -> Profile:
     return Profile(
         user_id=uuid.UUID(row["user_id"]),
@@ -35,6 +44,8 @@ def profile(row: Mapping[str, Any]) -> Profile:
         available=row["available"],
         create_time=datetime.fromisoformat(row["create_time"]),
         update_time=datetime.fromisoformat(row["update_time"]),
+        next_expire_time=_time_or_none(row["next_expire_time"]),
+        next_expire_amount=row["next_expire_amount"],
     )
 
 
@@ -52,6 +63,39 @@ def transaction(row: Mapping[str, Any]) -> Transaction:
         refunded_transaction_id=_uuid_or_none(row["refunded_transaction_id"]),
         hold_id=_uuid_or_none(row["hold_id"]),
         seq=row["seq"],
+        allocations=tuple(
+            Allocation(uuid.UUID(part["grant_id"]), part["amount"])
+            for part in row["allocations"] or ()
+        ),
+    )
+
+
+def grant(row: Mapping[str, Any]) -> Grant:
+    return Grant(
+        grant_id=uuid.UUID(row["grant_id"]),
+        user_id=uuid.UUID(row["user_id"]),
+        amount=row["amount"],
+        remaining=row["remaining"],
+        category=GrantCategory(row["category"]),
+        priority=row["priority"],
+        scopes=tuple(row["scopes"] or ()),
+        effective_time=datetime.fromisoformat(row["effective_time"]),
+        expire_time=_time_or_none(row["expire_time"]),
+        state=GrantState(row["state"]),
+        transaction_id=_uuid_or_none(row["transaction_id"]),
+        create_time=datetime.fromisoformat(row["create_time"]),
+        seq=row["seq"],
+    )
+
+
+def grant_result(row: Mapping[str, Any]) -> GrantResult:
+    """credit_grant's and credit_void_grant's result (`transaction` null: none written)."""
+    entry, made = row["transaction"], row["grant"]
+    return GrantResult(
+        transaction=transaction(entry) if entry else None,
+        grant=grant(made) if made else None,
+        balance=row["balance"],
+        replayed=row["replayed"],
     )
 
 

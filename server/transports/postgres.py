@@ -55,7 +55,7 @@ _each_statements: dict[Declared, str] = {}
 def _statement(declared: Declared) -> str:
     statement = _statements.get(declared)
     if statement is None:
-        statement = f"select public.{declared.function}({_arguments(declared)})"
+        statement = f"select public.{declared.function}({_arguments(declared.params())})"
         _statements[declared] = statement
     return statement
 
@@ -64,13 +64,14 @@ def _each_statement(declared: Declared) -> str:
     statement = _each_statements.get(declared)
     if statement is None:
         columns = "ordinal, result, error_code, error_message, error_detail"
-        statement = f"select {columns} from public.{declared.batched}({_arguments(declared)})"  # noqa: S608
+        arguments = _arguments(declared.batched_params())
+        statement = f"select {columns} from public.{declared.batched}({arguments})"  # noqa: S608
         _each_statements[declared] = statement
     return statement
 
 
-def _arguments(declared: Declared) -> str:
-    return ", ".join(f"{param} => ${i}" for i, param in enumerate(declared.params(), start=1))
+def _arguments(params: Sequence[str]) -> str:
+    return ", ".join(f"{param} => ${i}" for i, param in enumerate(params, start=1))
 
 
 # The default of CREDITS_DB_TIMEOUT_SECONDS: well under the deadlines callers use (the Python

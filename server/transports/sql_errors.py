@@ -1,7 +1,7 @@
 """The errors the SQL functions raise on purpose, as domain errors (shared by all transports).
 
 See the header of the migration *_credits_ledger.sql for the SQLSTATEs (CR011: the header of
-*_credits_balance_ceiling.sql).
+*_credits_balance_ceiling.sql; CR012, CR013 and CR001's "scope": the grants migration's).
 """
 
 from __future__ import annotations
@@ -39,12 +39,15 @@ def domain_error(sqlstate: str, message: str, detail: str | None) -> errors.Cred
         return errors.InsufficientCredits(
             required=int(str(fields.get("required", 0))),
             available=int(str(fields.get("available", 0))),
+            scope=str(fields.get("scope") or ""),
         )
     if sqlstate == "CR005":
         fields = _details(detail)
         return errors.HoldNotPending(
             state=str(fields.get("state", "")), generation_id=str(fields.get("generation_id", ""))
         )
+    if sqlstate == "CR013":
+        return errors.GrantNotActive(state=str(_details(detail).get("state") or ""))
     if sqlstate == "CR008":
         fields = _details(detail)
         return errors.InvalidArgument.one(
@@ -59,6 +62,7 @@ def domain_error(sqlstate: str, message: str, detail: str | None) -> errors.Cred
         "CR009": errors.GenerationNotFound,
         "CR010": errors.GenerationNotCancellable,
         "CR011": errors.BalanceLimitExceeded,
+        "CR012": errors.GrantNotFound,
         INSUFFICIENT_PRIVILEGE: errors.AccessDeniedByPolicy,
     }
     cls = simple.get(sqlstate)

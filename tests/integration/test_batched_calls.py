@@ -48,12 +48,17 @@ async def new_user(transport: PostgresTransport, credits: int) -> uuid.UUID:
     service = transport.service()
     await service.call(functions.ProvisionProfile(user_id, ""))
     if credits:
-        await service.call(functions.Grant(user_id, credits, f"fund-{user_id}", "", {}))
+        fund = f"fund-{user_id}"
+        await service.call(
+            functions.GrantCredits(user_id, credits, fund, "", {}, None, None, 50, "paid", [])
+        )
     return user_id
 
 
 def debit(transport: PostgresTransport, user_id: uuid.UUID, amount: int, key: str) -> Any:
-    return transport.service().call(functions.Debit(user_id, amount, key, "batched", {"key": key}))
+    return transport.service().call(
+        functions.Debit(user_id, amount, key, "batched", {"key": key}, "")
+    )
 
 
 def start_debits(
@@ -230,6 +235,42 @@ async def test_the_same_key_twice_in_one_batch_is_one_debit_and_a_replay(
         "select balance from public.credit_profiles where user_id = $1", user_id
     )
     assert balance == 16
+
+
+async def test_each_debit_of_a_batch_spends_with_its_own_scope(
+    transport: PostgresTransport, blocker: Blocker
+) -> None:
+    users = [await new_user(transport, 0) for _ in range(3)]
+    for user_id in users:  # 5 credits for "model-a" only, 5 for anything
+        await transport.service().call(
+            functions.GrantCredits(
+                user_id, 5, f"scoped-{user_id}", "", {}, None, None, 50, "paid", ["model-a"]
+            )
+        )
+        await transport.service().call(
+            functions.GrantCredits(user_id, 5, f"any-{user_id}", "", {}, None, None, 50, "paid", [])
+        )
+    await blocker.start()
+    before = batched_calls(functions.Debit)
+    scopes = ["model-a", "", "model-b"]
+    calls = [
+        asyncio.create_task(
+            transport.service().call(functions.Debit(user_id, 8, f"scope-{user_id}", "", {}, scope))
+        )
+        for user_id, scope in zip(users, scopes, strict=True)
+    ]
+    await settle()
+    await blocker.release()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert batched_calls(functions.Debit) - before == 3
+    scoped, unscoped, other = outcomes
+    assert isinstance(scoped, dict)
+    assert [part["amount"] for part in scoped["transaction"]["allocations"]] == [5, 3]
+    # Spending of another scope, or none, can use the unscoped grant only.
+    for refused, scope in ((unscoped, ""), (other, "model-b")):
+        assert isinstance(refused, errors.InsufficientCredits)
+        assert (refused.required, refused.available, refused.scope) == (8, 5, scope)
 
 
 async def test_profile_reads_join_and_a_missing_profile_fails_only_its_own_call(

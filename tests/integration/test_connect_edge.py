@@ -412,6 +412,7 @@ async def test_json_answers_carry_every_field_in_camel_case(
         "balance": "0",
         "held": "0",
         "available": "0",
+        "nextExpireAmount": "0",
     }
     # Proto field names are read too.
     check = await connect.post(

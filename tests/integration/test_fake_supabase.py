@@ -152,7 +152,7 @@ async def test_insufficient_credits_carry_their_detail(fake: FakeSupabase) -> No
             await rpc(db, "credit_debit", params)
     assert (refused.value.code, refused.value.message) == ("CR001", "insufficient credits")
     assert isinstance(refused.value.details, str)
-    assert json.loads(refused.value.details) == {"required": 10, "available": 3}
+    assert json.loads(refused.value.details) == {"required": 10, "available": 3, "scope": ""}
 
 
 async def test_arguments_are_cast_from_json_by_name(fake: FakeSupabase) -> None:

@@ -258,7 +258,7 @@ async def test_not_enough_credits_creates_nothing(
     assert (short.code, short.reason, short.metadata) == (
         grpc.StatusCode.FAILED_PRECONDITION,
         "INSUFFICIENT_CREDITS",
-        {"required": str(COST), "available": "3"},
+        {"required": str(COST), "available": "3", "scope": MODEL},
     )
     assert short.precondition_subjects, "a PreconditionFailure detail"
     assert await rows_of(database_url, user) == (0, 0)

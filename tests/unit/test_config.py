@@ -124,3 +124,23 @@ def test_database_url_must_be_postgresql_and_is_never_echoed(url: str) -> None:
 def test_a_bad_signup_credits_value_is_echoed() -> None:
     with pytest.raises(ValueError, match=r"^CREDITS_SIGNUP_CREDITS must be .* \(got '-5'\)$"):
         Settings.from_env({"CREDITS_SIGNUP_CREDITS": "-5"})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30d", 30 * 86400), ("12h", 12 * 3600), ("90m", 5400), ("45s", 45), ("3600", 3600)],
+)
+def test_the_signup_credits_ttl_is_a_duration(text: str, seconds: int) -> None:
+    settings = Settings.from_env({"CREDITS_SIGNUP_CREDITS_TTL": text})
+    assert settings.signup_credits_ttl_seconds == seconds
+
+
+def test_signup_credits_never_expire_by_default() -> None:
+    assert Settings.from_env({}).signup_credits_ttl_seconds is None
+
+
+@pytest.mark.parametrize("text", ["0", "0d", "-5", "12x", "1.5h", "d", "1d12h", "40000d"])
+def test_a_bad_signup_credits_ttl_is_refused_and_echoed(text: str) -> None:
+    with pytest.raises(ValueError, match=r"^CREDITS_SIGNUP_CREDITS_TTL must be .*\(got '") as bad:
+        Settings.from_env({"CREDITS_SIGNUP_CREDITS_TTL": text})
+    assert repr(text) in str(bad.value)

@@ -25,9 +25,11 @@ export const REASON_CODES = {
   TRANSACTION_NOT_FOUND: Code.NotFound,
   HOLD_NOT_FOUND: Code.NotFound,
   GENERATION_NOT_FOUND: Code.NotFound,
+  GRANT_NOT_FOUND: Code.NotFound,
   INVALID_ARGUMENT: Code.InvalidArgument,
   INSUFFICIENT_CREDITS: Code.FailedPrecondition,
   HOLD_NOT_PENDING: Code.FailedPrecondition,
+  GRANT_NOT_ACTIVE: Code.FailedPrecondition,
   REFUND_EXCEEDS_DEBIT: Code.FailedPrecondition,
   GENERATION_NOT_CANCELLABLE: Code.FailedPrecondition,
   BALANCE_LIMIT_EXCEEDED: Code.FailedPrecondition,
@@ -66,7 +68,10 @@ export class CreditsError extends Error {
   readonly reason: Reason | (string & {});
   /** The ErrorInfo domain: `credits.v1` for the service's own reasons. */
   readonly domain: string;
-  /** The ErrorInfo metadata, all strings: `required` and `available` for INSUFFICIENT_CREDITS. */
+  /**
+   * The ErrorInfo metadata, all strings: `required`, `available` (and `scope`, for scoped
+   * spending) for INSUFFICIENT_CREDITS, `state` for HOLD_NOT_PENDING and GRANT_NOT_ACTIVE.
+   */
   readonly metadata: Readonly<Record<string, string>>;
   /** How long the service asks the caller to wait before retrying (RetryInfo), when it says. */
   readonly retryDelayMs: number | undefined;

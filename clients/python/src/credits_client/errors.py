@@ -260,10 +260,22 @@ class GenerationNotFound(NotFound):
     reasons = ("GENERATION_NOT_FOUND",)
 
 
+class GrantNotFound(NotFound):
+    """No such grant."""
+
+    reasons = ("GRANT_NOT_FOUND",)
+
+
 class InsufficientCredits(FailedPrecondition):
-    """The user has fewer available credits than the call needs."""
+    """The user has fewer available credits than the call needs (for its ``scope``)."""
 
     reasons = ("INSUFFICIENT_CREDITS",)
+
+    @property
+    def scope(self) -> str:
+        """The spending scope the credits were judged for (``""``: unscoped spending, which
+        only unscoped grants pay for; the service sends ``scope`` only when there is one)."""
+        return self.metadata.get("scope", "")
 
     @property
     def required(self) -> int | None:
@@ -291,6 +303,17 @@ class HoldNotPending(FailedPrecondition):
     def generation_id(self) -> str | None:
         """The generation the hold belongs to, if it is a generation's."""
         return self.metadata.get("generation_id")
+
+
+class GrantNotActive(FailedPrecondition):
+    """VoidGrant of a grant that is already expired, depleted or voided."""
+
+    reasons = ("GRANT_NOT_ACTIVE",)
+
+    @property
+    def state(self) -> str | None:
+        """The grant's state now: expired, depleted or voided."""
+        return self.metadata.get("state")
 
 
 class RefundExceedsDebit(FailedPrecondition):

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .credit_service_pb2 import CaptureCreditsRequest, CaptureCreditsResponse, CheckCreditsRequest, CheckCreditsResponse, DebitCreditsRequest, DebitCreditsResponse, GetBalanceRequest, GetBalanceResponse, GetProfileRequest, GetProfileResponse, GrantCreditsRequest, GrantCreditsResponse, ListTransactionsRequest, ListTransactionsResponse, RefundCreditsRequest, RefundCreditsResponse, ReleaseCreditsRequest, ReleaseCreditsResponse, ReserveCreditsRequest, ReserveCreditsResponse
+from .credit_service_pb2 import CaptureCreditsRequest, CaptureCreditsResponse, CheckCreditsRequest, CheckCreditsResponse, DebitCreditsRequest, DebitCreditsResponse, GetBalanceRequest, GetBalanceResponse, GetProfileRequest, GetProfileResponse, GrantCreditsRequest, GrantCreditsResponse, ListGrantsRequest, ListGrantsResponse, ListTransactionsRequest, ListTransactionsResponse, RefundCreditsRequest, RefundCreditsResponse, ReleaseCreditsRequest, ReleaseCreditsResponse, ReserveCreditsRequest, ReserveCreditsResponse, VoidGrantRequest, VoidGrantResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -106,6 +106,19 @@ class CreditService(Protocol):
     async def list_transactions(self, request: ListTransactionsRequest, ctx: RequestContext[ListTransactionsRequest, ListTransactionsResponse], /) -> ListTransactionsResponse:
         """
         The user's ledger, newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def void_grant(self, request: VoidGrantRequest, ctx: RequestContext[VoidGrantRequest, VoidGrantResponse], /) -> VoidGrantResponse:
+        """
+        Removes what is left of a grant (all but what pending holds pin of it). Service only.
+        Idempotent by idempotency_key.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_grants(self, request: ListGrantsRequest, ctx: RequestContext[ListGrantsRequest, ListGrantsResponse], /) -> ListGrantsResponse:
+        """
+        The user's grants, newest first.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -232,6 +245,28 @@ class CreditServiceASGIApplication(ConnectASGIApplication[CreditService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_transactions,
+                ),
+                "/credits.v1.CreditService/VoidGrant": Endpoint.unary(
+                    method=MethodInfo(
+                        name="VoidGrant",
+                        service_name="credits.v1.CreditService",
+                        input=VoidGrantRequest,
+                        output=VoidGrantResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.void_grant,
+                ),
+                "/credits.v1.CreditService/ListGrants": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListGrants",
+                        service_name="credits.v1.CreditService",
+                        input=ListGrantsRequest,
+                        output=ListGrantsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_grants,
                 ),
             },
             interceptors=interceptors,
@@ -512,6 +547,53 @@ class CreditServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def void_grant(
+        self,
+        request: VoidGrantRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> VoidGrantResponse:
+        """
+        Removes what is left of a grant (all but what pending holds pin of it). Service only.
+        Idempotent by idempotency_key.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="VoidGrant",
+                service_name="credits.v1.CreditService",
+                input=VoidGrantRequest,
+                output=VoidGrantResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_grants(
+        self,
+        request: ListGrantsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListGrantsResponse:
+        """
+        The user's grants, newest first.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListGrants",
+                service_name="credits.v1.CreditService",
+                input=ListGrantsRequest,
+                output=ListGrantsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class CreditServiceSync(Protocol):
     """
@@ -582,6 +664,19 @@ class CreditServiceSync(Protocol):
     def list_transactions(self, request: ListTransactionsRequest, ctx: RequestContext[ListTransactionsRequest, ListTransactionsResponse], /) -> ListTransactionsResponse:
         """
         The user's ledger, newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def void_grant(self, request: VoidGrantRequest, ctx: RequestContext[VoidGrantRequest, VoidGrantResponse], /) -> VoidGrantResponse:
+        """
+        Removes what is left of a grant (all but what pending holds pin of it). Service only.
+        Idempotent by idempotency_key.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_grants(self, request: ListGrantsRequest, ctx: RequestContext[ListGrantsRequest, ListGrantsResponse], /) -> ListGrantsResponse:
+        """
+        The user's grants, newest first.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -706,6 +801,28 @@ class CreditServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_transactions,
+                ),
+                "/credits.v1.CreditService/VoidGrant": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="VoidGrant",
+                        service_name="credits.v1.CreditService",
+                        input=VoidGrantRequest,
+                        output=VoidGrantResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.void_grant,
+                ),
+                "/credits.v1.CreditService/ListGrants": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListGrants",
+                        service_name="credits.v1.CreditService",
+                        input=ListGrantsRequest,
+                        output=ListGrantsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_grants,
                 ),
             },
             interceptors=interceptors,
@@ -980,6 +1097,53 @@ class CreditServiceClientSync(ConnectClientSync):
                 service_name="credits.v1.CreditService",
                 input=ListTransactionsRequest,
                 output=ListTransactionsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def void_grant(
+        self,
+        request: VoidGrantRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> VoidGrantResponse:
+        """
+        Removes what is left of a grant (all but what pending holds pin of it). Service only.
+        Idempotent by idempotency_key.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="VoidGrant",
+                service_name="credits.v1.CreditService",
+                input=VoidGrantRequest,
+                output=VoidGrantResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_grants(
+        self,
+        request: ListGrantsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListGrantsResponse:
+        """
+        The user's grants, newest first.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListGrants",
+                service_name="credits.v1.CreditService",
+                input=ListGrantsRequest,
+                output=ListGrantsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from credits.v1 import grant_pb2 as _grant_pb2
 from credits.v1 import ledger_pb2 as _ledger_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
@@ -48,10 +49,18 @@ class GetBalanceResponse(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    NEXT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_EXPIRE_AMOUNT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     balance: _builtins.int
     held: _builtins.int
     available: _builtins.int
+    next_expire_amount: _builtins.int
+    """How much of the balance expires at next_expire_time (0 when none)."""
+    @_builtins.property
+    def next_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """The soonest expire_time among the user's active grants; unset when none expires."""
+
     def __init__(
         self,
         *,
@@ -59,10 +68,12 @@ class GetBalanceResponse(_message.Message):
         balance: _builtins.int = ...,
         held: _builtins.int = ...,
         available: _builtins.int = ...,
+        next_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        next_expire_amount: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_expire_time", b"next_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "balance", b"balance", "held", b"held", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "balance", b"balance", "held", b"held", "next_expire_amount", b"next_expire_amount", "next_expire_time", b"next_expire_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -113,17 +124,23 @@ class CheckCreditsRequest(_message.Message):
 
     USER_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     amount: _builtins.int
+    scope: _builtins.str
+    """What the spending is for (e.g. a model's name): grants scoped to it count too. Empty:
+    unscoped spending, which only unscoped grants pay for.
+    """
     def __init__(
         self,
         *,
         user_id: _builtins.str = ...,
         amount: _builtins.int = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "scope", b"scope", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -184,10 +201,15 @@ class DebitCreditsRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     amount: _builtins.int
     idempotency_key: _builtins.str
     description: _builtins.str
+    scope: _builtins.str
+    """What the spending is for (e.g. a model's name): grants scoped to it pay first. Empty:
+    unscoped spending, which only unscoped grants pay for.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -198,10 +220,11 @@ class DebitCreditsRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         description: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "description", b"description", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "description", b"description", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "scope", b"scope", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -264,12 +287,37 @@ class GrantCreditsRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     amount: _builtins.int
     idempotency_key: _builtins.str
     description: _builtins.str
+    priority: _builtins.int
+    """0..100, lower spent first; unset (absent): 50. 0 is a priority like any other."""
+    category: _grant_pb2.GrantCategory.ValueType
+    """Default GRANT_CATEGORY_PAID."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the grant's unspent remainder expires; unset: never. Must be after effective_time
+        and in the future.
+        """
+
+    @_builtins.property
+    def effective_time(self) -> _timestamp_pb2.Timestamp:
+        """When the grant starts to count; unset: now. Until then it counts nowhere."""
+
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The spending scopes (e.g. model names) it pays for, at most 20, each 1 to 100 characters;
+        empty: any spending.
+        """
+
     def __init__(
         self,
         *,
@@ -278,12 +326,19 @@ class GrantCreditsRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         description: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        effective_time: _timestamp_pb2.Timestamp | None = ...,
+        priority: _builtins.int | None = ...,
+        category: _grant_pb2.GrantCategory.ValueType = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "effective_time", b"effective_time", "expire_time", b"expire_time", "priority", b"priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "description", b"description", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "amount", b"amount", "category", b"category", "description", b"description", "effective_time", b"effective_time", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "priority", b"priority", "scopes", b"scopes", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 
 Global___GrantCreditsRequest: _TypeAlias = GrantCreditsRequest  # noqa: Y015
 
@@ -294,20 +349,26 @@ class GrantCreditsResponse(_message.Message):
     TRANSACTION_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
     balance: _builtins.int
     replayed: _builtins.bool
     @_builtins.property
-    def transaction(self) -> _ledger_pb2.Transaction: ...
+    def transaction(self) -> _ledger_pb2.Transaction:
+        """The GRANT entry; unset for a grant whose effective_time is still to come."""
+
+    @_builtins.property
+    def grant(self) -> _grant_pb2.Grant: ...
     def __init__(
         self,
         *,
         transaction: _ledger_pb2.Transaction | None = ...,
         balance: _builtins.int = ...,
         replayed: _builtins.bool = ...,
+        grant: _grant_pb2.Grant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["transaction", b"transaction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "transaction", b"transaction"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "replayed", b"replayed", "transaction", b"transaction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "grant", b"grant", "replayed", b"replayed", "transaction", b"transaction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -381,10 +442,15 @@ class ReserveCreditsRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     amount: _builtins.int
     idempotency_key: _builtins.str
     description: _builtins.str
+    scope: _builtins.str
+    """What the spending is for (e.g. a model's name): grants scoped to it are pinned first.
+    Empty: unscoped spending, which only unscoped grants pay for.
+    """
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """How long the hold stays pending; default 15 minutes, at most 24 hours."""
@@ -397,10 +463,11 @@ class ReserveCreditsRequest(_message.Message):
         idempotency_key: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
         description: _builtins.str = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "description", b"description", "idempotency_key", b"idempotency_key", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "description", b"description", "idempotency_key", b"idempotency_key", "scope", b"scope", "ttl", b"ttl", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -605,3 +672,121 @@ class ListTransactionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListTransactionsResponse: _TypeAlias = ListTransactionsResponse  # noqa: Y015
+
+@_typing.final
+class VoidGrantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    idempotency_key: _builtins.str
+    description: _builtins.str
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "grant_id", b"grant_id", "idempotency_key", b"idempotency_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidGrantRequest: _TypeAlias = VoidGrantRequest  # noqa: Y015
+
+@_typing.final
+class VoidGrantResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSACTION_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
+    BALANCE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    balance: _builtins.int
+    replayed: _builtins.bool
+    @_builtins.property
+    def transaction(self) -> _ledger_pb2.Transaction:
+        """The VOID entry; unset when nothing was left to remove now (a pending grant, or one whose
+        remainder is all pinned by holds).
+        """
+
+    @_builtins.property
+    def grant(self) -> _grant_pb2.Grant: ...
+    def __init__(
+        self,
+        *,
+        transaction: _ledger_pb2.Transaction | None = ...,
+        grant: _grant_pb2.Grant | None = ...,
+        balance: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grant", b"grant", "transaction", b"transaction"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "grant", b"grant", "replayed", b"replayed", "transaction", b"transaction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoidGrantResponse: _TypeAlias = VoidGrantResponse  # noqa: Y015
+
+@_typing.final
+class ListGrantsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    page_size: _builtins.int
+    """Default 50, at most 500."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; empty for the first page. A token is valid
+    only with the same user_id and states it was issued for.
+    """
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_grant_pb2.GrantState.ValueType]:
+        """Only grants in these states (as of now); empty for all."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        states: _abc.Iterable[_grant_pb2.GrantState.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "states", b"states", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsRequest: _TypeAlias = ListGrantsRequest  # noqa: Y015
+
+@_typing.final
+class ListGrantsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[_grant_pb2.Grant]: ...
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[_grant_pb2.Grant] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListGrantsResponse: _TypeAlias = ListGrantsResponse  # noqa: Y015

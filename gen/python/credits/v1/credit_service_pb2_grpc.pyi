@@ -64,6 +64,12 @@ class CreditServiceStub:
     """
     ListTransactions: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.ListTransactionsRequest, _credit_service_pb2.ListTransactionsResponse]
     """The user's ledger, newest first."""
+    VoidGrant: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.VoidGrantRequest, _credit_service_pb2.VoidGrantResponse]
+    """Removes what is left of a grant (all but what pending holds pin of it). Service only.
+    Idempotent by idempotency_key.
+    """
+    ListGrants: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.ListGrantsRequest, _credit_service_pb2.ListGrantsResponse]
+    """The user's grants, newest first."""
 
 @_typing.type_check_only
 class CreditServiceAsyncStub(CreditServiceStub):
@@ -101,6 +107,12 @@ class CreditServiceAsyncStub(CreditServiceStub):
     """
     ListTransactions: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.ListTransactionsRequest, _credit_service_pb2.ListTransactionsResponse]  # type: ignore[assignment]
     """The user's ledger, newest first."""
+    VoidGrant: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.VoidGrantRequest, _credit_service_pb2.VoidGrantResponse]  # type: ignore[assignment]
+    """Removes what is left of a grant (all but what pending holds pin of it). Service only.
+    Idempotent by idempotency_key.
+    """
+    ListGrants: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.ListGrantsRequest, _credit_service_pb2.ListGrantsResponse]  # type: ignore[assignment]
+    """The user's grants, newest first."""
 
 class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
     """Credit balances and the ledger that moves them.
@@ -195,5 +207,23 @@ class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_credit_service_pb2.ListTransactionsResponse, _abc.Awaitable[_credit_service_pb2.ListTransactionsResponse]]:
         """The user's ledger, newest first."""
+
+    @_abc_1.abstractmethod
+    def VoidGrant(
+        self,
+        request: _credit_service_pb2.VoidGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credit_service_pb2.VoidGrantResponse, _abc.Awaitable[_credit_service_pb2.VoidGrantResponse]]:
+        """Removes what is left of a grant (all but what pending holds pin of it). Service only.
+        Idempotent by idempotency_key.
+        """
+
+    @_abc_1.abstractmethod
+    def ListGrants(
+        self,
+        request: _credit_service_pb2.ListGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credit_service_pb2.ListGrantsResponse, _abc.Awaitable[_credit_service_pb2.ListGrantsResponse]]:
+        """The user's grants, newest first."""
 
 def add_CreditServiceServicer_to_server(servicer: CreditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -88,6 +88,16 @@ class CreditServiceStub:
                 request_serializer=credits_dot_v1_dot_credit__service__pb2.ListTransactionsRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credit__service__pb2.ListTransactionsResponse.FromString,
                 _registered_method=True)
+        self.VoidGrant = channel.unary_unary(
+                '/credits.v1.CreditService/VoidGrant',
+                request_serializer=credits_dot_v1_dot_credit__service__pb2.VoidGrantRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credit__service__pb2.VoidGrantResponse.FromString,
+                _registered_method=True)
+        self.ListGrants = channel.unary_unary(
+                '/credits.v1.CreditService/ListGrants',
+                request_serializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsResponse.FromString,
+                _registered_method=True)
 
 
 class CreditServiceServicer:
@@ -172,6 +182,21 @@ class CreditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VoidGrant(self, request, context):
+        """Removes what is left of a grant (all but what pending holds pin of it). Service only.
+        Idempotent by idempotency_key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGrants(self, request, context):
+        """The user's grants, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +249,16 @@ def add_CreditServiceServicer_to_server(servicer, server):
                     servicer.ListTransactions,
                     request_deserializer=credits_dot_v1_dot_credit__service__pb2.ListTransactionsRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credit__service__pb2.ListTransactionsResponse.SerializeToString,
+            ),
+            'VoidGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.VoidGrant,
+                    request_deserializer=credits_dot_v1_dot_credit__service__pb2.VoidGrantRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credit__service__pb2.VoidGrantResponse.SerializeToString,
+            ),
+            'ListGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGrants,
+                    request_deserializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -500,6 +535,60 @@ class CreditService:
             '/credits.v1.CreditService/ListTransactions',
             credits_dot_v1_dot_credit__service__pb2.ListTransactionsRequest.SerializeToString,
             credits_dot_v1_dot_credit__service__pb2.ListTransactionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VoidGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.CreditService/VoidGrant',
+            credits_dot_v1_dot_credit__service__pb2.VoidGrantRequest.SerializeToString,
+            credits_dot_v1_dot_credit__service__pb2.VoidGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.CreditService/ListGrants',
+            credits_dot_v1_dot_credit__service__pb2.ListGrantsRequest.SerializeToString,
+            credits_dot_v1_dot_credit__service__pb2.ListGrantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,10 @@ class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Trans
     """Credits returned from an earlier debit or capture."""
     TRANSACTION_KIND_CAPTURE: _TransactionKind.ValueType  # 4
     """Credits charged from a hold."""
+    TRANSACTION_KIND_EXPIRE: _TransactionKind.ValueType  # 5
+    """A grant's unspent remainder leaving the balance at its expire_time."""
+    TRANSACTION_KIND_VOID: _TransactionKind.ValueType  # 6
+    """A grant's remainder removed by VoidGrant."""
 
 class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper):
     """What a ledger entry did to the balance."""
@@ -48,6 +52,10 @@ TRANSACTION_KIND_REFUND: TransactionKind.ValueType  # 3
 """Credits returned from an earlier debit or capture."""
 TRANSACTION_KIND_CAPTURE: TransactionKind.ValueType  # 4
 """Credits charged from a hold."""
+TRANSACTION_KIND_EXPIRE: TransactionKind.ValueType  # 5
+"""A grant's unspent remainder leaving the balance at its expire_time."""
+TRANSACTION_KIND_VOID: TransactionKind.ValueType  # 6
+"""A grant's remainder removed by VoidGrant."""
 Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
 
 class _HoldState:
@@ -87,20 +95,28 @@ class Profile(_message.Message):
     AVAILABLE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_EXPIRE_AMOUNT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The Supabase user id (a UUID)."""
     email: _builtins.str
     """The email the user's token carried when the profile was created; may be empty."""
     balance: _builtins.int
-    """Every credit the user owns, including held ones."""
+    """Every credit of the user's active grants, including held ones."""
     held: _builtins.int
     """The sum of the user's pending, unexpired holds."""
     available: _builtins.int
     """balance - held: what the user can spend or reserve now."""
+    next_expire_amount: _builtins.int
+    """How much of the balance expires at next_expire_time (0 when none)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def next_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """The soonest expire_time among the user's active grants; unset when none expires."""
+
     def __init__(
         self,
         *,
@@ -111,14 +127,40 @@ class Profile(_message.Message):
         available: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        next_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        next_expire_amount: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_expire_time", b"next_expire_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "balance", b"balance", "create_time", b"create_time", "email", b"email", "held", b"held", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "balance", b"balance", "create_time", b"create_time", "email", b"email", "held", b"held", "next_expire_amount", b"next_expire_amount", "next_expire_time", b"next_expire_time", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Profile: _TypeAlias = Profile  # noqa: Y015
+
+@_typing.final
+class Allocation(_message.Message):
+    """How much of a ledger entry one grant took or gave."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    amount: _builtins.int
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "grant_id", b"grant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Allocation: _TypeAlias = Allocation  # noqa: Y015
 
 @_typing.final
 class Transaction(_message.Message):
@@ -157,6 +199,7 @@ class Transaction(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REFUNDED_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     HOLD_ID_FIELD_NUMBER: _builtins.int
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     user_id: _builtins.str
     kind: Global___TransactionKind.ValueType
@@ -174,6 +217,12 @@ class Transaction(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Allocation]:
+        """The grants this entry drew on or returned to, in the order they were drawn (empty for
+        entries written before grants existed).
+        """
+
     def __init__(
         self,
         *,
@@ -188,10 +237,11 @@ class Transaction(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         refunded_transaction_id: _builtins.str = ...,
         hold_id: _builtins.str = ...,
+        allocations: _abc.Iterable[Global___Allocation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "balance_after", b"balance_after", "create_time", b"create_time", "description", b"description", "hold_id", b"hold_id", "idempotency_key", b"idempotency_key", "kind", b"kind", "metadata", b"metadata", "refunded_transaction_id", b"refunded_transaction_id", "transaction_id", b"transaction_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "amount", b"amount", "balance_after", b"balance_after", "create_time", b"create_time", "description", b"description", "hold_id", b"hold_id", "idempotency_key", b"idempotency_key", "kind", b"kind", "metadata", b"metadata", "refunded_transaction_id", b"refunded_transaction_id", "transaction_id", b"transaction_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,8 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Grant, GrantCategory, GrantState } from "./grant_pb.js";
+import { file_credits_v1_grant } from "./grant_pb.js";
 import type { Hold, Profile, Transaction, TransactionKind } from "./ledger_pb.js";
 import { file_credits_v1_ledger } from "./ledger_pb.js";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file credits/v1/credit_service.proto.
  */
 export const file_credits_v1_credit_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9jcmVkaXRzL3YxL2NyZWRpdF9zZXJ2aWNlLnByb3RvEgpjcmVkaXRzLnYxIiQKEUdldEJhbGFuY2VSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiVwoSR2V0QmFsYW5jZVJlc3BvbnNlEg8KB3VzZXJfaWQYASABKAkSDwoHYmFsYW5jZRgCIAEoAxIMCgRoZWxkGAMgASgDEhEKCWF2YWlsYWJsZRgEIAEoAyIkChFHZXRQcm9maWxlUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIjoKEkdldFByb2ZpbGVSZXNwb25zZRIkCgdwcm9maWxlGAEgASgLMhMuY3JlZGl0cy52MS5Qcm9maWxlIjYKE0NoZWNrQ3JlZGl0c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMiUAoUQ2hlY2tDcmVkaXRzUmVzcG9uc2USEgoKc3VmZmljaWVudBgBIAEoCBIRCglhdmFpbGFibGUYAiABKAMSEQoJc2hvcnRmYWxsGAMgASgDItYBChNEZWJpdENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRI/CghtZXRhZGF0YRgFIAMoCzItLmNyZWRpdHMudjEuRGViaXRDcmVkaXRzUmVxdWVzdC5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJnChREZWJpdENyZWRpdHNSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SDwoHYmFsYW5jZRgCIAEoAxIQCghyZXBsYXllZBgDIAEoCCLWAQoTR3JhbnRDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSEwoLZGVzY3JpcHRpb24YBCABKAkSPwoIbWV0YWRhdGEYBSADKAsyLS5jcmVkaXRzLnYxLkdyYW50Q3JlZGl0c1JlcXVlc3QuTWV0YWRhdGFFbnRyeRovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiZwoUR3JhbnRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgifQoUUmVmdW5kQ3JlZGl0c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIWCg50cmFuc2FjdGlvbl9pZBgCIAEoCRIOCgZhbW91bnQYAyABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAQgASgJEhMKC2Rlc2NyaXB0aW9uGAUgASgJImgKFVJlZnVuZENyZWRpdHNSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SDwoHYmFsYW5jZRgCIAEoAxIQCghyZXBsYXllZBgDIAEoCCKOAQoVUmVzZXJ2ZUNyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRImCgN0dGwYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEwoLZGVzY3JpcHRpb24YBSABKAkiXQoWUmVzZXJ2ZUNyZWRpdHNSZXNwb25zZRIeCgRob2xkGAEgASgLMhAuY3JlZGl0cy52MS5Ib2xkEhEKCWF2YWlsYWJsZRgCIAEoAxIQCghyZXBsYXllZBgDIAEoCCJRChVDYXB0dXJlQ3JlZGl0c1JlcXVlc3QSDwoHaG9sZF9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJIokBChZDYXB0dXJlQ3JlZGl0c1Jlc3BvbnNlEiwKC3RyYW5zYWN0aW9uGAEgASgLMhcuY3JlZGl0cy52MS5UcmFuc2FjdGlvbhIeCgRob2xkGAIgASgLMhAuY3JlZGl0cy52MS5Ib2xkEg8KB2JhbGFuY2UYAyABKAMSEAoIcmVwbGF5ZWQYBCABKAgiKAoVUmVsZWFzZUNyZWRpdHNSZXF1ZXN0Eg8KB2hvbGRfaWQYASABKAkiSwoWUmVsZWFzZUNyZWRpdHNSZXNwb25zZRIeCgRob2xkGAEgASgLMhAuY3JlZGl0cy52MS5Ib2xkEhEKCWF2YWlsYWJsZRgCIAEoAyLbAQoXTGlzdFRyYW5zYWN0aW9uc1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRIqCgVraW5kcxgEIAMoDjIbLmNyZWRpdHMudjEuVHJhbnNhY3Rpb25LaW5kEi4KCnN0YXJ0X3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJiChhMaXN0VHJhbnNhY3Rpb25zUmVzcG9uc2USLQoMdHJhbnNhY3Rpb25zGAEgAygLMhcuY3JlZGl0cy52MS5UcmFuc2FjdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAky4gYKDUNyZWRpdFNlcnZpY2USSwoKR2V0QmFsYW5jZRIdLmNyZWRpdHMudjEuR2V0QmFsYW5jZVJlcXVlc3QaHi5jcmVkaXRzLnYxLkdldEJhbGFuY2VSZXNwb25zZRJLCgpHZXRQcm9maWxlEh0uY3JlZGl0cy52MS5HZXRQcm9maWxlUmVxdWVzdBoeLmNyZWRpdHMudjEuR2V0UHJvZmlsZVJlc3BvbnNlElEKDENoZWNrQ3JlZGl0cxIfLmNyZWRpdHMudjEuQ2hlY2tDcmVkaXRzUmVxdWVzdBogLmNyZWRpdHMudjEuQ2hlY2tDcmVkaXRzUmVzcG9uc2USUQoMRGViaXRDcmVkaXRzEh8uY3JlZGl0cy52MS5EZWJpdENyZWRpdHNSZXF1ZXN0GiAuY3JlZGl0cy52MS5EZWJpdENyZWRpdHNSZXNwb25zZRJRCgxHcmFudENyZWRpdHMSHy5jcmVkaXRzLnYxLkdyYW50Q3JlZGl0c1JlcXVlc3QaIC5jcmVkaXRzLnYxLkdyYW50Q3JlZGl0c1Jlc3BvbnNlElQKDVJlZnVuZENyZWRpdHMSIC5jcmVkaXRzLnYxLlJlZnVuZENyZWRpdHNSZXF1ZXN0GiEuY3JlZGl0cy52MS5SZWZ1bmRDcmVkaXRzUmVzcG9uc2USVwoOUmVzZXJ2ZUNyZWRpdHMSIS5jcmVkaXRzLnYxLlJlc2VydmVDcmVkaXRzUmVxdWVzdBoiLmNyZWRpdHMudjEuUmVzZXJ2ZUNyZWRpdHNSZXNwb25zZRJXCg5DYXB0dXJlQ3JlZGl0cxIhLmNyZWRpdHMudjEuQ2FwdHVyZUNyZWRpdHNSZXF1ZXN0GiIuY3JlZGl0cy52MS5DYXB0dXJlQ3JlZGl0c1Jlc3BvbnNlElcKDlJlbGVhc2VDcmVkaXRzEiEuY3JlZGl0cy52MS5SZWxlYXNlQ3JlZGl0c1JlcXVlc3QaIi5jcmVkaXRzLnYxLlJlbGVhc2VDcmVkaXRzUmVzcG9uc2USXQoQTGlzdFRyYW5zYWN0aW9ucxIjLmNyZWRpdHMudjEuTGlzdFRyYW5zYWN0aW9uc1JlcXVlc3QaJC5jcmVkaXRzLnYxLkxpc3RUcmFuc2FjdGlvbnNSZXNwb25zZWIGcHJvdG8z", [file_credits_v1_ledger, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch9jcmVkaXRzL3YxL2NyZWRpdF9zZXJ2aWNlLnByb3RvEgpjcmVkaXRzLnYxIiQKEUdldEJhbGFuY2VSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiqQEKEkdldEJhbGFuY2VSZXNwb25zZRIPCgd1c2VyX2lkGAEgASgJEg8KB2JhbGFuY2UYAiABKAMSDAoEaGVsZBgDIAEoAxIRCglhdmFpbGFibGUYBCABKAMSNAoQbmV4dF9leHBpcmVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoSbmV4dF9leHBpcmVfYW1vdW50GAYgASgDIiQKEUdldFByb2ZpbGVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiOgoSR2V0UHJvZmlsZVJlc3BvbnNlEiQKB3Byb2ZpbGUYASABKAsyEy5jcmVkaXRzLnYxLlByb2ZpbGUiRQoTQ2hlY2tDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxINCgVzY29wZRgDIAEoCSJQChRDaGVja0NyZWRpdHNSZXNwb25zZRISCgpzdWZmaWNpZW50GAEgASgIEhEKCWF2YWlsYWJsZRgCIAEoAxIRCglzaG9ydGZhbGwYAyABKAMi5QEKE0RlYml0Q3JlZGl0c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEj8KCG1ldGFkYXRhGAUgAygLMi0uY3JlZGl0cy52MS5EZWJpdENyZWRpdHNSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSDQoFc2NvcGUYBiABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImcKFERlYml0Q3JlZGl0c1Jlc3BvbnNlEiwKC3RyYW5zYWN0aW9uGAEgASgLMhcuY3JlZGl0cy52MS5UcmFuc2FjdGlvbhIPCgdiYWxhbmNlGAIgASgDEhAKCHJlcGxheWVkGAMgASgIIpwDChNHcmFudENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRI/CghtZXRhZGF0YRgFIAMoCzItLmNyZWRpdHMudjEuR3JhbnRDcmVkaXRzUmVxdWVzdC5NZXRhZGF0YUVudHJ5Ei8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5lZmZlY3RpdmVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoIcHJpb3JpdHkYCCABKAVIAIgBARIrCghjYXRlZ29yeRgJIAEoDjIZLmNyZWRpdHMudjEuR3JhbnRDYXRlZ29yeRIOCgZzY29wZXMYCiADKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9wcmlvcml0eSKJAQoUR3JhbnRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgSIAoFZ3JhbnQYBCABKAsyES5jcmVkaXRzLnYxLkdyYW50In0KFFJlZnVuZENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSFgoOdHJhbnNhY3Rpb25faWQYAiABKAkSDgoGYW1vdW50GAMgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgEIAEoCRITCgtkZXNjcmlwdGlvbhgFIAEoCSJoChVSZWZ1bmRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAginQEKFVJlc2VydmVDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhMKC2Rlc2NyaXB0aW9uGAUgASgJEg0KBXNjb3BlGAYgASgJIl0KFlJlc2VydmVDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgiUQoVQ2FwdHVyZUNyZWRpdHNSZXF1ZXN0Eg8KB2hvbGRfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSKJAQoWQ2FwdHVyZUNyZWRpdHNSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SHgoEaG9sZBgCIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIPCgdiYWxhbmNlGAMgASgDEhAKCHJlcGxheWVkGAQgASgIIigKFVJlbGVhc2VDcmVkaXRzUmVxdWVzdBIPCgdob2xkX2lkGAEgASgJIksKFlJlbGVhc2VDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMi2wEKF0xpc3RUcmFuc2FjdGlvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSKgoFa2luZHMYBCADKA4yGy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uS2luZBIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYgoYTGlzdFRyYW5zYWN0aW9uc1Jlc3BvbnNlEi0KDHRyYW5zYWN0aW9ucxgBIAMoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlIKEFZvaWRHcmFudFJlcXVlc3QSEAoIZ3JhbnRfaWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJIoYBChFWb2lkR3JhbnRSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SIAoFZ3JhbnQYAiABKAsyES5jcmVkaXRzLnYxLkdyYW50Eg8KB2JhbGFuY2UYAyABKAMSEAoIcmVwbGF5ZWQYBCABKAgicwoRTGlzdEdyYW50c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRImCgZzdGF0ZXMYBCADKA4yFi5jcmVkaXRzLnYxLkdyYW50U3RhdGUiUAoSTGlzdEdyYW50c1Jlc3BvbnNlEiEKBmdyYW50cxgBIAMoCzIRLmNyZWRpdHMudjEuR3JhbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJMvkHCg1DcmVkaXRTZXJ2aWNlEksKCkdldEJhbGFuY2USHS5jcmVkaXRzLnYxLkdldEJhbGFuY2VSZXF1ZXN0Gh4uY3JlZGl0cy52MS5HZXRCYWxhbmNlUmVzcG9uc2USSwoKR2V0UHJvZmlsZRIdLmNyZWRpdHMudjEuR2V0UHJvZmlsZVJlcXVlc3QaHi5jcmVkaXRzLnYxLkdldFByb2ZpbGVSZXNwb25zZRJRCgxDaGVja0NyZWRpdHMSHy5jcmVkaXRzLnYxLkNoZWNrQ3JlZGl0c1JlcXVlc3QaIC5jcmVkaXRzLnYxLkNoZWNrQ3JlZGl0c1Jlc3BvbnNlElEKDERlYml0Q3JlZGl0cxIfLmNyZWRpdHMudjEuRGViaXRDcmVkaXRzUmVxdWVzdBogLmNyZWRpdHMudjEuRGViaXRDcmVkaXRzUmVzcG9uc2USUQoMR3JhbnRDcmVkaXRzEh8uY3JlZGl0cy52MS5HcmFudENyZWRpdHNSZXF1ZXN0GiAuY3JlZGl0cy52MS5HcmFudENyZWRpdHNSZXNwb25zZRJUCg1SZWZ1bmRDcmVkaXRzEiAuY3JlZGl0cy52MS5SZWZ1bmRDcmVkaXRzUmVxdWVzdBohLmNyZWRpdHMudjEuUmVmdW5kQ3JlZGl0c1Jlc3BvbnNlElcKDlJlc2VydmVDcmVkaXRzEiEuY3JlZGl0cy52MS5SZXNlcnZlQ3JlZGl0c1JlcXVlc3QaIi5jcmVkaXRzLnYxLlJlc2VydmVDcmVkaXRzUmVzcG9uc2USVwoOQ2FwdHVyZUNyZWRpdHMSIS5jcmVkaXRzLnYxLkNhcHR1cmVDcmVkaXRzUmVxdWVzdBoiLmNyZWRpdHMudjEuQ2FwdHVyZUNyZWRpdHNSZXNwb25zZRJXCg5SZWxlYXNlQ3JlZGl0cxIhLmNyZWRpdHMudjEuUmVsZWFzZUNyZWRpdHNSZXF1ZXN0GiIuY3JlZGl0cy52MS5SZWxlYXNlQ3JlZGl0c1Jlc3BvbnNlEl0KEExpc3RUcmFuc2FjdGlvbnMSIy5jcmVkaXRzLnYxLkxpc3RUcmFuc2FjdGlvbnNSZXF1ZXN0GiQuY3JlZGl0cy52MS5MaXN0VHJhbnNhY3Rpb25zUmVzcG9uc2USSAoJVm9pZEdyYW50EhwuY3JlZGl0cy52MS5Wb2lkR3JhbnRSZXF1ZXN0Gh0uY3JlZGl0cy52MS5Wb2lkR3JhbnRSZXNwb25zZRJLCgpMaXN0R3JhbnRzEh0uY3JlZGl0cy52MS5MaXN0R3JhbnRzUmVxdWVzdBoeLmNyZWRpdHMudjEuTGlzdEdyYW50c1Jlc3BvbnNlYgZwcm90bzM", [file_credits_v1_grant, file_credits_v1_ledger, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message credits.v1.GetBalanceRequest
@@ -56,6 +58,20 @@ export type GetBalanceResponse = Message<"credits.v1.GetBalanceResponse"> & {
    * @generated from field: int64 available = 4;
    */
   available: bigint;
+
+  /**
+   * The soonest expire_time among the user's active grants; unset when none expires.
+   *
+   * @generated from field: google.protobuf.Timestamp next_expire_time = 5;
+   */
+  nextExpireTime?: Timestamp | undefined;
+
+  /**
+   * How much of the balance expires at next_expire_time (0 when none).
+   *
+   * @generated from field: int64 next_expire_amount = 6;
+   */
+  nextExpireAmount: bigint;
 };
 
 /**
@@ -112,6 +128,14 @@ export type CheckCreditsRequest = Message<"credits.v1.CheckCreditsRequest"> & {
    * @generated from field: int64 amount = 2;
    */
   amount: bigint;
+
+  /**
+   * What the spending is for (e.g. a model's name): grants scoped to it count too. Empty:
+   * unscoped spending, which only unscoped grants pay for.
+   *
+   * @generated from field: string scope = 3;
+   */
+  scope: string;
 };
 
 /**
@@ -178,6 +202,14 @@ export type DebitCreditsRequest = Message<"credits.v1.DebitCreditsRequest"> & {
    * @generated from field: map<string, string> metadata = 5;
    */
   metadata: { [key: string]: string };
+
+  /**
+   * What the spending is for (e.g. a model's name): grants scoped to it pay first. Empty:
+   * unscoped spending, which only unscoped grants pay for.
+   *
+   * @generated from field: string scope = 6;
+   */
+  scope: string;
 };
 
 /**
@@ -246,6 +278,43 @@ export type GrantCreditsRequest = Message<"credits.v1.GrantCreditsRequest"> & {
    * @generated from field: map<string, string> metadata = 5;
    */
   metadata: { [key: string]: string };
+
+  /**
+   * When the grant's unspent remainder expires; unset: never. Must be after effective_time
+   * and in the future.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 6;
+   */
+  expireTime?: Timestamp | undefined;
+
+  /**
+   * When the grant starts to count; unset: now. Until then it counts nowhere.
+   *
+   * @generated from field: google.protobuf.Timestamp effective_time = 7;
+   */
+  effectiveTime?: Timestamp | undefined;
+
+  /**
+   * 0..100, lower spent first; unset (absent): 50. 0 is a priority like any other.
+   *
+   * @generated from field: optional int32 priority = 8;
+   */
+  priority?: number | undefined;
+
+  /**
+   * Default GRANT_CATEGORY_PAID.
+   *
+   * @generated from field: credits.v1.GrantCategory category = 9;
+   */
+  category: GrantCategory;
+
+  /**
+   * The spending scopes (e.g. model names) it pays for, at most 20, each 1 to 100 characters;
+   * empty: any spending.
+   *
+   * @generated from field: repeated string scopes = 10;
+   */
+  scopes: string[];
 };
 
 /**
@@ -260,6 +329,8 @@ export const GrantCreditsRequestSchema: GenMessage<GrantCreditsRequest> = /*@__P
  */
 export type GrantCreditsResponse = Message<"credits.v1.GrantCreditsResponse"> & {
   /**
+   * The GRANT entry; unset for a grant whose effective_time is still to come.
+   *
    * @generated from field: credits.v1.Transaction transaction = 1;
    */
   transaction?: Transaction | undefined;
@@ -273,6 +344,11 @@ export type GrantCreditsResponse = Message<"credits.v1.GrantCreditsResponse"> & 
    * @generated from field: bool replayed = 3;
    */
   replayed: boolean;
+
+  /**
+   * @generated from field: credits.v1.Grant grant = 4;
+   */
+  grant?: Grant | undefined;
 };
 
 /**
@@ -380,6 +456,14 @@ export type ReserveCreditsRequest = Message<"credits.v1.ReserveCreditsRequest"> 
    * @generated from field: string description = 5;
    */
   description: string;
+
+  /**
+   * What the spending is for (e.g. a model's name): grants scoped to it are pinned first.
+   * Empty: unscoped spending, which only unscoped grants pay for.
+   *
+   * @generated from field: string scope = 6;
+   */
+  scope: string;
 };
 
 /**
@@ -598,6 +682,131 @@ export const ListTransactionsResponseSchema: GenMessage<ListTransactionsResponse
   messageDesc(file_credits_v1_credit_service, 19);
 
 /**
+ * @generated from message credits.v1.VoidGrantRequest
+ */
+export type VoidGrantRequest = Message<"credits.v1.VoidGrantRequest"> & {
+  /**
+   * @generated from field: string grant_id = 1;
+   */
+  grantId: string;
+
+  /**
+   * @generated from field: string idempotency_key = 2;
+   */
+  idempotencyKey: string;
+
+  /**
+   * @generated from field: string description = 3;
+   */
+  description: string;
+};
+
+/**
+ * Describes the message credits.v1.VoidGrantRequest.
+ * Use `create(VoidGrantRequestSchema)` to create a new message.
+ */
+export const VoidGrantRequestSchema: GenMessage<VoidGrantRequest> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 20);
+
+/**
+ * @generated from message credits.v1.VoidGrantResponse
+ */
+export type VoidGrantResponse = Message<"credits.v1.VoidGrantResponse"> & {
+  /**
+   * The VOID entry; unset when nothing was left to remove now (a pending grant, or one whose
+   * remainder is all pinned by holds).
+   *
+   * @generated from field: credits.v1.Transaction transaction = 1;
+   */
+  transaction?: Transaction | undefined;
+
+  /**
+   * @generated from field: credits.v1.Grant grant = 2;
+   */
+  grant?: Grant | undefined;
+
+  /**
+   * @generated from field: int64 balance = 3;
+   */
+  balance: bigint;
+
+  /**
+   * @generated from field: bool replayed = 4;
+   */
+  replayed: boolean;
+};
+
+/**
+ * Describes the message credits.v1.VoidGrantResponse.
+ * Use `create(VoidGrantResponseSchema)` to create a new message.
+ */
+export const VoidGrantResponseSchema: GenMessage<VoidGrantResponse> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 21);
+
+/**
+ * @generated from message credits.v1.ListGrantsRequest
+ */
+export type ListGrantsRequest = Message<"credits.v1.ListGrantsRequest"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * Default 50, at most 500.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * From a previous response's next_page_token; empty for the first page. A token is valid
+   * only with the same user_id and states it was issued for.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+
+  /**
+   * Only grants in these states (as of now); empty for all.
+   *
+   * @generated from field: repeated credits.v1.GrantState states = 4;
+   */
+  states: GrantState[];
+};
+
+/**
+ * Describes the message credits.v1.ListGrantsRequest.
+ * Use `create(ListGrantsRequestSchema)` to create a new message.
+ */
+export const ListGrantsRequestSchema: GenMessage<ListGrantsRequest> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 22);
+
+/**
+ * @generated from message credits.v1.ListGrantsResponse
+ */
+export type ListGrantsResponse = Message<"credits.v1.ListGrantsResponse"> & {
+  /**
+   * @generated from field: repeated credits.v1.Grant grants = 1;
+   */
+  grants: Grant[];
+
+  /**
+   * Empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message credits.v1.ListGrantsResponse.
+ * Use `create(ListGrantsResponseSchema)` to create a new message.
+ */
+export const ListGrantsResponseSchema: GenMessage<ListGrantsResponse> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 23);
+
+/**
  * Credit balances and the ledger that moves them.
  *
  * Every call needs `authorization: Bearer <token>`. A user acts on their own account only (an
@@ -710,6 +919,27 @@ export const CreditService: GenService<{
     methodKind: "unary";
     input: typeof ListTransactionsRequestSchema;
     output: typeof ListTransactionsResponseSchema;
+  },
+  /**
+   * Removes what is left of a grant (all but what pending holds pin of it). Service only.
+   * Idempotent by idempotency_key.
+   *
+   * @generated from rpc credits.v1.CreditService.VoidGrant
+   */
+  voidGrant: {
+    methodKind: "unary";
+    input: typeof VoidGrantRequestSchema;
+    output: typeof VoidGrantResponseSchema;
+  },
+  /**
+   * The user's grants, newest first.
+   *
+   * @generated from rpc credits.v1.CreditService.ListGrants
+   */
+  listGrants: {
+    methodKind: "unary";
+    input: typeof ListGrantsRequestSchema;
+    output: typeof ListGrantsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_credits_v1_credit_service, 0);

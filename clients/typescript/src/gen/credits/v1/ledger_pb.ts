@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file credits/v1/ledger.proto.
  */
 export const file_credits_v1_ledger: GenFile = /*@__PURE__*/
-  fileDesc("ChdjcmVkaXRzL3YxL2xlZGdlci5wcm90bxIKY3JlZGl0cy52MSK9AQoHUHJvZmlsZRIPCgd1c2VyX2lkGAEgASgJEg0KBWVtYWlsGAIgASgJEg8KB2JhbGFuY2UYAyABKAMSDAoEaGVsZBgEIAEoAxIRCglhdmFpbGFibGUYBSABKAMSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKDAwoLVHJhbnNhY3Rpb24SFgoOdHJhbnNhY3Rpb25faWQYASABKAkSDwoHdXNlcl9pZBgCIAEoCRIpCgRraW5kGAMgASgOMhsuY3JlZGl0cy52MS5UcmFuc2FjdGlvbktpbmQSDgoGYW1vdW50GAQgASgDEhUKDWJhbGFuY2VfYWZ0ZXIYBSABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAYgASgJEhMKC2Rlc2NyaXB0aW9uGAcgASgJEjcKCG1ldGFkYXRhGAggAygLMiUuY3JlZGl0cy52MS5UcmFuc2FjdGlvbi5NZXRhZGF0YUVudHJ5Ei8KC2NyZWF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIfChdyZWZ1bmRlZF90cmFuc2FjdGlvbl9pZBgKIAEoCRIPCgdob2xkX2lkGAsgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASLuAQoESG9sZBIPCgdob2xkX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSDgoGYW1vdW50GAMgASgDEiQKBXN0YXRlGAQgASgOMhUuY3JlZGl0cy52MS5Ib2xkU3RhdGUSLwoLZXhwaXJlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9pZGVtcG90ZW5jeV9rZXkYByABKAkSEwoLZGVzY3JpcHRpb24YCCABKAkqpgEKD1RyYW5zYWN0aW9uS2luZBIgChxUUkFOU0FDVElPTl9LSU5EX1VOU1BFQ0lGSUVEEAASGgoWVFJBTlNBQ1RJT05fS0lORF9ERUJJVBABEhoKFlRSQU5TQUNUSU9OX0tJTkRfR1JBTlQQAhIbChdUUkFOU0FDVElPTl9LSU5EX1JFRlVORBADEhwKGFRSQU5TQUNUSU9OX0tJTkRfQ0FQVFVSRRAEKokBCglIb2xkU3RhdGUSGgoWSE9MRF9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkhPTERfU1RBVEVfUEVORElORxABEhcKE0hPTERfU1RBVEVfQ0FQVFVSRUQQAhIXChNIT0xEX1NUQVRFX1JFTEVBU0VEEAMSFgoSSE9MRF9TVEFURV9FWFBJUkVEEARiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChdjcmVkaXRzL3YxL2xlZGdlci5wcm90bxIKY3JlZGl0cy52MSKPAgoHUHJvZmlsZRIPCgd1c2VyX2lkGAEgASgJEg0KBWVtYWlsGAIgASgJEg8KB2JhbGFuY2UYAyABKAMSDAoEaGVsZBgEIAEoAxIRCglhdmFpbGFibGUYBSABKAMSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI0ChBuZXh0X2V4cGlyZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIaChJuZXh0X2V4cGlyZV9hbW91bnQYCSABKAMiLgoKQWxsb2NhdGlvbhIQCghncmFudF9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMisAMKC1RyYW5zYWN0aW9uEhYKDnRyYW5zYWN0aW9uX2lkGAEgASgJEg8KB3VzZXJfaWQYAiABKAkSKQoEa2luZBgDIAEoDjIbLmNyZWRpdHMudjEuVHJhbnNhY3Rpb25LaW5kEg4KBmFtb3VudBgEIAEoAxIVCg1iYWxhbmNlX2FmdGVyGAUgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRITCgtkZXNjcmlwdGlvbhgHIAEoCRI3CghtZXRhZGF0YRgIIAMoCzIlLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24uTWV0YWRhdGFFbnRyeRIvCgtjcmVhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASHwoXcmVmdW5kZWRfdHJhbnNhY3Rpb25faWQYCiABKAkSDwoHaG9sZF9pZBgLIAEoCRIrCgthbGxvY2F0aW9ucxgMIAMoCzIWLmNyZWRpdHMudjEuQWxsb2NhdGlvbhovCg1NZXRhZGF0YUVudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEi7gEKBEhvbGQSDwoHaG9sZF9pZBgBIAEoCRIPCgd1c2VyX2lkGAIgASgJEg4KBmFtb3VudBgDIAEoAxIkCgVzdGF0ZRgEIAEoDjIVLmNyZWRpdHMudjEuSG9sZFN0YXRlEi8KC2V4cGlyZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFwoPaWRlbXBvdGVuY3lfa2V5GAcgASgJEhMKC2Rlc2NyaXB0aW9uGAggASgJKt4BCg9UcmFuc2FjdGlvbktpbmQSIAocVFJBTlNBQ1RJT05fS0lORF9VTlNQRUNJRklFRBAAEhoKFlRSQU5TQUNUSU9OX0tJTkRfREVCSVQQARIaChZUUkFOU0FDVElPTl9LSU5EX0dSQU5UEAISGwoXVFJBTlNBQ1RJT05fS0lORF9SRUZVTkQQAxIcChhUUkFOU0FDVElPTl9LSU5EX0NBUFRVUkUQBBIbChdUUkFOU0FDVElPTl9LSU5EX0VYUElSRRAFEhkKFVRSQU5TQUNUSU9OX0tJTkRfVk9JRBAGKokBCglIb2xkU3RhdGUSGgoWSE9MRF9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkhPTERfU1RBVEVfUEVORElORxABEhcKE0hPTERfU1RBVEVfQ0FQVFVSRUQQAhIXChNIT0xEX1NUQVRFX1JFTEVBU0VEEAMSFgoSSE9MRF9TVEFURV9FWFBJUkVEEARiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * A user's credit account.
@@ -35,7 +35,7 @@ export type Profile = Message<"credits.v1.Profile"> & {
   email: string;
 
   /**
-   * Every credit the user owns, including held ones.
+   * Every credit of the user's active grants, including held ones.
    *
    * @generated from field: int64 balance = 3;
    */
@@ -64,6 +64,20 @@ export type Profile = Message<"credits.v1.Profile"> & {
    * @generated from field: google.protobuf.Timestamp update_time = 7;
    */
   updateTime?: Timestamp | undefined;
+
+  /**
+   * The soonest expire_time among the user's active grants; unset when none expires.
+   *
+   * @generated from field: google.protobuf.Timestamp next_expire_time = 8;
+   */
+  nextExpireTime?: Timestamp | undefined;
+
+  /**
+   * How much of the balance expires at next_expire_time (0 when none).
+   *
+   * @generated from field: int64 next_expire_amount = 9;
+   */
+  nextExpireAmount: bigint;
 };
 
 /**
@@ -72,6 +86,30 @@ export type Profile = Message<"credits.v1.Profile"> & {
  */
 export const ProfileSchema: GenMessage<Profile> = /*@__PURE__*/
   messageDesc(file_credits_v1_ledger, 0);
+
+/**
+ * How much of a ledger entry one grant took or gave.
+ *
+ * @generated from message credits.v1.Allocation
+ */
+export type Allocation = Message<"credits.v1.Allocation"> & {
+  /**
+   * @generated from field: string grant_id = 1;
+   */
+  grantId: string;
+
+  /**
+   * @generated from field: int64 amount = 2;
+   */
+  amount: bigint;
+};
+
+/**
+ * Describes the message credits.v1.Allocation.
+ * Use `create(AllocationSchema)` to create a new message.
+ */
+export const AllocationSchema: GenMessage<Allocation> = /*@__PURE__*/
+  messageDesc(file_credits_v1_ledger, 1);
 
 /**
  * One append-only ledger entry. A user's balance is the sum of their ledger.
@@ -141,6 +179,14 @@ export type Transaction = Message<"credits.v1.Transaction"> & {
    * @generated from field: string hold_id = 11;
    */
   holdId: string;
+
+  /**
+   * The grants this entry drew on or returned to, in the order they were drawn (empty for
+   * entries written before grants existed).
+   *
+   * @generated from field: repeated credits.v1.Allocation allocations = 12;
+   */
+  allocations: Allocation[];
 };
 
 /**
@@ -148,7 +194,7 @@ export type Transaction = Message<"credits.v1.Transaction"> & {
  * Use `create(TransactionSchema)` to create a new message.
  */
 export const TransactionSchema: GenMessage<Transaction> = /*@__PURE__*/
-  messageDesc(file_credits_v1_ledger, 1);
+  messageDesc(file_credits_v1_ledger, 2);
 
 /**
  * Credits set aside for a later capture (the first phase of a two-phase charge).
@@ -202,7 +248,7 @@ export type Hold = Message<"credits.v1.Hold"> & {
  * Use `create(HoldSchema)` to create a new message.
  */
 export const HoldSchema: GenMessage<Hold> = /*@__PURE__*/
-  messageDesc(file_credits_v1_ledger, 2);
+  messageDesc(file_credits_v1_ledger, 3);
 
 /**
  * What a ledger entry did to the balance.
@@ -242,6 +288,20 @@ export enum TransactionKind {
    * @generated from enum value: TRANSACTION_KIND_CAPTURE = 4;
    */
   CAPTURE = 4,
+
+  /**
+   * A grant's unspent remainder leaving the balance at its expire_time.
+   *
+   * @generated from enum value: TRANSACTION_KIND_EXPIRE = 5;
+   */
+  EXPIRE = 5,
+
+  /**
+   * A grant's remainder removed by VoidGrant.
+   *
+   * @generated from enum value: TRANSACTION_KIND_VOID = 6;
+   */
+  VOID = 6,
 }
 
 /**
