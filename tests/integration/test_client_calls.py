@@ -15,6 +15,8 @@ from credits_client import (
     AsyncCreditsClient,
     CreditsClient,
     GenerationNotCancellable,
+    GrantNotActive,
+    GrantNotFound,
     HoldNotPending,
     InsufficientCredits,
     PermissionDenied,
@@ -141,6 +143,86 @@ async def test_sync_client_every_rpc(server: application.Application) -> None:
     async with running_workers(server):
         states = await asyncio.to_thread(flow)
     assert states[-1] == t.GENERATION_STATE_SUCCEEDED
+
+
+async def test_async_client_grant_rpcs(server: application.Application) -> None:
+    user_id = uuid.uuid4()
+    uid = str(user_id)
+    ends = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
+    async with (
+        AsyncCreditsClient(target(server), credentials=ServiceKey(SERVICE_TOKEN)) as service,
+        AsyncCreditsClient(target(server), credentials=user_token(user_id)) as me,
+    ):
+        await me.get_balance()
+        allowance = await service.grant_credits(
+            user_id=uid,
+            amount=30,
+            expire_time=ends,
+            priority=10,
+            category=t.GRANT_CATEGORY_PROMOTIONAL,
+            description="monthly allowance",
+        )
+        assert (allowance.grant.state, allowance.grant.priority) == (t.GRANT_STATE_ACTIVE, 10)
+        assert allowance.grant.expire_time.ToDatetime(datetime.UTC) == ends
+        promo = await service.grant_credits(user_id=uid, amount=5, scopes=[MODEL])
+        assert list(promo.grant.scopes) == [MODEL]
+        balance = await me.get_balance()
+        assert (balance.balance, balance.next_expire_amount) == (35, 30)
+        assert (await me.check_credits(amount=35)).shortfall == 5
+        assert (await me.check_credits(amount=35, scope=MODEL)).sufficient
+        spent = await me.debit_credits(amount=8, scope=MODEL)
+        assert [(a.grant_id, a.amount) for a in spent.transaction.allocations] == [
+            (allowance.grant.grant_id, 8)
+        ]
+        with pytest.raises(InsufficientCredits) as short:
+            await me.reserve_credits(amount=100, scope=MODEL)
+        assert (short.value.scope, short.value.available) == (MODEL, 27)
+        listed = await me.list_grants(states=[t.GRANT_STATE_ACTIVE], page_size=1)
+        assert [g.grant_id for g in listed.grants] == [promo.grant.grant_id]
+        voided = await service.void_grant(grant_id=allowance.grant.grant_id, description="x")
+        assert (voided.transaction.kind, voided.transaction.amount, voided.balance) == (
+            t.TRANSACTION_KIND_VOID,
+            22,
+            5,
+        )
+        with pytest.raises(GrantNotActive) as again:
+            await service.void_grant(grant_id=allowance.grant.grant_id)
+        assert again.value.state == "voided"
+        with pytest.raises(GrantNotFound):
+            await service.void_grant(grant_id=str(uuid.uuid4()))
+        with pytest.raises(PermissionDenied):
+            await me.void_grant(grant_id=promo.grant.grant_id)
+
+
+async def test_sync_client_grant_rpcs(server: application.Application) -> None:
+    user_id = uuid.uuid4()
+    uid = str(user_id)
+    starts = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
+
+    def flow() -> None:
+        with (
+            CreditsClient(target(server), credentials=ServiceKey(SERVICE_TOKEN)) as service,
+            CreditsClient(target(server), credentials=user_token(user_id)) as me,
+        ):
+            me.get_balance()
+            later = service.grant_credits(user_id=uid, amount=10, effective_time=starts)
+            assert later.grant.state == t.GRANT_STATE_PENDING
+            assert not later.HasField("transaction")
+            now = service.grant_credits(user_id=uid, amount=4, priority=0)
+            assert me.get_balance().balance == 4
+            assert me.debit_credits(amount=1).transaction.allocations[0].grant_id == (
+                now.grant.grant_id
+            )
+            pending = me.list_grants(states=[t.GRANT_STATE_PENDING]).grants
+            assert [g.grant_id for g in pending] == [later.grant.grant_id]
+            voided = service.void_grant(grant_id=later.grant.grant_id, idempotency_key="v")
+            assert (voided.grant.state, voided.HasField("transaction")) == (
+                t.GRANT_STATE_VOIDED,
+                False,
+            )
+            assert service.void_grant(grant_id=later.grant.grant_id, idempotency_key="v").replayed
+
+    await asyncio.to_thread(flow)
 
 
 async def test_a_token_provider_refreshes_an_expired_token(

@@ -71,6 +71,22 @@ class FakeCredits(credit_service_pb2_grpc.CreditServiceServicer):
         await self._record("DebitCredits", request, context)
         return cpb.DebitCreditsResponse(balance=1)
 
+    async def GrantCredits(self, request: Any, context: Any) -> cpb.GrantCreditsResponse:
+        await self._record("GrantCredits", request, context)
+        return cpb.GrantCreditsResponse(balance=5)
+
+    async def VoidGrant(self, request: Any, context: Any) -> cpb.VoidGrantResponse:
+        await self._record("VoidGrant", request, context)
+        return cpb.VoidGrantResponse(balance=0)
+
+    async def ListGrants(self, request: Any, context: Any) -> cpb.ListGrantsResponse:
+        await self._record("ListGrants", request, context)
+        return cpb.ListGrantsResponse(next_page_token="next")
+
+    async def CheckCredits(self, request: Any, context: Any) -> cpb.CheckCreditsResponse:
+        await self._record("CheckCredits", request, context)
+        return cpb.CheckCreditsResponse(sufficient=True)
+
 
 class FakeGenerations(generation_service_pb2_grpc.GenerationServiceServicer):
     def __init__(self, script: Script) -> None:
@@ -202,3 +218,33 @@ async def test_async_watch_errors_are_typed(fake: tuple[str, Script]) -> None:
         with pytest.raises(GenerationNotFound):
             async for _ in client.watch_generation(generation_id="g"):
                 pass
+
+
+async def test_async_grant_calls_send_their_options(fake: tuple[str, Script]) -> None:
+    import datetime
+
+    from credits_client._proto import grant_pb2
+
+    target, script = fake
+    ends = datetime.datetime(2031, 1, 1, tzinfo=datetime.UTC)
+    async with AsyncCreditsClient(target, credentials="t") as client:
+        granted = await client.grant_credits(
+            user_id="u", amount=5, expire_time=ends, priority=10, scopes=["model-a"]
+        )
+        voided = await client.void_grant(grant_id="g", idempotency_key="v")
+        listed = await client.list_grants(states=[grant_pb2.GRANT_STATE_EXPIRED])
+        checked = await client.check_credits(amount=1, scope="model-a")
+        script.error = server_errors.GrantNotActive(state="voided")
+        from credits_client import GrantNotActive
+
+        with pytest.raises(GrantNotActive) as refused:
+            await client.void_grant(grant_id="g")
+    assert (granted.balance, voided.balance, listed.next_page_token) == (5, 0, "next")
+    assert checked.sufficient
+    assert refused.value.state == "voided"
+    grant, void, listing, check = (seen.request for seen in script.seen[:4])
+    assert grant.expire_time.ToDatetime(datetime.UTC) == ends
+    assert (grant.priority, list(grant.scopes)) == (10, ["model-a"])
+    assert (void.grant_id, void.idempotency_key) == ("g", "v")
+    assert list(listing.states) == [grant_pb2.GRANT_STATE_EXPIRED]
+    assert check.scope == "model-a"

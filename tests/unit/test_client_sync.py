@@ -246,3 +246,106 @@ def test_the_client_is_a_context_manager_that_leaves_a_given_channel_open() -> N
     future = harness.start(lambda: harness.client.list_models())
     harness.answer(GENERATION_SERVICE, "ListModels", gpb.ListModelsResponse())
     future.result(5)
+
+
+def test_grant_credits_sends_the_grants_options(harness: Harness) -> None:
+    import datetime
+
+    from credits_client._proto import grant_pb2
+
+    starts = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+    ends = starts + datetime.timedelta(days=30)
+    future = harness.start(
+        lambda: harness.client.grant_credits(
+            user_id="u",
+            amount=100,
+            effective_time=starts,
+            expire_time=ends,
+            priority=0,
+            category=grant_pb2.GRANT_CATEGORY_PROMOTIONAL,
+            scopes=["model-a", "model-b"],
+        )
+    )
+    _, request = harness.answer(CREDIT_SERVICE, "GrantCredits", cpb.GrantCreditsResponse())
+    future.result(5)
+    assert uuid.UUID(request.idempotency_key)
+    assert request.effective_time.ToDatetime(datetime.UTC) == starts
+    assert request.expire_time.ToDatetime(datetime.UTC) == ends
+    assert (request.HasField("priority"), request.priority) == (True, 0)
+    assert request.category == grant_pb2.GRANT_CATEGORY_PROMOTIONAL
+    assert list(request.scopes) == ["model-a", "model-b"]
+
+
+def test_grant_credits_leaves_unset_options_unset(harness: Harness) -> None:
+    future = harness.start(lambda: harness.client.grant_credits(user_id="u", amount=1))
+    _, request = harness.answer(CREDIT_SERVICE, "GrantCredits", cpb.GrantCreditsResponse())
+    future.result(5)
+    assert not request.HasField("priority")
+    assert not request.HasField("expire_time")
+    assert not request.HasField("effective_time")
+    assert (request.category, list(request.scopes)) == (0, [])
+
+
+@pytest.mark.parametrize(
+    ("method", "call"),
+    [
+        ("DebitCredits", lambda c: c.debit_credits(amount=1, scope="model-a")),
+        ("ReserveCredits", lambda c: c.reserve_credits(amount=1, scope="model-a")),
+        ("CheckCredits", lambda c: c.check_credits(amount=1, scope="model-a")),
+    ],
+)
+def test_spending_calls_send_their_scope(
+    harness: Harness, method: str, call: Callable[[CreditsClient], Any]
+) -> None:
+    future = harness.start(lambda: call(harness.client))
+    _, request = harness.answer(CREDIT_SERVICE, method, getattr(cpb, f"{method}Response")())
+    future.result(5)
+    assert request.scope == "model-a"
+
+
+def test_void_grant_fills_in_a_key_and_list_grants_its_filter(harness: Harness) -> None:
+    from credits_client._proto import grant_pb2
+
+    future = harness.start(lambda: harness.client.void_grant(grant_id="g", description="fraud"))
+    _, void = harness.answer(CREDIT_SERVICE, "VoidGrant", cpb.VoidGrantResponse())
+    future.result(5)
+    assert (void.grant_id, void.description) == ("g", "fraud")
+    assert uuid.UUID(void.idempotency_key)
+    future = harness.start(
+        lambda: harness.client.list_grants(
+            user_id="u", page_size=3, page_token="t", states=[grant_pb2.GRANT_STATE_ACTIVE]
+        )
+    )
+    _, listing = harness.answer(CREDIT_SERVICE, "ListGrants", cpb.ListGrantsResponse())
+    future.result(5)
+    assert (listing.user_id, listing.page_size, listing.page_token) == ("u", 3, "t")
+    assert list(listing.states) == [grant_pb2.GRANT_STATE_ACTIVE]
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected", "attributes"),
+    [
+        (server_errors.GrantNotFound(), "GrantNotFound", {}),
+        (server_errors.GrantNotActive(state="expired"), "GrantNotActive", {"state": "expired"}),
+        (
+            server_errors.InsufficientCredits(required=3, available=1, scope="model-a"),
+            "InsufficientCredits",
+            {"scope": "model-a", "required": 3, "available": 1},
+        ),
+        (
+            server_errors.InsufficientCredits(required=3, available=1),
+            "InsufficientCredits",
+            {"scope": "", "metadata": {"required": "3", "available": "1"}},
+        ),
+    ],
+)
+def test_grant_errors_are_raised_as_their_classes(
+    harness: Harness, sent: server_errors.CreditsError, expected: str, attributes: dict[str, Any]
+) -> None:
+    import credits_client
+
+    future = harness.start(lambda: harness.client.void_grant(grant_id="g"))
+    harness.answer(CREDIT_SERVICE, "VoidGrant", status=error_table.to_status(sent))
+    with pytest.raises(getattr(credits_client, expected)) as raised:
+        future.result(5)
+    assert {name: getattr(raised.value, name) for name in attributes} == attributes

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from credits_client._proto import credit_service_pb2 as cpb
 from credits_client._proto import generation_service_pb2 as gpb
-from credits_client._proto import ledger_pb2
+from credits_client._proto import grant_pb2, ledger_pb2
 
 Seconds = float | datetime.timedelta
 
@@ -58,8 +58,8 @@ def get_profile(user_id: str) -> cpb.GetProfileRequest:
     return cpb.GetProfileRequest(user_id=user_id)
 
 
-def check_credits(user_id: str, amount: int) -> cpb.CheckCreditsRequest:
-    return cpb.CheckCreditsRequest(user_id=user_id, amount=amount)
+def check_credits(user_id: str, amount: int, scope: str = "") -> cpb.CheckCreditsRequest:
+    return cpb.CheckCreditsRequest(user_id=user_id, amount=amount, scope=scope)
 
 
 def debit_credits(
@@ -68,6 +68,7 @@ def debit_credits(
     idempotency_key: str | None,
     description: str,
     metadata: Mapping[str, str] | None,
+    scope: str = "",
 ) -> cpb.DebitCreditsRequest:
     return cpb.DebitCreditsRequest(
         user_id=user_id,
@@ -75,6 +76,7 @@ def debit_credits(
         idempotency_key=_key(idempotency_key),
         description=description,
         metadata=dict(metadata or {}),
+        scope=scope,
     )
 
 
@@ -84,6 +86,12 @@ def grant_credits(
     idempotency_key: str | None,
     description: str,
     metadata: Mapping[str, str] | None,
+    *,
+    expire_time: datetime.datetime | None = None,
+    effective_time: datetime.datetime | None = None,
+    priority: int | None = None,
+    category: grant_pb2.GrantCategory.ValueType = grant_pb2.GRANT_CATEGORY_UNSPECIFIED,
+    scopes: Iterable[str] = (),
 ) -> cpb.GrantCreditsRequest:
     return cpb.GrantCreditsRequest(
         user_id=user_id,
@@ -91,6 +99,30 @@ def grant_credits(
         idempotency_key=_key(idempotency_key),
         description=description,
         metadata=dict(metadata or {}),
+        expire_time=_timestamp(expire_time),
+        effective_time=_timestamp(effective_time),
+        priority=priority,
+        category=category,
+        scopes=list(scopes),
+    )
+
+
+def void_grant(
+    grant_id: str, idempotency_key: str | None, description: str
+) -> cpb.VoidGrantRequest:
+    return cpb.VoidGrantRequest(
+        grant_id=grant_id, idempotency_key=_key(idempotency_key), description=description
+    )
+
+
+def list_grants(
+    user_id: str,
+    page_size: int,
+    page_token: str,
+    states: Iterable[grant_pb2.GrantState.ValueType],
+) -> cpb.ListGrantsRequest:
+    return cpb.ListGrantsRequest(
+        user_id=user_id, page_size=page_size, page_token=page_token, states=list(states)
     )
 
 
@@ -112,6 +144,7 @@ def reserve_credits(
     idempotency_key: str | None,
     ttl: Seconds | None,
     description: str,
+    scope: str = "",
 ) -> cpb.ReserveCreditsRequest:
     return cpb.ReserveCreditsRequest(
         user_id=user_id,
@@ -119,6 +152,7 @@ def reserve_credits(
         idempotency_key=_key(idempotency_key),
         ttl=_duration(ttl),
         description=description,
+        scope=scope,
     )
 
 

@@ -25,7 +25,7 @@ from credits_client._config import (
 )
 from credits_client._proto import credit_service_pb2 as cpb
 from credits_client._proto import generation_service_pb2 as gpb
-from credits_client._proto import ledger_pb2
+from credits_client._proto import grant_pb2, ledger_pb2
 from credits_client._proto.credit_service_pb2_grpc import CreditServiceStub
 from credits_client._proto.generation_service_pb2_grpc import GenerationServiceStub
 from credits_client.client import DEFAULT_TARGET
@@ -142,11 +142,12 @@ class AsyncCreditsClient:
         return await self._unary(self._credits.GetProfile, build.get_profile(user_id), timeout)
 
     async def check_credits(
-        self, *, amount: int, user_id: str = "", timeout: float | None = None
+        self, *, amount: int, user_id: str = "", scope: str = "", timeout: float | None = None
     ) -> cpb.CheckCreditsResponse:
-        """Whether the user could spend ``amount`` now. Changes nothing."""
+        """Whether the user could spend ``amount`` now (for ``scope``, e.g. a model's name;
+        empty: unscoped spending, which only unscoped grants pay for). Changes nothing."""
         return await self._unary(
-            self._credits.CheckCredits, build.check_credits(user_id, amount), timeout
+            self._credits.CheckCredits, build.check_credits(user_id, amount, scope), timeout
         )
 
     async def debit_credits(
@@ -157,12 +158,17 @@ class AsyncCreditsClient:
         idempotency_key: str | None = None,
         description: str = "",
         metadata: Mapping[str, str] | None = None,
+        scope: str = "",
         timeout: float | None = None,
     ) -> cpb.DebitCreditsResponse:
         """Spend ``amount`` credits now. Without ``idempotency_key`` the client makes a UUID one,
         which keeps the client's own retries safe; pass your own key to make retries across
-        processes safe too. Raises InsufficientCredits when the user cannot pay."""
-        request = build.debit_credits(user_id, amount, idempotency_key, description, metadata)
+        processes safe too. ``scope`` says what the spending is for (e.g. a model's name):
+        grants scoped to it pay first; empty, only unscoped grants pay. Raises
+        InsufficientCredits when the user cannot pay."""
+        request = build.debit_credits(
+            user_id, amount, idempotency_key, description, metadata, scope
+        )
         return await self._unary(self._credits.DebitCredits, request, timeout)
 
     async def grant_credits(
@@ -173,11 +179,55 @@ class AsyncCreditsClient:
         idempotency_key: str | None = None,
         description: str = "",
         metadata: Mapping[str, str] | None = None,
+        expire_time: datetime.datetime | None = None,
+        effective_time: datetime.datetime | None = None,
+        priority: int | None = None,
+        category: grant_pb2.GrantCategory.ValueType = grant_pb2.GRANT_CATEGORY_UNSPECIFIED,
+        scopes: Iterable[str] = (),
         timeout: float | None = None,
     ) -> cpb.GrantCreditsResponse:
-        """Give ``amount`` credits to the user (services only)."""
-        request = build.grant_credits(user_id, amount, idempotency_key, description, metadata)
+        """Give ``amount`` credits to the user (services only) as a grant: from
+        ``effective_time`` (timezone-aware; default now) until ``expire_time`` (default never),
+        spent in ``priority`` order (0 to 100, lower first; default 50), of ``category``
+        (default paid), for the spending ``scopes`` it names (default any)."""
+        request = build.grant_credits(
+            user_id,
+            amount,
+            idempotency_key,
+            description,
+            metadata,
+            expire_time=expire_time,
+            effective_time=effective_time,
+            priority=priority,
+            category=category,
+            scopes=scopes,
+        )
         return await self._unary(self._credits.GrantCredits, request, timeout)
+
+    async def void_grant(
+        self,
+        *,
+        grant_id: str,
+        idempotency_key: str | None = None,
+        description: str = "",
+        timeout: float | None = None,
+    ) -> cpb.VoidGrantResponse:
+        """Remove what is left of a grant, but what pending holds pin of it (services only)."""
+        request = build.void_grant(grant_id, idempotency_key, description)
+        return await self._unary(self._credits.VoidGrant, request, timeout)
+
+    async def list_grants(
+        self,
+        *,
+        user_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        states: Iterable[grant_pb2.GrantState.ValueType] = (),
+        timeout: float | None = None,
+    ) -> cpb.ListGrantsResponse:
+        """One page of the user's grants, newest first, in ``states`` (default: all)."""
+        request = build.list_grants(user_id, page_size, page_token, states)
+        return await self._unary(self._credits.ListGrants, request, timeout)
 
     async def refund_credits(
         self,
@@ -203,11 +253,12 @@ class AsyncCreditsClient:
         idempotency_key: str | None = None,
         ttl: float | datetime.timedelta | None = None,
         description: str = "",
+        scope: str = "",
         timeout: float | None = None,
     ) -> cpb.ReserveCreditsResponse:
         """Set ``amount`` credits aside in a hold for ``ttl`` (seconds or a timedelta; default:
-        the service's 15 minutes) until captured or released."""
-        request = build.reserve_credits(user_id, amount, idempotency_key, ttl, description)
+        the service's 15 minutes) until captured or released; ``scope`` as in debit_credits."""
+        request = build.reserve_credits(user_id, amount, idempotency_key, ttl, description, scope)
         return await self._unary(self._credits.ReserveCredits, request, timeout)
 
     async def capture_credits(
