@@ -3,7 +3,8 @@
   1. cold start: `credits serve` on an empty data dir until health says SERVING;
   2. the database's limit: pgbench calling the debit function for many users at 8 clients;
   3. the transport's limit: a bare grpc.aio echo server (bench/echo.py);
-  4. the service: GetBalance, DebitCredits and CreateGeneration at concurrency 1 and 32,
+  4. the service: GetBalance, DebitCredits and CreateGeneration at concurrency 1 and 32, and
+     DebitCredits of users with five live grants beside the plain one;
   5. the Connect edge: GetBalance and DebitCredits as JSON at 32, beside a bare ASGI echo under
      the same uvicorn (bench/http_echo.py), their floor,
 
@@ -75,8 +76,10 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
     try:
         asyncio.run(migrate.migrate(database.uri))
         asyncio.run(users.create(database.uri, users.COUNT))
+        asyncio.run(users.create_with_grants(database.uri, users.COUNT))
         secret = secrets.token_urlsafe(32)
         tokens = users.tokens(secret, users.COUNT)
+        five_grants = scenarios.debit_five_grants(users.tokens_with_grants(secret, users.COUNT))
         echo, service, connect = (f"127.0.0.1:{servers.free_port()}" for _ in range(3))
         settings = {
             **serving,
@@ -96,9 +99,13 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
             # Each limit is measured right beside what is compared with it, round after round,
             # so a neighbour's load on this shared machine weighs on both alike.
             for round_ in range(1, args.rounds + 1):
-                say(f"round {round_}/{args.rounds}: pgbench, DebitCredits, echo, GetBalance")
+                say(
+                    f"round {round_}/{args.rounds}: pgbench, DebitCredits (1 and 5 grants), "
+                    "echo, GetBalance"
+                )
                 report.pgbench.append(pgbench.run(database.uri, users.COUNT, clients=8, seconds=5))
                 report.add(debit.name, 32, _drive(args, service, debit, 32))
+                report.add(five_grants.name, 32, _drive(args, service, five_grants, 32))
                 report.add(ECHO, 32, _drive(args, echo, balance, 32))
                 report.add(balance.name, 32, _drive(args, service, balance, 32))
             say("the Connect edge: ASGI echo, GetBalance, DebitCredits (JSON)")

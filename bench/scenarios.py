@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from credits.v1 import credit_service_pb2, generation_service_pb2
 
 Metadata = tuple[tuple[str, str], ...]
+DEBIT_FIVE_GRANTS = "DebitCredits, 5 live grants"
 Call = Callable[..., Awaitable[Any]]
 
 _MESSAGES: dict[str, tuple[type[Message], type[Message]]] = {
@@ -73,6 +74,11 @@ def get_balance(tokens: Sequence[str]) -> Scenario:
 
 def debit(tokens: Sequence[str]) -> Scenario:
     return Scenario("DebitCredits", "/credits.v1.CreditService/DebitCredits", tokens)
+
+
+def debit_five_grants(tokens: Sequence[str]) -> Scenario:
+    """DebitCredits of users with five live grants each (bench/users.py, create_with_grants)."""
+    return Scenario(DEBIT_FIVE_GRANTS, "/credits.v1.CreditService/DebitCredits", tokens)
 
 
 def create_generation(tokens: Sequence[str]) -> Scenario:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -11,6 +12,8 @@ from server.auth.tokens import mint_user_token
 RICH = 10**15
 # How many users the bench makes (pgbench and the echo floors draw from them too).
 COUNT = 1000
+# Live grants of each user of the five-grant DebitCredits (users COUNT + 1 to 2 * COUNT).
+GRANTS = 5
 
 
 def user_id(n: int) -> uuid.UUID:
@@ -37,3 +40,39 @@ async def create(database_url: str, count: int) -> None:
 
 def tokens(secret: str, count: int) -> list[str]:
     return [mint_user_token(secret, user_id(n)) for n in range(1, count + 1)]
+
+
+def with_grants(n: int) -> uuid.UUID:
+    """The n-th user (1-based) of the five-grant scenario: after the COUNT plain ones."""
+    return user_id(COUNT + n)
+
+
+async def create_with_grants(database_url: str, count: int, grants: int = GRANTS) -> None:
+    """Profiles for `count` users past the plain ones, each with `grants` live grants of
+    RICH credits: unscoped, of other priorities and expiries (one never expiring), so that a
+    debit weighs them all in the burn-down order (re-runs change nothing)."""
+    conn = await asyncpg.connect(database_url, server_settings={"role": "service_role"})
+    # A fixed far future: the same request again is a replay, whenever the bench runs.
+    far = datetime(2100, 1, 1, tzinfo=UTC)
+    try:
+        await conn.executemany(
+            "select public.credit_provision_profile(p_user_id => $1, p_email => '')",
+            [(with_grants(n),) for n in range(1, count + 1)],
+        )
+        for g in range(grants):
+            expires = None if g == grants - 1 else far + timedelta(days=g)
+            await conn.executemany(
+                "select public.credit_grant(p_user_id => $1, p_amount => $2,"
+                " p_idempotency_key => $3, p_description => 'bench', p_metadata => '{}',"
+                " p_expire_time => $4, p_priority => $5)",
+                [
+                    (with_grants(n), RICH, f"bench-grant-{g}", expires, 50 - g)
+                    for n in range(1, count + 1)
+                ],
+            )
+    finally:
+        await conn.close()
+
+
+def tokens_with_grants(secret: str, count: int) -> list[str]:
+    return [mint_user_token(secret, with_grants(n)) for n in range(1, count + 1)]

@@ -8,6 +8,7 @@ import pytest
 from bench.loadgen import Result
 from bench.pgbench import PgbenchResult
 from bench.report import ECHO, ECHO_DEBIT, ECHO_SELECT, Report, merged
+from bench.scenarios import DEBIT_FIVE_GRANTS
 
 
 def result(calls: int, latencies: list[float], seconds: float = 1.0) -> Result:
@@ -65,3 +66,15 @@ def test_a_missed_target_fails_the_run(
     assert failed == [missed]
     assert not found.all_met()
     assert "| NO |" in found.render()
+
+
+@pytest.mark.parametrize(("five", "met"), [(360, True), (340, False)])
+def test_debits_of_users_with_five_grants_are_held_within_10_percent_of_plain_ones(
+    five: int, met: bool
+) -> None:
+    found = report([400], [1000], [600], [1000])
+    assert "DebitCredits 5 grants / 1 grant, c32" not in {what for what, *_ in found.checks()}
+    found.add(DEBIT_FIVE_GRANTS, 32, result(five, [5.0] * five))
+    checks = {what: (value, ok) for what, value, _, ok in found.checks()}
+    assert checks["DebitCredits 5 grants / 1 grant, c32"] == (five / 400, met)
+    assert f"DebitCredits 5 grants/1 grant {five / 400:.2f}" in found.render()
