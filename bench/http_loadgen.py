@@ -12,46 +12,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import multiprocessing
 import os
 import time
-from collections.abc import Callable
 
 import aiohttp
 from google.protobuf import json_format
 
+from bench import loadgen
 from bench.loadgen import Load, Result
 
 
 def run(load: Load) -> Result:
     """Drive `load` (its target a `host:port` Connect edge) from its processes at once."""
-    processes = max(1, min(load.processes, load.concurrency))
-    shares = [
-        load.concurrency // processes + (i < load.concurrency % processes) for i in range(processes)
-    ]
-    context = multiprocessing.get_context("spawn")
-    start_at = time.time() + 1.5  # every process starts its clock together, after spawning
-    with context.Pool(processes) as pool:
-        parts = pool.starmap(
-            _process, [(load, share, index, start_at) for index, share in enumerate(shares)]
-        )
-    latencies = [value for part in parts for value in part[2]]
-    return Result(
-        calls=sum(part[0] for part in parts),
-        errors=sum(part[1] for part in parts),
-        seconds=load.seconds,
-        latencies_ms=latencies,
-    )
-
-
-def _process(load: Load, callers: int, index: int, start_at: float) -> tuple[int, int, list[float]]:
-    try:
-        import uvloop
-
-        runner: Callable[..., object] = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    return runner(_drive(load, callers, index, start_at))  # type: ignore[return-value]
+    return loadgen.run(load, _drive)
 
 
 def _body(request: object) -> bytes:

@@ -14,7 +14,7 @@ import itertools
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -55,17 +55,27 @@ class Result:
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def run(load: Load) -> Result:
-    """Drive `load` from its processes at once and merge what each measured."""
+# One load process's part: (calls, errors, latencies in ms) of `callers` callers.
+Part = tuple[int, int, list[float]]
+# What a load process runs: drive(load, callers, process index, start time) -> its part.
+Drive = Callable[[Load, int, int, float], Awaitable[Part]]
+
+
+def run(load: Load, drive: Drive | None = None) -> Result:
+    """Drive `load` from its processes at once and merge what each measured; `drive` is the
+    protocol's caller loop (a module-level function, to reach the spawned processes): gRPC's
+    by default."""
     processes = max(1, min(load.processes, load.concurrency))
     shares = [
         load.concurrency // processes + (i < load.concurrency % processes) for i in range(processes)
     ]
     context = multiprocessing.get_context("spawn")
     start_at = time.time() + 1.5  # every process starts its clock together, after spawning
+    chosen = drive or _drive
     with context.Pool(processes) as pool:
         parts = pool.starmap(
-            _process, [(load, share, index, start_at) for index, share in enumerate(shares)]
+            _process,
+            [(chosen, load, share, index, start_at) for index, share in enumerate(shares)],
         )
     latencies = [value for part in parts for value in part[2]]
     return Result(
@@ -76,14 +86,14 @@ def run(load: Load) -> Result:
     )
 
 
-def _process(load: Load, callers: int, index: int, start_at: float) -> tuple[int, int, list[float]]:
+def _process(drive: Drive, load: Load, callers: int, index: int, start_at: float) -> Part:
     try:
         import uvloop
 
         runner: Callable[..., object] = uvloop.run
     except ImportError:
         runner = asyncio.run
-    return runner(_drive(load, callers, index, start_at))  # type: ignore[return-value]
+    return runner(drive(load, callers, index, start_at))  # type: ignore[return-value]
 
 
 async def _drive(
