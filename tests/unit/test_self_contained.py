@@ -180,3 +180,9 @@ def test_the_searches_find_what_they_look_for() -> None:
     assert shared_mentions(TrackedText("README.md", "see [it](" + PARENT_SHARED[0] + "/a.md)"))
     text = "[a](docs/a.md) `[b](c.md)`\n```\n[d](e.md)\n```\n[f]: <g h.md>\n"
     assert [target for _, target in markdown_links(text)] == ["docs/a.md", "g h.md"]
+
+
+def test_the_readme_reads_in_five_minutes() -> None:
+    """The README stays a short start (at most 250 lines); the rest lives in docs/."""
+    lines = (REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail into docs/"
