@@ -96,11 +96,11 @@ class _Guarded:
             response = await self._calls.run(
                 principal, lambda: self._behaviour(self._request(request), context)
             )
-            return self._payload(response)
+            payload = self._payload(response)
         except BaseException as error:
             await self._end(context, record, error)
-        finally:
-            calls.finish(record)
+        calls.finish(record)
+        return payload
 
     async def _stream(self, request: Any, context: Context) -> AsyncIterator[Any]:
         metadata = context.invocation_metadata()
@@ -114,8 +114,7 @@ class _Guarded:
         except BaseException as error:
             await self._calls.settle(principal, error)
             await self._end(context, record, error)
-        finally:
-            calls.finish(record)
+        calls.finish(record)
 
     def _open(self, context: Context, metadata: calls.Headers) -> CallRecord:
         """The call's record, with its request id in the trailers whatever happens."""
@@ -137,11 +136,14 @@ class _Guarded:
 
     async def _end(self, context: Context, record: CallRecord, error: BaseException) -> NoReturn:
         """End the call for what the handler (or the caller's token) raised, as the pipeline
-        says; grpc.aio's own abort, a cancellation or a generator's close go on."""
+        says; grpc.aio's own abort, a cancellation or a generator's close go on. The access
+        line is written first: the status reaches the caller as abort sends it."""
+        failure = None
         if not isinstance(error, grpc.aio.AbortError):
             failure = self._calls.failure(record, error)
-            if failure is not None:
-                await abort(context, record, failure)
+        calls.finish(record)
+        if failure is not None:
+            await abort(context, record, failure)
         raise error
 
 
