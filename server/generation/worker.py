@@ -62,26 +62,28 @@ class Worker:
         self._feed = feed
         self._settings = settings
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        # Set when the worker is to claim no more jobs; `busy` while it runs one.
+        # Set when the worker is to claim no more jobs; `busy` while it claims or runs one.
         self.draining = False
         self.busy = False
 
     async def run(self) -> None:
         """Claim and run jobs until cancelled, or until draining once the job in hand is done."""
         while not self.draining:
+            # Busy from the claim on: a claim in flight may be taking a job (its commit can
+            # reach a watcher before its answer reaches this worker).
+            self.busy = True
             try:
                 job = await self._queue.claim(self.name, self._settings.lease_seconds)
             except CreditsError as error:
                 log.warning("worker %s cannot claim (%s)", self.name, error.reason)
                 job = None
-            if job is None:
-                await self._idle()
-                continue
-            self.busy = True
             try:
-                await self.process(job)
+                if job is not None:
+                    await self.process(job)
             finally:
                 self.busy = False
+            if job is None and not self.draining:
+                await self._idle()
 
     async def _idle(self) -> None:
         self._feed.queued.clear()
