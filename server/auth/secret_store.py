@@ -28,7 +28,15 @@ def secret_path(data_dir: Path) -> Path:
 
 def load_or_create_jwt_secret(data_dir: Path) -> str:
     """Return the secret stored in `data_dir`, creating it (mode 0600) if there is none yet."""
-    path = secret_path(data_dir)
+    return _load_or_create(secret_path(data_dir))
+
+
+def load_or_create_page_token_key(data_dir: Path) -> str:
+    """The page token key stored in `data_dir`, created (mode 0600) as the JWT secret is."""
+    return _load_or_create(Path(data_dir) / PAGE_TOKEN_KEY_FILE_NAME)
+
+
+def _load_or_create(path: Path) -> str:
     try:
         return _read(path)
     except FileNotFoundError:
@@ -36,18 +44,6 @@ def load_or_create_jwt_secret(data_dir: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     _create(path, secrets.token_urlsafe(_SECRET_BYTES))
     # Read back rather than return ours: if another process won the race, its secret is the one.
-    return _read(path)
-
-
-def load_or_create_page_token_key(data_dir: Path) -> str:
-    """The page token key stored in `data_dir`, created (mode 0600) as the JWT secret is."""
-    path = Path(data_dir) / PAGE_TOKEN_KEY_FILE_NAME
-    try:
-        return _read(path)
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _create(path, secrets.token_urlsafe(_SECRET_BYTES))
     return _read(path)
 
 
