@@ -30,6 +30,7 @@ from server.auth.page_key import page_token_key
 from server.auth.secret_store import load_or_create_jwt_secret
 from server.auth.verifier import TokenVerifier
 from server.config import Settings
+from server.credit.controls import SpendControls
 from server.credit.ledger import CreditLedger
 from server.credit.profiles import ProfileKeeper
 from server.credit.sweeper import HoldSweeper
@@ -271,6 +272,11 @@ async def open_backend(settings: Settings) -> Backend:
             signup_credits=settings.signup_credits,
             signup_ttl_seconds=settings.signup_credits_ttl_seconds,
         )
+        await backend.credits.configure_limits(
+            daily=settings.default_daily_limit,
+            monthly=settings.default_monthly_limit,
+            max_active_generations=settings.max_active_generations,
+        )
         await backend.generations.sync_models(list(catalogue.values()))
     except ServiceCredentialsRejected:
         # Users are still served through their own JWTs; the breaker has said why, loudly.
@@ -379,7 +385,8 @@ def servicers(settings: Settings, backend: Backend, generations: Generations) ->
                 backend.credits,
                 page_tokens(settings),
                 max_page_bytes=page_budget(settings.max_send_message_bytes),
-            )
+            ),
+            SpendControls(backend.credits),
         ),
         GenerationServicer(generations),
     )

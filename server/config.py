@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 MIB = 1024 * 1024
 # The Connect edge's address when CREDITS_HTTP_LISTEN is unset (`make run`).
 HTTP_LISTEN = "127.0.0.1:8080"
+# The most credits a limit may name: PostgreSQL's bigint.
+_MAX_CREDITS = 2**63 - 1
 # The units of a duration setting (CREDITS_SIGNUP_CREDITS_TTL), in seconds.
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_DURATION_SECONDS = 100 * 366 * 86400
@@ -45,6 +47,12 @@ class Settings:
     # How long signup credits last, in seconds (CREDITS_SIGNUP_CREDITS_TTL); None: forever.
     signup_credits_ttl_seconds: int | None = None
     metrics_listen: str | None = None
+    # The spending limits every user has unless they have their own (CREDITS_DEFAULT_DAILY_LIMIT,
+    # CREDITS_DEFAULT_MONTHLY_LIMIT); None: none.
+    default_daily_limit: int | None = None
+    default_monthly_limit: int | None = None
+    # The most generations one user may have queued or running (CREDITS_MAX_ACTIVE_GENERATIONS).
+    max_active_generations: int = 8
     # The secret API key a trusted service may send as its bearer instead of a JWT.
     service_api_key: str | None = None
     # The key that signs page tokens; None: kept or derived as server/auth/page_key.py says.
@@ -141,6 +149,9 @@ class Settings:
             signup_credits=read.whole("CREDITS_SIGNUP_CREDITS", 0, minimum=0),
             signup_credits_ttl_seconds=read.duration("CREDITS_SIGNUP_CREDITS_TTL"),
             metrics_listen=read.address("CREDITS_METRICS_LISTEN"),
+            default_daily_limit=read.credits("CREDITS_DEFAULT_DAILY_LIMIT"),
+            default_monthly_limit=read.credits("CREDITS_DEFAULT_MONTHLY_LIMIT"),
+            max_active_generations=read.whole("CREDITS_MAX_ACTIVE_GENERATIONS", 8),
             service_api_key=read.text("CREDITS_SERVICE_API_KEY"),
             page_token_key=read.text("CREDITS_PAGE_TOKEN_KEY"),
             breaker_seconds=read.seconds("CREDITS_BREAKER_SECONDS", 30.0),
@@ -254,6 +265,15 @@ class _Reader:
             return default
         if not (text.isascii() and text.isdigit()) or int(text) < minimum:
             raise ValueError(f"{name} must be a whole number >= {minimum} (got {text!r})")
+        return int(text)
+
+    def credits(self, name: str) -> int | None:
+        """A number of credits from 1 to 2^63 - 1 (the ledger's largest), or None when unset."""
+        text = self.text(name)
+        if text is None:
+            return None
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= _MAX_CREDITS:
+            raise ValueError(f"{name} must be a whole number of credits >= 1 (got {text!r})")
         return int(text)
 
     def seconds(self, name: str, default: float, *, positive: bool = False) -> float:

@@ -179,6 +179,44 @@ class BalanceLimitExceeded(CreditsError):
     )
 
 
+_PERIODLY = {"day": "daily", "week": "weekly", "month": "monthly"}
+
+
+class SpendLimitExceeded(CreditsError):
+    """The spending would take what the user spent in the current `period` (day, week or month,
+    UTC) past their `limit`; `spent` is what they spent in it before, `reset_time` (RFC 3339,
+    UTC) when it starts again from 0."""
+
+    reason = "SPEND_LIMIT_EXCEEDED"
+
+    def __init__(self, period: str, limit: int, spent: int, reset_time: str) -> None:
+        periodly = _PERIODLY.get(period, period)
+        super().__init__(
+            f"spend limit exceeded: {spent} of the {periodly} limit of {limit} credits spent;"
+            f" it resets at {reset_time}",
+            period=period,
+            limit=limit,
+            spent=spent,
+            reset_time=reset_time,
+        )
+
+
+class TooManyActiveGenerations(CreditsError):
+    """The user has `limit` generations queued or running already (CREDITS_MAX_ACTIVE_
+    GENERATIONS): retry once one of them ends."""
+
+    reason = "TOO_MANY_ACTIVE_GENERATIONS"
+    # How long the RetryInfo asks the caller to wait.
+    retry_after: ClassVar[float] = 5.0
+
+    def __init__(self, limit: int, active: int) -> None:
+        super().__init__(
+            f"too many active generations: {active} queued or running, at most {limit}",
+            limit=limit,
+            active=active,
+        )
+
+
 class IdempotencyKeyReused(CreditsError):
     reason = "IDEMPOTENCY_KEY_REUSED"
     default_message = "the idempotency key was already used with different parameters"

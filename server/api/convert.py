@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from credits.v1 import credit_service_pb2, generation_pb2, grant_pb2, ledger_pb2
+from credits.v1 import credit_service_pb2, generation_pb2, grant_pb2, ledger_pb2, usage_pb2
 from server.credit.models import (
     Grant,
     GrantCategory,
@@ -19,9 +19,14 @@ from server.credit.models import (
     HoldState,
     LedgerResult,
     Profile,
+    SpendLimit,
+    SpendPeriod,
     Transaction,
     TransactionFilter,
     TransactionKind,
+    UsageBucket,
+    UsageGranularity,
+    UsageGroupBy,
 )
 from server.errors import InvalidArgument
 from server.generation.models import Generation, GenerationState, ModelSpec
@@ -124,6 +129,7 @@ def transaction(value: Transaction) -> ledger_pb2.Transaction:
             ledger_pb2.Allocation(grant_id=str(part.grant_id), amount=part.amount)
             for part in value.allocations
         ],
+        scope=value.scope,
     )
 
 
@@ -283,4 +289,70 @@ def model_parameter(value: Parameter) -> generation_pb2.ModelParameter:
         minimum=value.minimum,
         maximum=value.maximum,
         pattern=value.pattern,
+    )
+
+
+_SPEND_PERIODS = {
+    SpendPeriod.DAY: usage_pb2.SPEND_PERIOD_DAY,
+    SpendPeriod.WEEK: usage_pb2.SPEND_PERIOD_WEEK,
+    SpendPeriod.MONTH: usage_pb2.SPEND_PERIOD_MONTH,
+}
+_SPEND_PERIODS_BY_NUMBER = {number: period for period, number in _SPEND_PERIODS.items()}
+_GRANULARITIES = {
+    usage_pb2.USAGE_GRANULARITY_HOUR: UsageGranularity.HOUR,
+    usage_pb2.USAGE_GRANULARITY_DAY: UsageGranularity.DAY,
+    usage_pb2.USAGE_GRANULARITY_MONTH: UsageGranularity.MONTH,
+}
+_GROUPINGS = {
+    usage_pb2.USAGE_GROUP_BY_UNSPECIFIED: UsageGroupBy.NONE,
+    usage_pb2.USAGE_GROUP_BY_NONE: UsageGroupBy.NONE,
+    usage_pb2.USAGE_GROUP_BY_KIND: UsageGroupBy.KIND,
+    usage_pb2.USAGE_GROUP_BY_SCOPE: UsageGroupBy.SCOPE,
+    usage_pb2.USAGE_GROUP_BY_GRANT_CATEGORY: UsageGroupBy.CATEGORY,
+}
+
+
+def spend_period_of(number: int) -> SpendPeriod | None:
+    """A request's SpendPeriod; None for an unspecified or unknown one."""
+    return _SPEND_PERIODS_BY_NUMBER.get(number)  # type: ignore[call-overload, no-any-return]
+
+
+def granularity_of(number: int) -> UsageGranularity | None:
+    """A request's UsageGranularity; None for an unspecified or unknown one."""
+    return _GRANULARITIES.get(number)  # type: ignore[call-overload, no-any-return]
+
+
+def group_by_of(number: int) -> UsageGroupBy:
+    """A request's UsageGroupBy (unspecified: none); an unknown one is INVALID_ARGUMENT."""
+    grouping = _GROUPINGS.get(number)  # type: ignore[call-overload]
+    if grouping is None:
+        raise InvalidArgument.one("group_by", "must be none, kind, scope or grant category")
+    return grouping  # type: ignore[no-any-return]
+
+
+def spend_limit(value: SpendLimit) -> usage_pb2.SpendLimit:
+    return usage_pb2.SpendLimit(
+        period=_SPEND_PERIODS[value.period],
+        limit=value.limit,
+        spent=value.spent,
+        reset_time=timestamp(value.reset_time),
+        is_default=value.is_default,
+    )
+
+
+def usage_bucket(value: UsageBucket) -> usage_pb2.UsageBucket:
+    return usage_pb2.UsageBucket(
+        start_time=timestamp(value.start_time),
+        kind=_KINDS[value.kind] if value.kind else ledger_pb2.TRANSACTION_KIND_UNSPECIFIED,
+        scope=value.scope,
+        category=(
+            _GRANT_CATEGORIES[value.category]
+            if value.category
+            else grant_pb2.GRANT_CATEGORY_UNSPECIFIED
+        ),
+        spent=value.spent,
+        granted=value.granted,
+        refunded=value.refunded,
+        expired=value.expired,
+        voided=value.voided,
     )

@@ -5,22 +5,25 @@ Errors travel as domain exceptions to the error interceptor, which owns the stat
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 
 from credits.v1 import credit_service_pb2 as pb
-from credits.v1 import credit_service_pb2_grpc
+from credits.v1 import credit_service_pb2_grpc, ledger_pb2
 from server.api import convert
 from server.auth.principal import current_principal
+from server.credit.controls import SpendControls
 from server.credit.ledger import CreditLedger
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
-    def __init__(self, ledger: CreditLedger) -> None:
+    def __init__(self, ledger: CreditLedger, controls: SpendControls) -> None:
         self._ledger = ledger
+        self._controls = controls
 
     async def GetBalance(
         self, request: pb.GetBalanceRequest, context: Context
@@ -178,3 +181,64 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             grants=[convert.grant(g) for g in page.grants],
             next_page_token=page.next_page_token,
         )
+
+    async def SetSpendLimit(
+        self, request: pb.SetSpendLimitRequest, context: Context
+    ) -> pb.SetSpendLimitResponse:
+        limits = await self._controls.set_spend_limit(
+            current_principal(),
+            request.user_id,
+            convert.spend_period_of(request.period),
+            request.limit,
+        )
+        return pb.SetSpendLimitResponse(limits=[convert.spend_limit(x) for x in limits])
+
+    async def GetSpendLimits(
+        self, request: pb.GetSpendLimitsRequest, context: Context
+    ) -> pb.GetSpendLimitsResponse:
+        limits = await self._controls.get_spend_limits(current_principal(), request.user_id)
+        return pb.GetSpendLimitsResponse(limits=[convert.spend_limit(x) for x in limits])
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
+        buckets = await self._controls.get_usage(
+            current_principal(),
+            request.user_id,
+            convert.optional_time(request, "start_time"),
+            convert.optional_time(request, "end_time"),
+            convert.granularity_of(request.granularity),
+            convert.group_by_of(request.group_by),
+        )
+        return pb.GetUsageResponse(buckets=[convert.usage_bucket(b) for b in buckets])
+
+    async def ExportTransactions(
+        self, request: pb.ExportTransactionsRequest, context: Context
+    ) -> AsyncIterator[pb.ExportTransactionsResponse]:
+        batches = await self._controls.export(
+            current_principal(),
+            request.user_id,
+            all_users=request.all_users,
+            start=convert.optional_time(request, "start_time"),
+            end=convert.optional_time(request, "end_time"),
+        )
+        async for batch in batches:
+            for chunk in _chunks([convert.transaction(t) for t in batch]):
+                yield pb.ExportTransactionsResponse(transactions=chunk)
+
+
+# An export's message carries entries up to about this many bytes (and at least one), far
+# below any CREDITS_MAX_SEND_MESSAGE_BYTES.
+EXPORT_MESSAGE_BYTES = 1024 * 1024
+
+
+def _chunks(entries: list[ledger_pb2.Transaction]) -> Iterator[list[ledger_pb2.Transaction]]:
+    chunk: list[ledger_pb2.Transaction] = []
+    size = 0
+    for entry in entries:
+        entry_size = entry.ByteSize()
+        if chunk and size + entry_size > EXPORT_MESSAGE_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += entry_size
+    if chunk:
+        yield chunk

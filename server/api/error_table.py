@@ -33,6 +33,8 @@ STATUS_CODES: dict[type[errors.CreditsError], grpc.StatusCode] = {
     errors.RefundExceedsDebit: grpc.StatusCode.FAILED_PRECONDITION,
     errors.GenerationNotCancellable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.BalanceLimitExceeded: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.SpendLimitExceeded: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.TooManyActiveGenerations: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.IdempotencyKeyReused: grpc.StatusCode.ALREADY_EXISTS,
     errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.ServerStopping: grpc.StatusCode.UNAVAILABLE,
@@ -77,7 +79,9 @@ def _extra_details(error: errors.CreditsError) -> list[any_pb2.Any]:
             ]
         )
         return [_pack(failure)]
-    if isinstance(error, errors.BackendUnavailable | errors.ServerStopping):
+    if isinstance(
+        error, errors.BackendUnavailable | errors.ServerStopping | errors.TooManyActiveGenerations
+    ):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(round(error.retry_after * 1000))
         return [_pack(error_details_pb2.RetryInfo(retry_delay=delay))]

@@ -86,6 +86,8 @@ class Transaction:
     seq: int
     # The grants it drew on or returned to, in the order they were drawn.
     allocations: tuple[Allocation, ...] = ()
+    # What the spending was for (debits, captures, their refunds); "" unscoped or other kinds.
+    scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,3 +261,80 @@ class TransactionPage:
 class GrantPage:
     grants: Sequence[Grant]
     next_page_token: str
+
+
+class SpendPeriod(StrEnum):
+    """A calendar period of spending, aligned in UTC (weeks start on Monday)."""
+
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+@dataclass(frozen=True, slots=True)
+class SpendLimit:
+    """A limit in force on a user's spending in a period, and what they spent in the current
+    one (debits and reservations, less what refunds and released holds gave back)."""
+
+    period: SpendPeriod
+    limit: int
+    spent: int
+    reset_time: datetime
+    # The deployment's default (CREDITS_DEFAULT_*_LIMIT), not one set for this user.
+    is_default: bool
+
+
+class UsageGranularity(StrEnum):
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
+
+
+class UsageGroupBy(StrEnum):
+    NONE = "none"
+    KIND = "kind"
+    SCOPE = "scope"
+    CATEGORY = "category"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """GetUsage's question: the half-open range [start, end) in whole hours, in buckets."""
+
+    start: datetime
+    end: datetime
+    granularity: UsageGranularity
+    group_by: UsageGroupBy
+
+
+@dataclass(frozen=True, slots=True)
+class UsageBucket:
+    """What the ledger moved in one period and group (the group's fields are set only when
+    grouping by them)."""
+
+    start_time: datetime
+    kind: TransactionKind | None
+    scope: str
+    category: GrantCategory | None
+    spent: int
+    granted: int
+    refunded: int
+    expired: int
+    voided: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportQuery:
+    """Whose ledger to export (None: every user's) and the range of creation times."""
+
+    user_id: uuid.UUID | None
+    start: datetime | None
+    end: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportCursor:
+    """Where an export's previous batch ended: its last entry's user and seq."""
+
+    user_id: uuid.UUID
+    seq: int

@@ -14,6 +14,8 @@ from server.auth.principal import Principal, UserPrincipal
 from server.credit.models import (
     Capture,
     CreditCheck,
+    ExportCursor,
+    ExportQuery,
     Grant,
     GrantRequest,
     GrantResult,
@@ -25,8 +27,12 @@ from server.credit.models import (
     RefundRequest,
     Release,
     Reservation,
+    SpendLimit,
+    SpendPeriod,
     Transaction,
     TransactionFilter,
+    UsageBucket,
+    UsageQuery,
     VoidRequest,
 )
 
@@ -97,6 +103,30 @@ class CreditStore(Protocol):
     async def release(
         self, principal: Principal, hold_id: uuid.UUID, owner: uuid.UUID | None
     ) -> Release: ...
+
+
+class ControlStore(Protocol):
+    """Spending limits, usage and the export (server/credit/controls.py)."""
+
+    async def set_spend_limit(
+        self, principal: Principal, user_id: uuid.UUID, period: SpendPeriod, limit: int
+    ) -> list[SpendLimit]:
+        """Sets (0: removes) the user's own limit; the limits in force after it."""
+        ...
+
+    async def get_spend_limits(
+        self, principal: Principal, user_id: uuid.UUID
+    ) -> list[SpendLimit]: ...
+
+    async def get_usage(
+        self, principal: Principal, user_id: uuid.UUID, query: UsageQuery
+    ) -> list[UsageBucket]: ...
+
+    async def export_transactions(
+        self, query: ExportQuery, after: ExportCursor | None, limit: int
+    ) -> list[Transaction]:
+        """Up to `limit` entries after `after` (None: from the start), with the service role."""
+        ...
 
 
 class HoldExpiry(Protocol):

@@ -9,6 +9,8 @@ from server.auth.principal import Principal, UserPrincipal
 from server.credit.models import (
     Capture,
     CreditCheck,
+    ExportCursor,
+    ExportQuery,
     Grant,
     GrantRequest,
     GrantResult,
@@ -20,8 +22,12 @@ from server.credit.models import (
     RefundRequest,
     Release,
     Reservation,
+    SpendLimit,
+    SpendPeriod,
     Transaction,
     TransactionFilter,
+    UsageBucket,
+    UsageQuery,
     VoidRequest,
 )
 from server.observability import metrics
@@ -36,6 +42,14 @@ class CreditRepository:
     async def configure(self, *, signup_credits: int, signup_ttl_seconds: int | None) -> None:
         """The signup credits (a promotional grant) and how long they last (None: forever)."""
         await self._layers.call_as_service(fn.Configure(signup_credits, signup_ttl_seconds))
+
+    async def configure_limits(
+        self, *, daily: int | None, monthly: int | None, max_active_generations: int
+    ) -> None:
+        """The default spending limits (None: none) and the cap on active generations."""
+        await self._layers.call_as_service(
+            fn.ConfigureLimits(daily, monthly, max_active_generations)
+        )
 
     async def provision(self, principal: UserPrincipal) -> None:
         await self._layers.call(principal, fn.ProvisionProfile(principal.user_id, principal.email))
@@ -159,6 +173,35 @@ class CreditRepository:
         release = await self._layers.call(principal, fn.ReleaseHold(hold_id, owner))
         metrics.ledger_operation("release", replayed=False)
         return release
+
+    async def set_spend_limit(
+        self, principal: Principal, user_id: uuid.UUID, period: SpendPeriod, limit: int
+    ) -> list[SpendLimit]:
+        return await self._layers.call(principal, fn.SetSpendLimit(user_id, period.value, limit))
+
+    async def get_spend_limits(self, principal: Principal, user_id: uuid.UUID) -> list[SpendLimit]:
+        return await self._layers.call(principal, fn.GetSpendLimits(user_id))
+
+    async def get_usage(
+        self, principal: Principal, user_id: uuid.UUID, query: UsageQuery
+    ) -> list[UsageBucket]:
+        call = fn.GetUsage(
+            user_id, query.start, query.end, query.granularity.value, query.group_by.value
+        )
+        return await self._layers.call(principal, call)
+
+    async def export_transactions(
+        self, query: ExportQuery, after: ExportCursor | None, limit: int
+    ) -> list[Transaction]:
+        call = fn.ExportTransactions(
+            query.user_id,
+            query.start,
+            query.end,
+            after.user_id if after else None,
+            after.seq if after else None,
+            limit,
+        )
+        return await self._layers.call_as_service(call)
 
     async def expire_holds(self, users: int) -> int:
         return await self._layers.call_as_service(fn.ExpireHolds(users))

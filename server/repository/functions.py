@@ -26,7 +26,9 @@ from server.credit.models import (
     Profile,
     Release,
     Reservation,
+    SpendLimit,
     Transaction,
+    UsageBucket,
 )
 from server.generation.models import ClaimedJob, Generation, QueueStats
 from server.repository import records
@@ -97,6 +99,12 @@ class _NoResult(SqlCall[None]):
 class Configure(_NoResult, function="credit_configure"):
     signup_credits: int
     signup_ttl_seconds: int | None  # None: signup credits never expire
+
+
+class ConfigureLimits(_NoResult, function="credit_configure_limits"):
+    daily_limit: int | None  # None: no default
+    monthly_limit: int | None
+    max_active_generations: int
 
 
 class SyncModels(_NoResult, function="credit_sync_models"):
@@ -251,6 +259,47 @@ class ExpireHolds(SqlCall[int], function="credit_expire_holds"):
 
     def decode(self, raw: Any) -> int:
         return int(raw)
+
+
+# Spend limits, usage and the export
+
+
+class _SpendLimits(SqlCall[list[SpendLimit]]):
+    def decode(self, raw: Any) -> list[SpendLimit]:
+        return records.spend_limits(raw)
+
+
+class SetSpendLimit(_SpendLimits, function="credit_set_spend_limit"):
+    user_id: uuid.UUID
+    period: str
+    limit: int  # 0: removes the user's own
+
+
+class GetSpendLimits(_SpendLimits, function="credit_get_spend_limits"):
+    user_id: uuid.UUID
+
+
+class GetUsage(SqlCall[list[UsageBucket]], function="credit_get_usage"):
+    user_id: uuid.UUID
+    start: datetime
+    end: datetime
+    granularity: str
+    group_by: str
+
+    def decode(self, raw: Any) -> list[UsageBucket]:
+        return [records.usage_bucket(row) for row in raw]
+
+
+class ExportTransactions(SqlCall[list[Transaction]], function="credit_export_transactions"):
+    user_id: uuid.UUID | None  # None: every user
+    start: datetime | None
+    end: datetime | None
+    after_user: uuid.UUID | None
+    after_seq: int | None
+    limit: int
+
+    def decode(self, raw: Any) -> list[Transaction]:
+        return [records.transaction(row) for row in raw]
 
 
 # Generations

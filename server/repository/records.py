@@ -21,8 +21,11 @@ from server.credit.models import (
     Profile,
     Release,
     Reservation,
+    SpendLimit,
+    SpendPeriod,
     Transaction,
     TransactionKind,
+    UsageBucket,
 )
 from server.generation.models import Generation, GenerationState
 
@@ -67,6 +70,7 @@ def transaction(row: Mapping[str, Any]) -> Transaction:
             Allocation(uuid.UUID(part["grant_id"]), part["amount"])
             for part in row["allocations"] or ()
         ),
+        scope=row.get("scope") or "",
     )
 
 
@@ -156,4 +160,31 @@ def generation(row: Mapping[str, Any]) -> Generation:
         create_time=datetime.fromisoformat(row["create_time"]),
         update_time=datetime.fromisoformat(row["update_time"]),
         seq=row["seq"],
+    )
+
+
+def spend_limits(raw: Mapping[str, Any]) -> list[SpendLimit]:
+    return [
+        SpendLimit(
+            period=SpendPeriod(row["period"]),
+            limit=row["limit"],
+            spent=row["spent"],
+            reset_time=datetime.fromisoformat(row["reset_time"]),
+            is_default=row["default"],
+        )
+        for row in raw["limits"]
+    ]
+
+
+def usage_bucket(row: Mapping[str, Any]) -> UsageBucket:
+    return UsageBucket(
+        start_time=datetime.fromisoformat(row["start_time"]),
+        kind=TransactionKind(row["kind"]) if row["kind"] else None,
+        scope=row["scope"],
+        category=GrantCategory(row["category"]) if row["category"] else None,
+        spent=row["spent"],
+        granted=row["granted"],
+        refunded=row["refunded"],
+        expired=row["expired"],
+        voided=row["voided"],
     )

@@ -1,12 +1,14 @@
 """The errors the SQL functions raise on purpose, as domain errors (shared by all transports).
 
 See the header of the migration *_credits_ledger.sql for the SQLSTATEs (CR011: the header of
-*_credits_balance_ceiling.sql; CR012, CR013 and CR001's "scope": the grants migration's).
+*_credits_balance_ceiling.sql; CR012, CR013 and CR001's "scope": the grants migration's; CR020
+and CR021: the header of *_credits_spend_limits.sql).
 """
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 from server import errors
 
@@ -48,6 +50,20 @@ def domain_error(sqlstate: str, message: str, detail: str | None) -> errors.Cred
         )
     if sqlstate == "CR013":
         return errors.GrantNotActive(state=str(_details(detail).get("state") or ""))
+    if sqlstate == "CR020":
+        fields = _details(detail)
+        reset = datetime.fromisoformat(str(fields.get("reset_time")))
+        return errors.SpendLimitExceeded(
+            period=str(fields.get("period", "")),
+            limit=int(str(fields.get("limit", 0))),
+            spent=int(str(fields.get("spent", 0))),
+            reset_time=reset.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+    if sqlstate == "CR021":
+        fields = _details(detail)
+        return errors.TooManyActiveGenerations(
+            limit=int(str(fields.get("limit", 0))), active=int(str(fields.get("active", 0)))
+        )
     if sqlstate == "CR008":
         fields = _details(detail)
         return errors.InvalidArgument.one(

@@ -21,10 +21,10 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .credit_service_pb2 import CaptureCreditsRequest, CaptureCreditsResponse, CheckCreditsRequest, CheckCreditsResponse, DebitCreditsRequest, DebitCreditsResponse, GetBalanceRequest, GetBalanceResponse, GetProfileRequest, GetProfileResponse, GrantCreditsRequest, GrantCreditsResponse, ListGrantsRequest, ListGrantsResponse, ListTransactionsRequest, ListTransactionsResponse, RefundCreditsRequest, RefundCreditsResponse, ReleaseCreditsRequest, ReleaseCreditsResponse, ReserveCreditsRequest, ReserveCreditsResponse, VoidGrantRequest, VoidGrantResponse
+from .credit_service_pb2 import CaptureCreditsRequest, CaptureCreditsResponse, CheckCreditsRequest, CheckCreditsResponse, DebitCreditsRequest, DebitCreditsResponse, ExportTransactionsRequest, ExportTransactionsResponse, GetBalanceRequest, GetBalanceResponse, GetProfileRequest, GetProfileResponse, GetSpendLimitsRequest, GetSpendLimitsResponse, GetUsageRequest, GetUsageResponse, GrantCreditsRequest, GrantCreditsResponse, ListGrantsRequest, ListGrantsResponse, ListTransactionsRequest, ListTransactionsResponse, RefundCreditsRequest, RefundCreditsResponse, ReleaseCreditsRequest, ReleaseCreditsResponse, ReserveCreditsRequest, ReserveCreditsResponse, SetSpendLimitRequest, SetSpendLimitResponse, VoidGrantRequest, VoidGrantResponse
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Iterable, Mapping
+    from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 
     from connectrpc.codec import Codec
     from connectrpc.compression import Compression
@@ -119,6 +119,33 @@ class CreditService(Protocol):
     async def list_grants(self, request: ListGrantsRequest, ctx: RequestContext[ListGrantsRequest, ListGrantsResponse], /) -> ListGrantsResponse:
         """
         The user's grants, newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def set_spend_limit(self, request: SetSpendLimitRequest, ctx: RequestContext[SetSpendLimitRequest, SetSpendLimitResponse], /) -> SetSpendLimitResponse:
+        """
+        Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
+        applies again). Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_spend_limits(self, request: GetSpendLimitsRequest, ctx: RequestContext[GetSpendLimitsRequest, GetSpendLimitsResponse], /) -> GetSpendLimitsResponse:
+        """
+        The user's spending limits in force, each with what was spent in its current period and
+        when that period ends.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_usage(self, request: GetUsageRequest, ctx: RequestContext[GetUsageRequest, GetUsageResponse], /) -> GetUsageResponse:
+        """
+        What the user's ledger moved, in buckets of an hour, day or month, optionally grouped.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def export_transactions(self, request: ExportTransactionsRequest, ctx: RequestContext[ExportTransactionsRequest, ExportTransactionsResponse], /) -> AsyncIterator[ExportTransactionsResponse]:
+        """
+        The ledger with its allocations, for accounting, as a stream of batches in ledger order.
+        Service only.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -267,6 +294,50 @@ class CreditServiceASGIApplication(ConnectASGIApplication[CreditService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_grants,
+                ),
+                "/credits.v1.CreditService/SetSpendLimit": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SetSpendLimit",
+                        service_name="credits.v1.CreditService",
+                        input=SetSpendLimitRequest,
+                        output=SetSpendLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.set_spend_limit,
+                ),
+                "/credits.v1.CreditService/GetSpendLimits": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetSpendLimits",
+                        service_name="credits.v1.CreditService",
+                        input=GetSpendLimitsRequest,
+                        output=GetSpendLimitsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_spend_limits,
+                ),
+                "/credits.v1.CreditService/GetUsage": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetUsage",
+                        service_name="credits.v1.CreditService",
+                        input=GetUsageRequest,
+                        output=GetUsageResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.get_usage,
+                ),
+                "/credits.v1.CreditService/ExportTransactions": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="ExportTransactions",
+                        service_name="credits.v1.CreditService",
+                        input=ExportTransactionsRequest,
+                        output=ExportTransactionsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=svc.export_transactions,
                 ),
             },
             interceptors=interceptors,
@@ -594,6 +665,101 @@ class CreditServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def set_spend_limit(
+        self,
+        request: SetSpendLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetSpendLimitResponse:
+        """
+        Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
+        applies again). Service only.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetSpendLimit",
+                service_name="credits.v1.CreditService",
+                input=SetSpendLimitRequest,
+                output=SetSpendLimitResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def get_spend_limits(
+        self,
+        request: GetSpendLimitsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetSpendLimitsResponse:
+        """
+        The user's spending limits in force, each with what was spent in its current period and
+        when that period ends.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetSpendLimits",
+                service_name="credits.v1.CreditService",
+                input=GetSpendLimitsRequest,
+                output=GetSpendLimitsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def get_usage(
+        self,
+        request: GetUsageRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetUsageResponse:
+        """
+        What the user's ledger moved, in buckets of an hour, day or month, optionally grouped.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetUsage",
+                service_name="credits.v1.CreditService",
+                input=GetUsageRequest,
+                output=GetUsageResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def export_transactions(
+        self,
+        request: ExportTransactionsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[ExportTransactionsResponse]:
+        """
+        The ledger with its allocations, for accounting, as a stream of batches in ledger order.
+        Service only.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="ExportTransactions",
+                service_name="credits.v1.CreditService",
+                input=ExportTransactionsRequest,
+                output=ExportTransactionsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class CreditServiceSync(Protocol):
     """
@@ -677,6 +843,33 @@ class CreditServiceSync(Protocol):
     def list_grants(self, request: ListGrantsRequest, ctx: RequestContext[ListGrantsRequest, ListGrantsResponse], /) -> ListGrantsResponse:
         """
         The user's grants, newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def set_spend_limit(self, request: SetSpendLimitRequest, ctx: RequestContext[SetSpendLimitRequest, SetSpendLimitResponse], /) -> SetSpendLimitResponse:
+        """
+        Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
+        applies again). Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_spend_limits(self, request: GetSpendLimitsRequest, ctx: RequestContext[GetSpendLimitsRequest, GetSpendLimitsResponse], /) -> GetSpendLimitsResponse:
+        """
+        The user's spending limits in force, each with what was spent in its current period and
+        when that period ends.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_usage(self, request: GetUsageRequest, ctx: RequestContext[GetUsageRequest, GetUsageResponse], /) -> GetUsageResponse:
+        """
+        What the user's ledger moved, in buckets of an hour, day or month, optionally grouped.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def export_transactions(self, request: ExportTransactionsRequest, ctx: RequestContext[ExportTransactionsRequest, ExportTransactionsResponse], /) -> Iterator[ExportTransactionsResponse]:
+        """
+        The ledger with its allocations, for accounting, as a stream of batches in ledger order.
+        Service only.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -823,6 +1016,50 @@ class CreditServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_grants,
+                ),
+                "/credits.v1.CreditService/SetSpendLimit": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SetSpendLimit",
+                        service_name="credits.v1.CreditService",
+                        input=SetSpendLimitRequest,
+                        output=SetSpendLimitResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.set_spend_limit,
+                ),
+                "/credits.v1.CreditService/GetSpendLimits": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetSpendLimits",
+                        service_name="credits.v1.CreditService",
+                        input=GetSpendLimitsRequest,
+                        output=GetSpendLimitsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_spend_limits,
+                ),
+                "/credits.v1.CreditService/GetUsage": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetUsage",
+                        service_name="credits.v1.CreditService",
+                        input=GetUsageRequest,
+                        output=GetUsageResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.get_usage,
+                ),
+                "/credits.v1.CreditService/ExportTransactions": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="ExportTransactions",
+                        service_name="credits.v1.CreditService",
+                        input=ExportTransactionsRequest,
+                        output=ExportTransactionsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=service.export_transactions,
                 ),
             },
             interceptors=interceptors,
@@ -1146,6 +1383,101 @@ class CreditServiceClientSync(ConnectClientSync):
                 output=ListGrantsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def set_spend_limit(
+        self,
+        request: SetSpendLimitRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetSpendLimitResponse:
+        """
+        Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
+        applies again). Service only.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetSpendLimit",
+                service_name="credits.v1.CreditService",
+                input=SetSpendLimitRequest,
+                output=SetSpendLimitResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_spend_limits(
+        self,
+        request: GetSpendLimitsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetSpendLimitsResponse:
+        """
+        The user's spending limits in force, each with what was spent in its current period and
+        when that period ends.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetSpendLimits",
+                service_name="credits.v1.CreditService",
+                input=GetSpendLimitsRequest,
+                output=GetSpendLimitsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_usage(
+        self,
+        request: GetUsageRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetUsageResponse:
+        """
+        What the user's ledger moved, in buckets of an hour, day or month, optionally grouped.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetUsage",
+                service_name="credits.v1.CreditService",
+                input=GetUsageRequest,
+                output=GetUsageResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def export_transactions(
+        self,
+        request: ExportTransactionsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[ExportTransactionsResponse]:
+        """
+        The ledger with its allocations, for accounting, as a stream of batches in ledger order.
+        Service only.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="ExportTransactions",
+                service_name="credits.v1.CreditService",
+                input=ExportTransactionsRequest,
+                output=ExportTransactionsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
             ),
             headers=headers,
             timeout_ms=timeout_ms,

@@ -200,6 +200,7 @@ class Transaction(_message.Message):
     REFUNDED_TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     HOLD_ID_FIELD_NUMBER: _builtins.int
     ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     user_id: _builtins.str
     kind: Global___TransactionKind.ValueType
@@ -213,6 +214,10 @@ class Transaction(_message.Message):
     """For refunds: the debit or capture this entry returns credits of."""
     hold_id: _builtins.str
     """For captures: the hold this entry charged."""
+    scope: _builtins.str
+    """What the spending was for (debits, captures and the refunds of them; a generation's model);
+    empty for unscoped spending and for other kinds.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -238,10 +243,11 @@ class Transaction(_message.Message):
         refunded_transaction_id: _builtins.str = ...,
         hold_id: _builtins.str = ...,
         allocations: _abc.Iterable[Global___Allocation] | None = ...,
+        scope: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "amount", b"amount", "balance_after", b"balance_after", "create_time", b"create_time", "description", b"description", "hold_id", b"hold_id", "idempotency_key", b"idempotency_key", "kind", b"kind", "metadata", b"metadata", "refunded_transaction_id", b"refunded_transaction_id", "transaction_id", b"transaction_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "amount", b"amount", "balance_after", b"balance_after", "create_time", b"create_time", "description", b"description", "hold_id", b"hold_id", "idempotency_key", b"idempotency_key", "kind", b"kind", "metadata", b"metadata", "refunded_transaction_id", b"refunded_transaction_id", "scope", b"scope", "transaction_id", b"transaction_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

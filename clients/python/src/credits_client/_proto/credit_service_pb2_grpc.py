@@ -98,6 +98,26 @@ class CreditServiceStub:
                 request_serializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsResponse.FromString,
                 _registered_method=True)
+        self.SetSpendLimit = channel.unary_unary(
+                '/credits.v1.CreditService/SetSpendLimit',
+                request_serializer=credits_dot_v1_dot_credit__service__pb2.SetSpendLimitRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credit__service__pb2.SetSpendLimitResponse.FromString,
+                _registered_method=True)
+        self.GetSpendLimits = channel.unary_unary(
+                '/credits.v1.CreditService/GetSpendLimits',
+                request_serializer=credits_dot_v1_dot_credit__service__pb2.GetSpendLimitsRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credit__service__pb2.GetSpendLimitsResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/credits.v1.CreditService/GetUsage',
+                request_serializer=credits_dot_v1_dot_credit__service__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credit__service__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.ExportTransactions = channel.unary_stream(
+                '/credits.v1.CreditService/ExportTransactions',
+                request_serializer=credits_dot_v1_dot_credit__service__pb2.ExportTransactionsRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credit__service__pb2.ExportTransactionsResponse.FromString,
+                _registered_method=True)
 
 
 class CreditServiceServicer:
@@ -197,6 +217,37 @@ class CreditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSpendLimit(self, request, context):
+        """Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
+        applies again). Service only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSpendLimits(self, request, context):
+        """The user's spending limits in force, each with what was spent in its current period and
+        when that period ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """What the user's ledger moved, in buckets of an hour, day or month, optionally grouped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportTransactions(self, request, context):
+        """The ledger with its allocations, for accounting, as a stream of batches in ledger order.
+        Service only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CreditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +310,26 @@ def add_CreditServiceServicer_to_server(servicer, server):
                     servicer.ListGrants,
                     request_deserializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'SetSpendLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSpendLimit,
+                    request_deserializer=credits_dot_v1_dot_credit__service__pb2.SetSpendLimitRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credit__service__pb2.SetSpendLimitResponse.SerializeToString,
+            ),
+            'GetSpendLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSpendLimits,
+                    request_deserializer=credits_dot_v1_dot_credit__service__pb2.GetSpendLimitsRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credit__service__pb2.GetSpendLimitsResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=credits_dot_v1_dot_credit__service__pb2.GetUsageRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credit__service__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'ExportTransactions': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportTransactions,
+                    request_deserializer=credits_dot_v1_dot_credit__service__pb2.ExportTransactionsRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credit__service__pb2.ExportTransactionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -589,6 +660,114 @@ class CreditService:
             '/credits.v1.CreditService/ListGrants',
             credits_dot_v1_dot_credit__service__pb2.ListGrantsRequest.SerializeToString,
             credits_dot_v1_dot_credit__service__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSpendLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.CreditService/SetSpendLimit',
+            credits_dot_v1_dot_credit__service__pb2.SetSpendLimitRequest.SerializeToString,
+            credits_dot_v1_dot_credit__service__pb2.SetSpendLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSpendLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.CreditService/GetSpendLimits',
+            credits_dot_v1_dot_credit__service__pb2.GetSpendLimitsRequest.SerializeToString,
+            credits_dot_v1_dot_credit__service__pb2.GetSpendLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.CreditService/GetUsage',
+            credits_dot_v1_dot_credit__service__pb2.GetUsageRequest.SerializeToString,
+            credits_dot_v1_dot_credit__service__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportTransactions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/credits.v1.CreditService/ExportTransactions',
+            credits_dot_v1_dot_credit__service__pb2.ExportTransactionsRequest.SerializeToString,
+            credits_dot_v1_dot_credit__service__pb2.ExportTransactionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

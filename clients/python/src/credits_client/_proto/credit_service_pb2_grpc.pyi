@@ -70,6 +70,20 @@ class CreditServiceStub:
     """
     ListGrants: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.ListGrantsRequest, _credit_service_pb2.ListGrantsResponse]
     """The user's grants, newest first."""
+    SetSpendLimit: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.SetSpendLimitRequest, _credit_service_pb2.SetSpendLimitResponse]
+    """Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
+    applies again). Service only.
+    """
+    GetSpendLimits: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.GetSpendLimitsRequest, _credit_service_pb2.GetSpendLimitsResponse]
+    """The user's spending limits in force, each with what was spent in its current period and
+    when that period ends.
+    """
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.GetUsageRequest, _credit_service_pb2.GetUsageResponse]
+    """What the user's ledger moved, in buckets of an hour, day or month, optionally grouped."""
+    ExportTransactions: _grpc.UnaryStreamMultiCallable[_credit_service_pb2.ExportTransactionsRequest, _credit_service_pb2.ExportTransactionsResponse]
+    """The ledger with its allocations, for accounting, as a stream of batches in ledger order.
+    Service only.
+    """
 
 @_typing.type_check_only
 class CreditServiceAsyncStub(CreditServiceStub):
@@ -113,6 +127,20 @@ class CreditServiceAsyncStub(CreditServiceStub):
     """
     ListGrants: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.ListGrantsRequest, _credit_service_pb2.ListGrantsResponse]  # type: ignore[assignment]
     """The user's grants, newest first."""
+    SetSpendLimit: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.SetSpendLimitRequest, _credit_service_pb2.SetSpendLimitResponse]  # type: ignore[assignment]
+    """Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
+    applies again). Service only.
+    """
+    GetSpendLimits: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.GetSpendLimitsRequest, _credit_service_pb2.GetSpendLimitsResponse]  # type: ignore[assignment]
+    """The user's spending limits in force, each with what was spent in its current period and
+    when that period ends.
+    """
+    GetUsage: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.GetUsageRequest, _credit_service_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """What the user's ledger moved, in buckets of an hour, day or month, optionally grouped."""
+    ExportTransactions: _aio.UnaryStreamMultiCallable[_credit_service_pb2.ExportTransactionsRequest, _credit_service_pb2.ExportTransactionsResponse]  # type: ignore[assignment]
+    """The ledger with its allocations, for accounting, as a stream of batches in ledger order.
+    Service only.
+    """
 
 class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
     """Credit balances and the ledger that moves them.
@@ -225,5 +253,43 @@ class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_credit_service_pb2.ListGrantsResponse, _abc.Awaitable[_credit_service_pb2.ListGrantsResponse]]:
         """The user's grants, newest first."""
+
+    @_abc_1.abstractmethod
+    def SetSpendLimit(
+        self,
+        request: _credit_service_pb2.SetSpendLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credit_service_pb2.SetSpendLimitResponse, _abc.Awaitable[_credit_service_pb2.SetSpendLimitResponse]]:
+        """Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
+        applies again). Service only.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSpendLimits(
+        self,
+        request: _credit_service_pb2.GetSpendLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credit_service_pb2.GetSpendLimitsResponse, _abc.Awaitable[_credit_service_pb2.GetSpendLimitsResponse]]:
+        """The user's spending limits in force, each with what was spent in its current period and
+        when that period ends.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _credit_service_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credit_service_pb2.GetUsageResponse, _abc.Awaitable[_credit_service_pb2.GetUsageResponse]]:
+        """What the user's ledger moved, in buckets of an hour, day or month, optionally grouped."""
+
+    @_abc_1.abstractmethod
+    def ExportTransactions(
+        self,
+        request: _credit_service_pb2.ExportTransactionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_credit_service_pb2.ExportTransactionsResponse], _abc.AsyncIterator[_credit_service_pb2.ExportTransactionsResponse]]:
+        """The ledger with its allocations, for accounting, as a stream of batches in ledger order.
+        Service only.
+        """
 
 def add_CreditServiceServicer_to_server(servicer: CreditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -8,6 +8,8 @@ import type { Grant, GrantCategory, GrantState } from "./grant_pb.js";
 import { file_credits_v1_grant } from "./grant_pb.js";
 import type { Hold, Profile, Transaction, TransactionKind } from "./ledger_pb.js";
 import { file_credits_v1_ledger } from "./ledger_pb.js";
+import type { SpendLimit, SpendPeriod, UsageBucket, UsageGranularity, UsageGroupBy } from "./usage_pb.js";
+import { file_credits_v1_usage } from "./usage_pb.js";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
@@ -16,7 +18,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file credits/v1/credit_service.proto.
  */
 export const file_credits_v1_credit_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9jcmVkaXRzL3YxL2NyZWRpdF9zZXJ2aWNlLnByb3RvEgpjcmVkaXRzLnYxIiQKEUdldEJhbGFuY2VSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiqQEKEkdldEJhbGFuY2VSZXNwb25zZRIPCgd1c2VyX2lkGAEgASgJEg8KB2JhbGFuY2UYAiABKAMSDAoEaGVsZBgDIAEoAxIRCglhdmFpbGFibGUYBCABKAMSNAoQbmV4dF9leHBpcmVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoSbmV4dF9leHBpcmVfYW1vdW50GAYgASgDIiQKEUdldFByb2ZpbGVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiOgoSR2V0UHJvZmlsZVJlc3BvbnNlEiQKB3Byb2ZpbGUYASABKAsyEy5jcmVkaXRzLnYxLlByb2ZpbGUiRQoTQ2hlY2tDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxINCgVzY29wZRgDIAEoCSJQChRDaGVja0NyZWRpdHNSZXNwb25zZRISCgpzdWZmaWNpZW50GAEgASgIEhEKCWF2YWlsYWJsZRgCIAEoAxIRCglzaG9ydGZhbGwYAyABKAMi5QEKE0RlYml0Q3JlZGl0c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEj8KCG1ldGFkYXRhGAUgAygLMi0uY3JlZGl0cy52MS5EZWJpdENyZWRpdHNSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSDQoFc2NvcGUYBiABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImcKFERlYml0Q3JlZGl0c1Jlc3BvbnNlEiwKC3RyYW5zYWN0aW9uGAEgASgLMhcuY3JlZGl0cy52MS5UcmFuc2FjdGlvbhIPCgdiYWxhbmNlGAIgASgDEhAKCHJlcGxheWVkGAMgASgIIpwDChNHcmFudENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRI/CghtZXRhZGF0YRgFIAMoCzItLmNyZWRpdHMudjEuR3JhbnRDcmVkaXRzUmVxdWVzdC5NZXRhZGF0YUVudHJ5Ei8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5lZmZlY3RpdmVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoIcHJpb3JpdHkYCCABKAVIAIgBARIrCghjYXRlZ29yeRgJIAEoDjIZLmNyZWRpdHMudjEuR3JhbnRDYXRlZ29yeRIOCgZzY29wZXMYCiADKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9wcmlvcml0eSKJAQoUR3JhbnRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgSIAoFZ3JhbnQYBCABKAsyES5jcmVkaXRzLnYxLkdyYW50In0KFFJlZnVuZENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSFgoOdHJhbnNhY3Rpb25faWQYAiABKAkSDgoGYW1vdW50GAMgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgEIAEoCRITCgtkZXNjcmlwdGlvbhgFIAEoCSJoChVSZWZ1bmRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAginQEKFVJlc2VydmVDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhMKC2Rlc2NyaXB0aW9uGAUgASgJEg0KBXNjb3BlGAYgASgJIl0KFlJlc2VydmVDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgiUQoVQ2FwdHVyZUNyZWRpdHNSZXF1ZXN0Eg8KB2hvbGRfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSKJAQoWQ2FwdHVyZUNyZWRpdHNSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SHgoEaG9sZBgCIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIPCgdiYWxhbmNlGAMgASgDEhAKCHJlcGxheWVkGAQgASgIIigKFVJlbGVhc2VDcmVkaXRzUmVxdWVzdBIPCgdob2xkX2lkGAEgASgJIksKFlJlbGVhc2VDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMi2wEKF0xpc3RUcmFuc2FjdGlvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSKgoFa2luZHMYBCADKA4yGy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uS2luZBIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYgoYTGlzdFRyYW5zYWN0aW9uc1Jlc3BvbnNlEi0KDHRyYW5zYWN0aW9ucxgBIAMoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlIKEFZvaWRHcmFudFJlcXVlc3QSEAoIZ3JhbnRfaWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJIoYBChFWb2lkR3JhbnRSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SIAoFZ3JhbnQYAiABKAsyES5jcmVkaXRzLnYxLkdyYW50Eg8KB2JhbGFuY2UYAyABKAMSEAoIcmVwbGF5ZWQYBCABKAgicwoRTGlzdEdyYW50c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRImCgZzdGF0ZXMYBCADKA4yFi5jcmVkaXRzLnYxLkdyYW50U3RhdGUiUAoSTGlzdEdyYW50c1Jlc3BvbnNlEiEKBmdyYW50cxgBIAMoCzIRLmNyZWRpdHMudjEuR3JhbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJMvkHCg1DcmVkaXRTZXJ2aWNlEksKCkdldEJhbGFuY2USHS5jcmVkaXRzLnYxLkdldEJhbGFuY2VSZXF1ZXN0Gh4uY3JlZGl0cy52MS5HZXRCYWxhbmNlUmVzcG9uc2USSwoKR2V0UHJvZmlsZRIdLmNyZWRpdHMudjEuR2V0UHJvZmlsZVJlcXVlc3QaHi5jcmVkaXRzLnYxLkdldFByb2ZpbGVSZXNwb25zZRJRCgxDaGVja0NyZWRpdHMSHy5jcmVkaXRzLnYxLkNoZWNrQ3JlZGl0c1JlcXVlc3QaIC5jcmVkaXRzLnYxLkNoZWNrQ3JlZGl0c1Jlc3BvbnNlElEKDERlYml0Q3JlZGl0cxIfLmNyZWRpdHMudjEuRGViaXRDcmVkaXRzUmVxdWVzdBogLmNyZWRpdHMudjEuRGViaXRDcmVkaXRzUmVzcG9uc2USUQoMR3JhbnRDcmVkaXRzEh8uY3JlZGl0cy52MS5HcmFudENyZWRpdHNSZXF1ZXN0GiAuY3JlZGl0cy52MS5HcmFudENyZWRpdHNSZXNwb25zZRJUCg1SZWZ1bmRDcmVkaXRzEiAuY3JlZGl0cy52MS5SZWZ1bmRDcmVkaXRzUmVxdWVzdBohLmNyZWRpdHMudjEuUmVmdW5kQ3JlZGl0c1Jlc3BvbnNlElcKDlJlc2VydmVDcmVkaXRzEiEuY3JlZGl0cy52MS5SZXNlcnZlQ3JlZGl0c1JlcXVlc3QaIi5jcmVkaXRzLnYxLlJlc2VydmVDcmVkaXRzUmVzcG9uc2USVwoOQ2FwdHVyZUNyZWRpdHMSIS5jcmVkaXRzLnYxLkNhcHR1cmVDcmVkaXRzUmVxdWVzdBoiLmNyZWRpdHMudjEuQ2FwdHVyZUNyZWRpdHNSZXNwb25zZRJXCg5SZWxlYXNlQ3JlZGl0cxIhLmNyZWRpdHMudjEuUmVsZWFzZUNyZWRpdHNSZXF1ZXN0GiIuY3JlZGl0cy52MS5SZWxlYXNlQ3JlZGl0c1Jlc3BvbnNlEl0KEExpc3RUcmFuc2FjdGlvbnMSIy5jcmVkaXRzLnYxLkxpc3RUcmFuc2FjdGlvbnNSZXF1ZXN0GiQuY3JlZGl0cy52MS5MaXN0VHJhbnNhY3Rpb25zUmVzcG9uc2USSAoJVm9pZEdyYW50EhwuY3JlZGl0cy52MS5Wb2lkR3JhbnRSZXF1ZXN0Gh0uY3JlZGl0cy52MS5Wb2lkR3JhbnRSZXNwb25zZRJLCgpMaXN0R3JhbnRzEh0uY3JlZGl0cy52MS5MaXN0R3JhbnRzUmVxdWVzdBoeLmNyZWRpdHMudjEuTGlzdEdyYW50c1Jlc3BvbnNlYgZwcm90bzM", [file_credits_v1_grant, file_credits_v1_ledger, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch9jcmVkaXRzL3YxL2NyZWRpdF9zZXJ2aWNlLnByb3RvEgpjcmVkaXRzLnYxIiQKEUdldEJhbGFuY2VSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiqQEKEkdldEJhbGFuY2VSZXNwb25zZRIPCgd1c2VyX2lkGAEgASgJEg8KB2JhbGFuY2UYAiABKAMSDAoEaGVsZBgDIAEoAxIRCglhdmFpbGFibGUYBCABKAMSNAoQbmV4dF9leHBpcmVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoSbmV4dF9leHBpcmVfYW1vdW50GAYgASgDIiQKEUdldFByb2ZpbGVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiOgoSR2V0UHJvZmlsZVJlc3BvbnNlEiQKB3Byb2ZpbGUYASABKAsyEy5jcmVkaXRzLnYxLlByb2ZpbGUiRQoTQ2hlY2tDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxINCgVzY29wZRgDIAEoCSJQChRDaGVja0NyZWRpdHNSZXNwb25zZRISCgpzdWZmaWNpZW50GAEgASgIEhEKCWF2YWlsYWJsZRgCIAEoAxIRCglzaG9ydGZhbGwYAyABKAMi5QEKE0RlYml0Q3JlZGl0c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEj8KCG1ldGFkYXRhGAUgAygLMi0uY3JlZGl0cy52MS5EZWJpdENyZWRpdHNSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSDQoFc2NvcGUYBiABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImcKFERlYml0Q3JlZGl0c1Jlc3BvbnNlEiwKC3RyYW5zYWN0aW9uGAEgASgLMhcuY3JlZGl0cy52MS5UcmFuc2FjdGlvbhIPCgdiYWxhbmNlGAIgASgDEhAKCHJlcGxheWVkGAMgASgIIpwDChNHcmFudENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRI/CghtZXRhZGF0YRgFIAMoCzItLmNyZWRpdHMudjEuR3JhbnRDcmVkaXRzUmVxdWVzdC5NZXRhZGF0YUVudHJ5Ei8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5lZmZlY3RpdmVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoIcHJpb3JpdHkYCCABKAVIAIgBARIrCghjYXRlZ29yeRgJIAEoDjIZLmNyZWRpdHMudjEuR3JhbnRDYXRlZ29yeRIOCgZzY29wZXMYCiADKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9wcmlvcml0eSKJAQoUR3JhbnRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgSIAoFZ3JhbnQYBCABKAsyES5jcmVkaXRzLnYxLkdyYW50In0KFFJlZnVuZENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSFgoOdHJhbnNhY3Rpb25faWQYAiABKAkSDgoGYW1vdW50GAMgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgEIAEoCRITCgtkZXNjcmlwdGlvbhgFIAEoCSJoChVSZWZ1bmRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAginQEKFVJlc2VydmVDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhMKC2Rlc2NyaXB0aW9uGAUgASgJEg0KBXNjb3BlGAYgASgJIl0KFlJlc2VydmVDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgiUQoVQ2FwdHVyZUNyZWRpdHNSZXF1ZXN0Eg8KB2hvbGRfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSKJAQoWQ2FwdHVyZUNyZWRpdHNSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SHgoEaG9sZBgCIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIPCgdiYWxhbmNlGAMgASgDEhAKCHJlcGxheWVkGAQgASgIIigKFVJlbGVhc2VDcmVkaXRzUmVxdWVzdBIPCgdob2xkX2lkGAEgASgJIksKFlJlbGVhc2VDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMi2wEKF0xpc3RUcmFuc2FjdGlvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSKgoFa2luZHMYBCADKA4yGy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uS2luZBIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYgoYTGlzdFRyYW5zYWN0aW9uc1Jlc3BvbnNlEi0KDHRyYW5zYWN0aW9ucxgBIAMoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlIKEFZvaWRHcmFudFJlcXVlc3QSEAoIZ3JhbnRfaWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJIoYBChFWb2lkR3JhbnRSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SIAoFZ3JhbnQYAiABKAsyES5jcmVkaXRzLnYxLkdyYW50Eg8KB2JhbGFuY2UYAyABKAMSEAoIcmVwbGF5ZWQYBCABKAgicwoRTGlzdEdyYW50c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRImCgZzdGF0ZXMYBCADKA4yFi5jcmVkaXRzLnYxLkdyYW50U3RhdGUiUAoSTGlzdEdyYW50c1Jlc3BvbnNlEiEKBmdyYW50cxgBIAMoCzIRLmNyZWRpdHMudjEuR3JhbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIl8KFFNldFNwZW5kTGltaXRSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSJwoGcGVyaW9kGAIgASgOMhcuY3JlZGl0cy52MS5TcGVuZFBlcmlvZBINCgVsaW1pdBgDIAEoAyI/ChVTZXRTcGVuZExpbWl0UmVzcG9uc2USJgoGbGltaXRzGAEgAygLMhYuY3JlZGl0cy52MS5TcGVuZExpbWl0IigKFUdldFNwZW5kTGltaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIkAKFkdldFNwZW5kTGltaXRzUmVzcG9uc2USJgoGbGltaXRzGAEgAygLMhYuY3JlZGl0cy52MS5TcGVuZExpbWl0It8BCg9HZXRVc2FnZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoLZ3JhbnVsYXJpdHkYBCABKA4yHC5jcmVkaXRzLnYxLlVzYWdlR3JhbnVsYXJpdHkSKgoIZ3JvdXBfYnkYBSABKA4yGC5jcmVkaXRzLnYxLlVzYWdlR3JvdXBCeSI8ChBHZXRVc2FnZVJlc3BvbnNlEigKB2J1Y2tldHMYASADKAsyFy5jcmVkaXRzLnYxLlVzYWdlQnVja2V0Ip0BChlFeHBvcnRUcmFuc2FjdGlvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJYWxsX3VzZXJzGAIgASgIEi4KCnN0YXJ0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJLChpFeHBvcnRUcmFuc2FjdGlvbnNSZXNwb25zZRItCgx0cmFuc2FjdGlvbnMYASADKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uMtYKCg1DcmVkaXRTZXJ2aWNlEksKCkdldEJhbGFuY2USHS5jcmVkaXRzLnYxLkdldEJhbGFuY2VSZXF1ZXN0Gh4uY3JlZGl0cy52MS5HZXRCYWxhbmNlUmVzcG9uc2USSwoKR2V0UHJvZmlsZRIdLmNyZWRpdHMudjEuR2V0UHJvZmlsZVJlcXVlc3QaHi5jcmVkaXRzLnYxLkdldFByb2ZpbGVSZXNwb25zZRJRCgxDaGVja0NyZWRpdHMSHy5jcmVkaXRzLnYxLkNoZWNrQ3JlZGl0c1JlcXVlc3QaIC5jcmVkaXRzLnYxLkNoZWNrQ3JlZGl0c1Jlc3BvbnNlElEKDERlYml0Q3JlZGl0cxIfLmNyZWRpdHMudjEuRGViaXRDcmVkaXRzUmVxdWVzdBogLmNyZWRpdHMudjEuRGViaXRDcmVkaXRzUmVzcG9uc2USUQoMR3JhbnRDcmVkaXRzEh8uY3JlZGl0cy52MS5HcmFudENyZWRpdHNSZXF1ZXN0GiAuY3JlZGl0cy52MS5HcmFudENyZWRpdHNSZXNwb25zZRJUCg1SZWZ1bmRDcmVkaXRzEiAuY3JlZGl0cy52MS5SZWZ1bmRDcmVkaXRzUmVxdWVzdBohLmNyZWRpdHMudjEuUmVmdW5kQ3JlZGl0c1Jlc3BvbnNlElcKDlJlc2VydmVDcmVkaXRzEiEuY3JlZGl0cy52MS5SZXNlcnZlQ3JlZGl0c1JlcXVlc3QaIi5jcmVkaXRzLnYxLlJlc2VydmVDcmVkaXRzUmVzcG9uc2USVwoOQ2FwdHVyZUNyZWRpdHMSIS5jcmVkaXRzLnYxLkNhcHR1cmVDcmVkaXRzUmVxdWVzdBoiLmNyZWRpdHMudjEuQ2FwdHVyZUNyZWRpdHNSZXNwb25zZRJXCg5SZWxlYXNlQ3JlZGl0cxIhLmNyZWRpdHMudjEuUmVsZWFzZUNyZWRpdHNSZXF1ZXN0GiIuY3JlZGl0cy52MS5SZWxlYXNlQ3JlZGl0c1Jlc3BvbnNlEl0KEExpc3RUcmFuc2FjdGlvbnMSIy5jcmVkaXRzLnYxLkxpc3RUcmFuc2FjdGlvbnNSZXF1ZXN0GiQuY3JlZGl0cy52MS5MaXN0VHJhbnNhY3Rpb25zUmVzcG9uc2USSAoJVm9pZEdyYW50EhwuY3JlZGl0cy52MS5Wb2lkR3JhbnRSZXF1ZXN0Gh0uY3JlZGl0cy52MS5Wb2lkR3JhbnRSZXNwb25zZRJLCgpMaXN0R3JhbnRzEh0uY3JlZGl0cy52MS5MaXN0R3JhbnRzUmVxdWVzdBoeLmNyZWRpdHMudjEuTGlzdEdyYW50c1Jlc3BvbnNlElQKDVNldFNwZW5kTGltaXQSIC5jcmVkaXRzLnYxLlNldFNwZW5kTGltaXRSZXF1ZXN0GiEuY3JlZGl0cy52MS5TZXRTcGVuZExpbWl0UmVzcG9uc2USVwoOR2V0U3BlbmRMaW1pdHMSIS5jcmVkaXRzLnYxLkdldFNwZW5kTGltaXRzUmVxdWVzdBoiLmNyZWRpdHMudjEuR2V0U3BlbmRMaW1pdHNSZXNwb25zZRJFCghHZXRVc2FnZRIbLmNyZWRpdHMudjEuR2V0VXNhZ2VSZXF1ZXN0GhwuY3JlZGl0cy52MS5HZXRVc2FnZVJlc3BvbnNlEmUKEkV4cG9ydFRyYW5zYWN0aW9ucxIlLmNyZWRpdHMudjEuRXhwb3J0VHJhbnNhY3Rpb25zUmVxdWVzdBomLmNyZWRpdHMudjEuRXhwb3J0VHJhbnNhY3Rpb25zUmVzcG9uc2UwAWIGcHJvdG8z", [file_credits_v1_grant, file_credits_v1_ledger, file_credits_v1_usage, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message credits.v1.GetBalanceRequest
@@ -807,6 +809,205 @@ export const ListGrantsResponseSchema: GenMessage<ListGrantsResponse> = /*@__PUR
   messageDesc(file_credits_v1_credit_service, 23);
 
 /**
+ * @generated from message credits.v1.SetSpendLimitRequest
+ */
+export type SetSpendLimitRequest = Message<"credits.v1.SetSpendLimitRequest"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * @generated from field: credits.v1.SpendPeriod period = 2;
+   */
+  period: SpendPeriod;
+
+  /**
+   * The most credits the user may spend in one period; 0 removes the user's own limit.
+   *
+   * @generated from field: int64 limit = 3;
+   */
+  limit: bigint;
+};
+
+/**
+ * Describes the message credits.v1.SetSpendLimitRequest.
+ * Use `create(SetSpendLimitRequestSchema)` to create a new message.
+ */
+export const SetSpendLimitRequestSchema: GenMessage<SetSpendLimitRequest> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 24);
+
+/**
+ * @generated from message credits.v1.SetSpendLimitResponse
+ */
+export type SetSpendLimitResponse = Message<"credits.v1.SetSpendLimitResponse"> & {
+  /**
+   * The user's limits in force after the change (as GetSpendLimits).
+   *
+   * @generated from field: repeated credits.v1.SpendLimit limits = 1;
+   */
+  limits: SpendLimit[];
+};
+
+/**
+ * Describes the message credits.v1.SetSpendLimitResponse.
+ * Use `create(SetSpendLimitResponseSchema)` to create a new message.
+ */
+export const SetSpendLimitResponseSchema: GenMessage<SetSpendLimitResponse> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 25);
+
+/**
+ * @generated from message credits.v1.GetSpendLimitsRequest
+ */
+export type GetSpendLimitsRequest = Message<"credits.v1.GetSpendLimitsRequest"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+};
+
+/**
+ * Describes the message credits.v1.GetSpendLimitsRequest.
+ * Use `create(GetSpendLimitsRequestSchema)` to create a new message.
+ */
+export const GetSpendLimitsRequestSchema: GenMessage<GetSpendLimitsRequest> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 26);
+
+/**
+ * @generated from message credits.v1.GetSpendLimitsResponse
+ */
+export type GetSpendLimitsResponse = Message<"credits.v1.GetSpendLimitsResponse"> & {
+  /**
+   * Day, week, month: those that are set (the user's own, or the deployment's default).
+   *
+   * @generated from field: repeated credits.v1.SpendLimit limits = 1;
+   */
+  limits: SpendLimit[];
+};
+
+/**
+ * Describes the message credits.v1.GetSpendLimitsResponse.
+ * Use `create(GetSpendLimitsResponseSchema)` to create a new message.
+ */
+export const GetSpendLimitsResponseSchema: GenMessage<GetSpendLimitsResponse> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 27);
+
+/**
+ * @generated from message credits.v1.GetUsageRequest
+ */
+export type GetUsageRequest = Message<"credits.v1.GetUsageRequest"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * The half-open range [start_time, end_time), in whole hours; both required.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 2;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 3;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: credits.v1.UsageGranularity granularity = 4;
+   */
+  granularity: UsageGranularity;
+
+  /**
+   * @generated from field: credits.v1.UsageGroupBy group_by = 5;
+   */
+  groupBy: UsageGroupBy;
+};
+
+/**
+ * Describes the message credits.v1.GetUsageRequest.
+ * Use `create(GetUsageRequestSchema)` to create a new message.
+ */
+export const GetUsageRequestSchema: GenMessage<GetUsageRequest> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 28);
+
+/**
+ * @generated from message credits.v1.GetUsageResponse
+ */
+export type GetUsageResponse = Message<"credits.v1.GetUsageResponse"> & {
+  /**
+   * By start_time, then group; periods (and groups) in which nothing moved are left out.
+   *
+   * @generated from field: repeated credits.v1.UsageBucket buckets = 1;
+   */
+  buckets: UsageBucket[];
+};
+
+/**
+ * Describes the message credits.v1.GetUsageResponse.
+ * Use `create(GetUsageResponseSchema)` to create a new message.
+ */
+export const GetUsageResponseSchema: GenMessage<GetUsageResponse> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 29);
+
+/**
+ * @generated from message credits.v1.ExportTransactionsRequest
+ */
+export type ExportTransactionsRequest = Message<"credits.v1.ExportTransactionsRequest"> & {
+  /**
+   * The user whose ledger to export; empty with all_users.
+   *
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * Every user's ledger, user by user.
+   *
+   * @generated from field: bool all_users = 2;
+   */
+  allUsers: boolean;
+
+  /**
+   * Only entries created at or after start_time and before end_time; each optional.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 3;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp end_time = 4;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message credits.v1.ExportTransactionsRequest.
+ * Use `create(ExportTransactionsRequestSchema)` to create a new message.
+ */
+export const ExportTransactionsRequestSchema: GenMessage<ExportTransactionsRequest> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 30);
+
+/**
+ * @generated from message credits.v1.ExportTransactionsResponse
+ */
+export type ExportTransactionsResponse = Message<"credits.v1.ExportTransactionsResponse"> & {
+  /**
+   * The next entries, in ledger order (user by user for all_users), each with its allocations.
+   *
+   * @generated from field: repeated credits.v1.Transaction transactions = 1;
+   */
+  transactions: Transaction[];
+};
+
+/**
+ * Describes the message credits.v1.ExportTransactionsResponse.
+ * Use `create(ExportTransactionsResponseSchema)` to create a new message.
+ */
+export const ExportTransactionsResponseSchema: GenMessage<ExportTransactionsResponse> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 31);
+
+/**
  * Credit balances and the ledger that moves them.
  *
  * Every call needs `authorization: Bearer <token>`. A user acts on their own account only (an
@@ -940,6 +1141,49 @@ export const CreditService: GenService<{
     methodKind: "unary";
     input: typeof ListGrantsRequestSchema;
     output: typeof ListGrantsResponseSchema;
+  },
+  /**
+   * Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
+   * applies again). Service only.
+   *
+   * @generated from rpc credits.v1.CreditService.SetSpendLimit
+   */
+  setSpendLimit: {
+    methodKind: "unary";
+    input: typeof SetSpendLimitRequestSchema;
+    output: typeof SetSpendLimitResponseSchema;
+  },
+  /**
+   * The user's spending limits in force, each with what was spent in its current period and
+   * when that period ends.
+   *
+   * @generated from rpc credits.v1.CreditService.GetSpendLimits
+   */
+  getSpendLimits: {
+    methodKind: "unary";
+    input: typeof GetSpendLimitsRequestSchema;
+    output: typeof GetSpendLimitsResponseSchema;
+  },
+  /**
+   * What the user's ledger moved, in buckets of an hour, day or month, optionally grouped.
+   *
+   * @generated from rpc credits.v1.CreditService.GetUsage
+   */
+  getUsage: {
+    methodKind: "unary";
+    input: typeof GetUsageRequestSchema;
+    output: typeof GetUsageResponseSchema;
+  },
+  /**
+   * The ledger with its allocations, for accounting, as a stream of batches in ledger order.
+   * Service only.
+   *
+   * @generated from rpc credits.v1.CreditService.ExportTransactions
+   */
+  exportTransactions: {
+    methodKind: "server_streaming";
+    input: typeof ExportTransactionsRequestSchema;
+    output: typeof ExportTransactionsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_credits_v1_credit_service, 0);
