@@ -33,6 +33,9 @@ TABLES = (
     "credit_grants",
     "credit_allocations",
     "credit_hold_pins",
+    "credit_spend_limits",
+    "credit_spend_days",
+    "credit_usage",
 )
 INSUFFICIENT_PRIVILEGE = "42501"
 CHECK_VIOLATION = "23514"
@@ -189,6 +192,7 @@ async def seeded_user(owner: asyncpg.Connection) -> uuid.UUID:
     """
     user_id = uuid.uuid4()
     await provision(owner, user_id)
+    await owner.execute("select public.credit_set_spend_limit($1, 'week', 1000000)", user_id)
     await owner.execute(
         "with hold as (insert into public.credit_holds (user_id, amount, state, idempotency_key,"
         " fingerprint, expires_at) values ($1, 3, 'released', 'h1', 'fp',"
@@ -404,6 +408,17 @@ WRITES_BY_USERS = [
     " user_id, 9, 1 from public.credit_holds where user_id = $1 limit 1",
     "update public.credit_hold_pins set amount = 0 where user_id = $1",
     "delete from public.credit_hold_pins where user_id = $1",
+    "insert into public.credit_spend_limits (user_id, day_limit) values ($1, 1)"
+    " on conflict (user_id) do update set day_limit = 1",
+    "update public.credit_spend_limits set week_limit = null where user_id = $1",
+    "delete from public.credit_spend_limits where user_id = $1",
+    "insert into public.credit_spend_days (user_id, day, spent) values ($1, '2000-01-01', 0)",
+    "update public.credit_spend_days set spent = 0 where user_id = $1",
+    "delete from public.credit_spend_days where user_id = $1",
+    "insert into public.credit_usage (user_id, hour, kind, scope, category, amount)"
+    " values ($1, '2000-01-01', 'grant', '', 'paid', 1000000)",
+    "update public.credit_usage set amount = 1 where user_id = $1",
+    "delete from public.credit_usage where user_id = $1",
 ]
 TRUNCATES = [f"truncate public.{table} cascade" for table in (*TABLES, "credit_models")]
 
@@ -657,6 +672,17 @@ WRITES_BY_SERVICE = [
     "delete from public.credit_allocations where user_id = $1",
     "update public.credit_hold_pins set amount = 0 where user_id = $1",
     "delete from public.credit_hold_pins where user_id = $1",
+    "insert into public.credit_spend_limits (user_id, day_limit) values ($1, 1)"
+    " on conflict (user_id) do update set day_limit = 1",
+    "update public.credit_spend_limits set week_limit = null where user_id = $1",
+    "delete from public.credit_spend_limits where user_id = $1",
+    "insert into public.credit_spend_days (user_id, day, spent) values ($1, '2000-01-01', 0)",
+    "update public.credit_spend_days set spent = 0 where user_id = $1",
+    "delete from public.credit_spend_days where user_id = $1",
+    "insert into public.credit_usage (user_id, hour, kind, scope, category, amount)"
+    " values ($1, '2000-01-01', 'grant', '', 'paid', 1000000)",
+    "update public.credit_usage set amount = 1 where user_id = $1",
+    "delete from public.credit_usage where user_id = $1",
 ]
 
 
@@ -1291,6 +1317,50 @@ FUNCTION_MATRIX = [
             generations=(("failed", 5), ("queued", 0)),
         ),
         job="running",
+    ),
+    # Spend controls (issue 20). alice has a weekly limit of her own; her debit of 5 and her
+    # pending hold of 10 count (the seeded released hold of 3 never did).
+    Entry(
+        "credit_configure_limits(bigint, bigint, integer)",
+        "select public.credit_configure_limits(null, null, 8)",
+        (),
+        SERVICE_ONLY,
+    ),
+    Entry(
+        "credit_set_spend_limit(uuid, text, bigint)",
+        "select public.credit_set_spend_limit($1, 'day', 50)",
+        ("alice",),
+        SERVICE_ONLY,
+        Effect(
+            returns={
+                "limits": [
+                    {"period": "day", "limit": 50, "spent": 15, "default": False},
+                    {"period": "week", "limit": 1000000, "default": False},
+                ]
+            }
+        ),
+    ),
+    Entry(
+        "credit_get_spend_limits(uuid)",
+        "select public.credit_get_spend_limits($1)",
+        ("alice",),
+        USER_WRITE,
+        Effect(returns={"limits": [{"period": "week", "limit": 1000000, "default": False}]}),
+    ),
+    Entry(
+        "credit_get_usage(uuid, timestamp with time zone, timestamp with time zone, text, text)",
+        "select public.credit_get_usage($1, now() - interval '1 day', now() + interval '1 day',"
+        " 'hour', 'kind')",
+        ("alice",),
+        USER_WRITE,
+    ),
+    Entry(
+        "credit_export_transactions(uuid, timestamp with time zone, timestamp with time zone,"
+        " uuid, bigint, integer)",
+        "select public.credit_export_transactions($1, null, null, null, null, 10)",
+        ("alice",),
+        SERVICE_ONLY,
+        Effect(returns=[{"kind": "grant", "amount": 100}, {"kind": "debit", "amount": 5}]),
     ),
 ]
 
