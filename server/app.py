@@ -7,7 +7,10 @@ import dataclasses
 import gc
 import logging
 import signal
+import uuid
 from collections.abc import Mapping
+from datetime import datetime
+from typing import TextIO
 from wsgiref.simple_server import WSGIServer
 
 import asyncpg
@@ -23,10 +26,11 @@ from credits.v1 import (
     generation_service_pb2,
     generation_service_pb2_grpc,
 )
-from server import reflection, runtime, serving
+from server import ledger_export, reflection, runtime, serving
 from server.api.credit_servicer import CreditServicer
 from server.api.generation_servicer import GenerationServicer
 from server.auth.page_key import page_token_key
+from server.auth.principal import ServicePrincipal
 from server.auth.secret_store import load_or_create_jwt_secret
 from server.auth.verifier import TokenVerifier
 from server.config import Settings
@@ -468,6 +472,34 @@ async def run_workers(settings: Settings, count: int, grace: float = 10.0) -> No
         await pool.stop(grace)
         await backend.close()
     log.info("stopped")
+
+
+async def export_ledger(
+    settings: Settings,
+    out: TextIO,
+    fmt: str,
+    *,
+    user_id: uuid.UUID | None,
+    start: datetime | None,
+    end: datetime | None,
+) -> int:
+    """`credits export`: the ledger (one user's, or every user's with None) to `out`, batch by
+    batch, with the service's credentials; returns how many entries it wrote."""
+    transport, database, _ = await open_store(resolve(settings))
+    try:
+        layers = LayeredRepository(transport, CredentialBreaker(cooldown=settings.breaker_seconds))
+        batches = await SpendControls(CreditRepository(layers)).export(
+            ServicePrincipal(),
+            str(user_id or ""),
+            all_users=user_id is None,
+            start=start,
+            end=end,
+        )
+        return await ledger_export.write(batches, out, fmt)
+    finally:
+        await transport.close()
+        if database is not None:
+            await database.astop()
 
 
 def store_description(settings: Settings, database: embedded.EmbeddedPostgres | None) -> str:

@@ -1,5 +1,6 @@
 """The `credits` command: `serve` runs the service, `worker` runs generation workers, `token`
-prints a signed token for trying it, `check-config` checks a deployment's configuration."""
+prints a signed token for trying it, `check-config` checks a deployment's configuration,
+`export` writes the ledger for accounting."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import asyncio
 import importlib.metadata
 import sys
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from server import app, checks, processes, runtime, serving
+from server import app, checks, ledger_export, processes, runtime, serving
 from server.auth.secret_store import secret_path
 from server.auth.tokens import DEFAULT_ISSUER, mint_service_token, mint_user_token
 from server.config import Settings
@@ -75,6 +76,30 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
     for result in results:
         print(result.line())
     return 0 if all(result.ok for result in results) else 1
+
+
+def _export(settings: Settings, args: argparse.Namespace) -> int:
+    written = asyncio.run(
+        app.export_ledger(
+            settings,
+            sys.stdout,
+            args.format,
+            user_id=args.user,
+            start=args.since,
+            end=args.until,
+        )
+    )
+    print(f"credits: exported {written} ledger entries", file=sys.stderr)
+    return 0
+
+
+def _time(text: str) -> datetime:
+    """An RFC 3339 / ISO 8601 time; one without an offset is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _positive(text: str) -> int:
@@ -151,6 +176,25 @@ def parser() -> argparse.ArgumentParser:
         "--token", help="also check that this token (one the project issued) verifies"
     )
     check.set_defaults(run=_check_config)
+    export = commands.add_parser(
+        "export",
+        help="write the ledger with its allocations to stdout, for accounting",
+        description="Write the ledger (one user's, or every user's user by user), each entry "
+        "with its allocations and scope, to stdout as CSV (a header row; metadata and "
+        "allocations as JSON in their cells) or JSON Lines, streamed batch by batch from the "
+        "database `credits serve` uses. --since and --until bound the entries' create times "
+        "(ISO 8601; UTC without an offset): [since, until).",
+        epilog=CONFIGURATION,
+    )
+    whose = export.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--user", type=uuid.UUID, help="the user's id")
+    whose.add_argument("--all", action="store_true", help="every user")
+    export.add_argument("--since", type=_time, help="entries created at or after this time")
+    export.add_argument("--until", type=_time, help="entries created before this time")
+    export.add_argument(
+        "--format", choices=ledger_export.FORMATS, default="csv", help="csv (default) or jsonl"
+    )
+    export.set_defaults(run=_export)
     return root
 
 
