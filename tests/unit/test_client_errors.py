@@ -92,6 +92,10 @@ def server_error(cls: type[server_errors.CreditsError]) -> server_errors.Credits
         return server_errors.InsufficientCredits(required=30, available=7)
     if cls is server_errors.BackendUnavailable:
         return server_errors.BackendUnavailable(retry_after=1.5)
+    if cls is server_errors.SpendLimitExceeded:
+        return server_errors.SpendLimitExceeded("day", 10, 7, "2026-12-05T00:00:00Z")
+    if cls is server_errors.TooManyActiveGenerations:
+        return server_errors.TooManyActiveGenerations(limit=8, active=8)
     return cls()
 
 

@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from credits_client._proto import credit_service_pb2 as cpb
 from credits_client._proto import generation_service_pb2 as gpb
-from credits_client._proto import grant_pb2, ledger_pb2
+from credits_client._proto import grant_pb2, ledger_pb2, usage_pb2
 
 Seconds = float | datetime.timedelta
 
@@ -181,6 +181,46 @@ def list_transactions(
         page_size=page_size,
         page_token=page_token,
         kinds=list(kinds),
+        start_time=_timestamp(start_time),
+        end_time=_timestamp(end_time),
+    )
+
+
+def set_spend_limit(
+    user_id: str, period: usage_pb2.SpendPeriod.ValueType, limit: int
+) -> cpb.SetSpendLimitRequest:
+    return cpb.SetSpendLimitRequest(user_id=user_id, period=period, limit=limit)
+
+
+def get_spend_limits(user_id: str) -> cpb.GetSpendLimitsRequest:
+    return cpb.GetSpendLimitsRequest(user_id=user_id)
+
+
+def get_usage(
+    user_id: str,
+    start_time: datetime.datetime,
+    end_time: datetime.datetime,
+    granularity: usage_pb2.UsageGranularity.ValueType,
+    group_by: usage_pb2.UsageGroupBy.ValueType,
+) -> cpb.GetUsageRequest:
+    return cpb.GetUsageRequest(
+        user_id=user_id,
+        start_time=_timestamp(start_time),
+        end_time=_timestamp(end_time),
+        granularity=granularity,
+        group_by=group_by,
+    )
+
+
+def export_transactions(
+    user_id: str,
+    all_users: bool,
+    start_time: datetime.datetime | None,
+    end_time: datetime.datetime | None,
+) -> cpb.ExportTransactionsRequest:
+    return cpb.ExportTransactionsRequest(
+        user_id=user_id,
+        all_users=all_users,
         start_time=_timestamp(start_time),
         end_time=_timestamp(end_time),
     )

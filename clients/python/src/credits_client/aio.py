@@ -25,7 +25,7 @@ from credits_client._config import (
 )
 from credits_client._proto import credit_service_pb2 as cpb
 from credits_client._proto import generation_service_pb2 as gpb
-from credits_client._proto import grant_pb2, ledger_pb2
+from credits_client._proto import grant_pb2, ledger_pb2, usage_pb2
 from credits_client._proto.credit_service_pb2_grpc import CreditServiceStub
 from credits_client._proto.generation_service_pb2_grpc import GenerationServiceStub
 from credits_client.client import DEFAULT_TARGET
@@ -228,6 +228,66 @@ class AsyncCreditsClient:
         """One page of the user's grants, newest first, in ``states`` (default: all)."""
         request = build.list_grants(user_id, page_size, page_token, states)
         return await self._unary(self._credits.ListGrants, request, timeout)
+
+    async def set_spend_limit(
+        self,
+        *,
+        user_id: str,
+        period: usage_pb2.SpendPeriod.ValueType,
+        limit: int,
+        timeout: float | None = None,
+    ) -> cpb.SetSpendLimitResponse:
+        """Set the user's own spending limit for ``period``; 0 removes it (services only)."""
+        request = build.set_spend_limit(user_id, period, limit)
+        return await self._unary(self._credits.SetSpendLimit, request, timeout)
+
+    async def get_spend_limits(
+        self, *, user_id: str = "", timeout: float | None = None
+    ) -> cpb.GetSpendLimitsResponse:
+        """The user's limits in force, each with what was spent in its current period."""
+        return await self._unary(
+            self._credits.GetSpendLimits, build.get_spend_limits(user_id), timeout
+        )
+
+    async def get_usage(
+        self,
+        *,
+        start_time: datetime.datetime,
+        end_time: datetime.datetime,
+        granularity: usage_pb2.UsageGranularity.ValueType,
+        group_by: usage_pb2.UsageGroupBy.ValueType = usage_pb2.USAGE_GROUP_BY_NONE,
+        user_id: str = "",
+        timeout: float | None = None,
+    ) -> cpb.GetUsageResponse:
+        """What the user's ledger moved in [start_time, end_time) (whole hours), in buckets."""
+        request = build.get_usage(user_id, start_time, end_time, granularity, group_by)
+        return await self._unary(self._credits.GetUsage, request, timeout)
+
+    async def export_transactions(
+        self,
+        *,
+        user_id: str = "",
+        all_users: bool = False,
+        start_time: datetime.datetime | None = None,
+        end_time: datetime.datetime | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ledger_pb2.Transaction]:
+        """The ledger (one user's, or every user's), entry by entry in ledger order, with
+        allocations (services only). ``timeout`` defaults to the client's ``stream_timeout``."""
+        deadline = self._stream_timeout if timeout is None else timeout
+        call = self._credits.ExportTransactions(
+            build.export_transactions(user_id, all_users, start_time, end_time),
+            timeout=deadline,
+            metadata=await self._metadata(),
+        )
+        try:
+            async for message in call:
+                for entry in message.transactions:
+                    yield entry
+        except grpc.RpcError as error:
+            raise from_call(error) from error
+        finally:
+            call.cancel()
 
     async def refund_credits(
         self,

@@ -335,6 +335,39 @@ class BalanceLimitExceeded(FailedPrecondition):
     reasons = ("BALANCE_LIMIT_EXCEEDED",)
 
 
+class SpendLimitExceeded(FailedPrecondition):
+    """The spending would take the user past their limit for a period; nothing was spent."""
+
+    reasons = ("SPEND_LIMIT_EXCEEDED",)
+
+    @property
+    def period(self) -> str | None:
+        """The period whose limit it would pass: day, week or month (UTC)."""
+        return self.metadata.get("period")
+
+    @property
+    def limit(self) -> int | None:
+        return _int_or_none(self.metadata.get("limit"))
+
+    @property
+    def spent(self) -> int | None:
+        """What the user spent in the current period before this call."""
+        return _int_or_none(self.metadata.get("spent"))
+
+    @property
+    def reset_time(self) -> datetime.datetime | None:
+        """When the period ends and spending starts again from 0."""
+        text = self.metadata.get("reset_time")
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+class TooManyActiveGenerations(ResourceExhausted):
+    """The user has CREDITS_MAX_ACTIVE_GENERATIONS generations queued or running; retry after
+    ``retry_delay`` (or once one of them ends)."""
+
+    reasons = ("TOO_MANY_ACTIVE_GENERATIONS",)
+
+
 class IdempotencyKeyReused(AlreadyExists):
     """The idempotency key (or request_id) was used before with different parameters."""
 
