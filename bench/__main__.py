@@ -77,6 +77,7 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
         asyncio.run(migrate.migrate(database.uri))
         asyncio.run(users.create(database.uri, users.COUNT))
         asyncio.run(users.create_with_grants(database.uri, users.COUNT))
+        asyncio.run(users.create_with_usage(database.uri))
         secret = secrets.token_urlsafe(32)
         tokens = users.tokens(secret, users.COUNT)
         five_grants = scenarios.debit_five_grants(users.tokens_with_grants(secret, users.COUNT))
@@ -87,6 +88,9 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
             "SUPABASE_JWT_SECRET": secret,
             "CREDITS_LISTEN": service,
             "CREDITS_HTTP_LISTEN": connect,
+            # CreateGeneration's load piles generations up faster than workers end them: the
+            # cap on active generations would refuse them instead of measuring their cost.
+            "CREDITS_MAX_ACTIVE_GENERATIONS": "1000000",
         }
         echo_port = int(echo.rsplit(":", 1)[1])
         with (
@@ -125,6 +129,16 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
                 with servers.echo_serve(port, args.processes, log, mode, database.uri):
                     servers.wait_ready(floor)
                     report.add(name, 32, _drive(args, floor, balance, 32))
+            say("GetUsage of a month by day: a user with 1k ledger entries, one with 1M")
+            month = [
+                scenarios.usage(name, users.token_with_usage(secret, entries))
+                for name, entries in zip(
+                    (scenarios.USAGE_1K, scenarios.USAGE_1M), users.USAGE_ENTRIES, strict=True
+                )
+            ]
+            for _ in range(args.rounds):
+                for scenario in month:
+                    report.add(scenario.name, 32, _drive(args, service, scenario, 32))
             say("one caller at a time, and generations")
             report.add(ECHO, 1, _drive(args, echo, balance, 1))
             report.add(balance.name, 1, _drive(args, service, balance, 1))

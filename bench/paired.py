@@ -65,7 +65,9 @@ def serve(
         "CREDITS_HTTP_LISTEN": "",  # no Connect edge (a revision without one ignores this)
         "PYTHONPATH": os.pathsep.join((str(code), str(code / "gen" / "python"))),
     }
-    command = [sys.executable, "-c", "from server.cli import main; raise SystemExit(main())"]
+    # -P: the working directory (this checkout) must not come before `code` on the path, or
+    # both servers would run this checkout's modules.
+    command = [sys.executable, "-P", "-c", "from server.cli import main; raise SystemExit(main())"]
     return address, servers.running([*command, "serve"], servers.clean_env(env), log)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from bench.loadgen import Result
 from bench.pgbench import PgbenchResult
-from bench.scenarios import DEBIT_FIVE_GRANTS
+from bench.scenarios import DEBIT_FIVE_GRANTS, USAGE_1K, USAGE_1M
 
 ECHO = "echo (bare grpc.aio) GetBalance"
 # The echo server making one database call per RPC: the floors of a read and of a debit.
@@ -26,6 +26,9 @@ DEBIT_VS_PGBENCH = 0.35
 # DebitCredits of users with five live grants, against the plain DebitCredits of the same
 # round: within 10 %.
 FIVE_GRANTS_VS_DEBIT = 0.9
+# GetUsage of a month for a user with a million ledger entries against one with a thousand: it
+# reads a rollup, so its cost must not grow with the ledger (issue 20: within 2x).
+USAGE_1M_VS_1K = 0.5
 BALANCE_VS_ECHO = 0.6
 P99_MS_AT_32 = 10.0
 COLD_START_SECONDS = 5.0
@@ -84,6 +87,17 @@ class Report:
                     five,
                     f">= {FIVE_GRANTS_VS_DEBIT}",
                     five >= FIVE_GRANTS_VS_DEBIT,
+                )
+            )
+        if (USAGE_1M, 32) in self.runs:
+            small = [r.throughput for r in self.runs[USAGE_1K, 32]]
+            big = statistics.median(self.ratios(USAGE_1M, small))
+            found.append(
+                (
+                    "GetUsage 1M entries / 1k entries, c32",
+                    big,
+                    f">= {USAGE_1M_VS_1K}",
+                    big >= USAGE_1M_VS_1K,
                 )
             )
         if (HTTP_ECHO, 32) in self.runs:

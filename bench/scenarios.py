@@ -12,11 +12,14 @@ from typing import Any
 
 import grpc.aio
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from credits.v1 import credit_service_pb2, generation_service_pb2
+from credits.v1 import credit_service_pb2, generation_service_pb2, usage_pb2
 
 Metadata = tuple[tuple[str, str], ...]
 DEBIT_FIVE_GRANTS = "DebitCredits, 5 live grants"
+USAGE_1K = "GetUsage month by day, 1k entries"
+USAGE_1M = "GetUsage month by day, 1M entries"
 Call = Callable[..., Awaitable[Any]]
 
 _MESSAGES: dict[str, tuple[type[Message], type[Message]]] = {
@@ -27,6 +30,10 @@ _MESSAGES: dict[str, tuple[type[Message], type[Message]]] = {
     "/credits.v1.CreditService/DebitCredits": (
         credit_service_pb2.DebitCreditsRequest,
         credit_service_pb2.DebitCreditsResponse,
+    ),
+    "/credits.v1.CreditService/GetUsage": (
+        credit_service_pb2.GetUsageRequest,
+        credit_service_pb2.GetUsageResponse,
     ),
     "/credits.v1.GenerationService/CreateGeneration": (
         generation_service_pb2.CreateGenerationRequest,
@@ -65,7 +72,27 @@ class Scenario:
             return generation_service_pb2.CreateGenerationRequest(
                 model=self.model, prompt="a lighthouse at dusk", request_id=key
             ), metadata
+        if self.method.endswith("/GetUsage"):
+            return _month_by_day(), metadata
         return credit_service_pb2.GetBalanceRequest(), metadata
+
+
+# GetUsage's month: the one bench/users.py fills (USAGE_MONTH), by day and model.
+USAGE_START, USAGE_END = Timestamp(seconds=1793491200), Timestamp(seconds=1796083200)
+
+
+def _month_by_day() -> credit_service_pb2.GetUsageRequest:
+    return credit_service_pb2.GetUsageRequest(
+        start_time=USAGE_START,
+        end_time=USAGE_END,
+        granularity=usage_pb2.USAGE_GRANULARITY_DAY,
+        group_by=usage_pb2.USAGE_GROUP_BY_SCOPE,
+    )
+
+
+def usage(name: str, token: str) -> Scenario:
+    """GetUsage of one user's month by day and scope (bench/users.py, create_with_usage)."""
+    return Scenario(name, "/credits.v1.CreditService/GetUsage", (token,))
 
 
 def get_balance(tokens: Sequence[str]) -> Scenario:

@@ -76,3 +76,45 @@ async def create_with_grants(database_url: str, count: int, grants: int = GRANTS
 
 def tokens_with_grants(secret: str, count: int) -> list[str]:
     return [mint_user_token(secret, with_grants(n)) for n in range(1, count + 1)]
+
+
+# The GetUsage users: one with a thousand ledger entries in the bench month, one with a million
+# (after the five-grant users).
+USAGE_ENTRIES = (1_000, 1_000_000)
+USAGE_MONTH = datetime(2026, 11, 1, tzinfo=UTC)
+USAGE_HOURS = 30 * 24
+
+
+def with_usage(entries: int) -> uuid.UUID:
+    return user_id(2 * COUNT + 1 + USAGE_ENTRIES.index(entries))
+
+
+async def create_with_usage(database_url: str) -> None:
+    """The GetUsage users: their usage rollup as the ledger trigger writes it for `entries`
+    entries spread over USAGE_MONTH (every hour of it; kinds, four scopes, both grant
+    categories), built in one statement as the owner instead of by a million RPCs (GetUsage
+    reads the rollup only). Re-runs change nothing."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        for entries in USAGE_ENTRIES:
+            user = with_usage(entries)
+            await conn.execute("select public.credit_provision_profile($1, '')", user)
+            await conn.execute(
+                "insert into public.credit_usage (user_id, hour, kind, scope, category, amount)"
+                " select $1, $2::timestamptz + (n % $4) * interval '1 hour',"
+                " (array['debit', 'capture', 'grant', 'refund'])[1 + n % 4],"
+                " case when n % 4 = 2 then '' else (array['', 'a', 'b', 'c'])[1 + n / 7 % 4] end,"
+                " (array['paid', 'promotional'])[1 + n / 11 % 2], sum(1 + n % 5)"
+                " from generate_series(0, $3 - 1) n group by 1, 2, 3, 4, 5"
+                " on conflict do nothing",
+                user,
+                USAGE_MONTH,
+                entries,
+                USAGE_HOURS,
+            )
+    finally:
+        await conn.close()
+
+
+def token_with_usage(secret: str, entries: int) -> str:
+    return mint_user_token(secret, with_usage(entries))

@@ -1,6 +1,7 @@
 """One scenario (grant, debit, replay, overdraft, reserve, capture, a generation and its watch,
-refusals) run over gRPC and over Connect against the same server: the same results, once the
-ids and times each run made are normalised, and the same error codes and reasons."""
+a spending limit and its refusal, usage, the export's stream, refusals) run over gRPC and over
+Connect against the same server: the same results, once the ids and times each run made are
+normalised, and the same error codes and reasons."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeVar
 
 import grpc
@@ -19,6 +21,7 @@ from google.protobuf.message import Message
 
 from credits.v1 import credit_service_pb2 as cpb
 from credits.v1 import generation_service_pb2 as gpb
+from credits.v1 import usage_pb2
 from server import app as application
 from tests.fixtures.connect import Connect, ConnectFailure
 from tests.fixtures.errors import failure
@@ -172,6 +175,27 @@ async def scenario(caller: Caller) -> list[object]:
     await step(
         CREDITS, "ListTransactions", cpb.ListTransactionsRequest(), cpb.ListTransactionsResponse
     )
+    day = usage_pb2.SPEND_PERIOD_DAY
+    limit = cpb.SetSpendLimitRequest(user_id=user.user_id, period=day, limit=60)
+    await step(CREDITS, "SetSpendLimit", limit, cpb.SetSpendLimitResponse, SERVICE_TOKEN)
+    await step(CREDITS, "GetSpendLimits", cpb.GetSpendLimitsRequest(), cpb.GetSpendLimitsResponse)
+    over = cpb.DebitCreditsRequest(amount=50, idempotency_key="d4")  # 45 spent today: over 60
+    await step(CREDITS, "DebitCredits", over, cpb.DebitCreditsResponse)
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    usage = cpb.GetUsageRequest(
+        granularity=usage_pb2.USAGE_GRANULARITY_DAY, group_by=usage_pb2.USAGE_GROUP_BY_KIND
+    )
+    usage.start_time.FromDatetime(today)
+    usage.end_time.FromDatetime(today + timedelta(days=1))
+    await step(CREDITS, "GetUsage", usage, cpb.GetUsageResponse)
+    export = cpb.ExportTransactionsRequest(user_id=user.user_id)
+    exported = [
+        json_format.MessageToDict(batch)
+        async for batch in caller.stream(
+            CREDITS, "ExportTransactions", export, cpb.ExportTransactionsResponse, SERVICE_TOKEN
+        )
+    ]
+    outcomes.append({"ExportTransactions": exported})
     self_grant = cpb.GrantCreditsRequest(user_id=user.user_id, amount=5, idempotency_key="g2")
     await step(CREDITS, "GrantCredits", self_grant, cpb.GrantCreditsResponse)
     zero = cpb.DebitCreditsRequest(amount=0, idempotency_key="d3")
