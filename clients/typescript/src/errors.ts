@@ -33,6 +33,8 @@ export const REASON_CODES = {
   REFUND_EXCEEDS_DEBIT: Code.FailedPrecondition,
   GENERATION_NOT_CANCELLABLE: Code.FailedPrecondition,
   BALANCE_LIMIT_EXCEEDED: Code.FailedPrecondition,
+  SPEND_LIMIT_EXCEEDED: Code.FailedPrecondition,
+  TOO_MANY_ACTIVE_GENERATIONS: Code.ResourceExhausted,
   IDEMPOTENCY_KEY_REUSED: Code.AlreadyExists,
   BACKEND_UNAVAILABLE: Code.Unavailable,
   SERVER_STOPPING: Code.Unavailable,
@@ -70,7 +72,9 @@ export class CreditsError extends Error {
   readonly domain: string;
   /**
    * The ErrorInfo metadata, all strings: `required`, `available` (and `scope`, for scoped
-   * spending) for INSUFFICIENT_CREDITS, `state` for HOLD_NOT_PENDING and GRANT_NOT_ACTIVE.
+   * spending) for INSUFFICIENT_CREDITS, `state` for HOLD_NOT_PENDING and GRANT_NOT_ACTIVE,
+   * `period`, `limit`, `spent` and `reset_time` for SPEND_LIMIT_EXCEEDED, `limit` and `active`
+   * for TOO_MANY_ACTIVE_GENERATIONS.
    */
   readonly metadata: Readonly<Record<string, string>>;
   /** How long the service asks the caller to wait before retrying (RetryInfo), when it says. */

@@ -16,15 +16,17 @@
 -- debit (or its capture's hold) counted on. A week's or month's spending is the sum of its days.
 -- Counts never go below zero (spending from before this migration was never counted).
 --
--- Everything is done by triggers of this file on the existing tables, firing inside the money
+-- Everything is done by triggers (of this file, and the ledger's of the next) on the existing
+-- tables, firing inside the money
 -- function's transaction while it holds the user's profile row lock (every function that writes
 -- a ledger entry, a hold or a generation takes it first): a refused call changes nothing, and
 -- concurrent calls of one user are judged one after the other. Two functions are redefined, only
 -- to record the spending's scope, which no row carried (the usage reports group by it):
 -- `credits_private.hold` (the hold's scope) and `public.credit_debit` (the DEBIT entry's).
 --
--- Time: a ledger entry's `created_at` is now the SQL clock's (`credits_private.now()`), as a
--- hold's and a grant's already were, so that periods roll over with the clock in tests.
+-- Time: a ledger entry's `created_at` is now the SQL clock's (`credits_private.now()`, its column
+-- default), as a hold's and a grant's already were, so that periods roll over with the clock in
+-- tests.
 
 -- The defaults every user has unless they have their own limit (null: none), and the cap on
 -- queued plus running generations per user. Written by the service at start-up
@@ -113,39 +115,28 @@ begin
 end
 $$;
 
--- Counts `p_amount` of new spending of the user at `p_at`, and refuses it (CR020) when it takes
--- a period's spending past the user's limit. The caller holds the profile's row lock.
-create function credits_private.count_spending(p_user_id uuid, p_at timestamptz, p_amount bigint)
-returns void
+-- Refuses (CR020) new spending of `p_amount` on day `p_day` that took the user's spending of
+-- that day to `p_spent` (counted already), when a period's spending is now past its limit
+-- (`p_day_limit`, `p_week_limit`, `p_month_limit`; null: none). The caller holds the profile's
+-- row lock; the refusal undoes the count with everything else.
+create function credits_private.judge_spending(
+  p_user_id uuid, p_day date, p_spent bigint, p_amount bigint, p_day_limit bigint,
+  p_week_limit bigint, p_month_limit bigint
+) returns void
 language plpgsql
 set search_path = ''
 as $$
 declare
-  v_day date := (p_at at time zone 'UTC')::date;
-  v_spent bigint;
-  v_limits record;
+  v_spent bigint := p_spent;
   v_period text;
   v_limit bigint;
   v_bounds record;
 begin
-  insert into public.credit_spend_days as d (user_id, day, spent)
-  values (p_user_id, v_day, p_amount)
-  on conflict (user_id, day) do update set spent = d.spent + excluded.spent
-  returning d.spent into v_spent;
-  -- (credits_private.limits_of, inline: every debit passes here.)
-  select coalesce(l.day_limit, s.daily_limit) as day, l.week_limit as week,
-         coalesce(l.month_limit, s.monthly_limit) as month
-    into v_limits
-    from credits_private.limit_settings s
-    left join public.credit_spend_limits l on l.user_id = p_user_id;
-  if v_limits.day is null and v_limits.week is null and v_limits.month is null then
-    return;
-  end if;
   foreach v_period in array array['day', 'week', 'month'] loop
-    v_limit := case v_period when 'day' then v_limits.day when 'week' then v_limits.week
-                             else v_limits.month end;
+    v_limit := case v_period when 'day' then p_day_limit when 'week' then p_week_limit
+                             else p_month_limit end;
     continue when v_limit is null;
-    v_bounds := credits_private.period_bounds(v_period, v_day);
+    v_bounds := credits_private.period_bounds(v_period, p_day);
     if v_period <> 'day' then
       select pg_catalog.sum(d.spent)::bigint into v_spent
         from public.credit_spend_days d
@@ -159,6 +150,35 @@ begin
           'reset_time', v_bounds.next_day::timestamp at time zone 'UTC')::text;
     end if;
   end loop;
+end
+$$;
+
+-- Counts `p_amount` of new spending of the user at `p_at`, and refuses it (CR020) when it takes
+-- a period's spending past the user's limit. The caller holds the profile's row lock. (A
+-- debit's is counted by the ledger's trigger, in 20261204300010_credits_usage_rollup.sql.)
+create function credits_private.count_spending(p_user_id uuid, p_at timestamptz, p_amount bigint)
+returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+  v record;
+begin
+  with spend as (
+    insert into public.credit_spend_days as d (user_id, day, spent)
+    values (p_user_id, (p_at at time zone 'UTC')::date, p_amount)
+    on conflict (user_id, day) do update set spent = d.spent + excluded.spent
+    returning d.day, d.spent
+  )
+  select spend.day, spend.spent, coalesce(l.day_limit, s.daily_limit) as day_limit,
+         l.week_limit, coalesce(l.month_limit, s.monthly_limit) as month_limit
+    into v
+    from spend, credits_private.limit_settings s
+    left join public.credit_spend_limits l on l.user_id = p_user_id;
+  if v.day_limit is not null or v.week_limit is not null or v.month_limit is not null then
+    perform credits_private.judge_spending(
+      p_user_id, v.day, v.spent, p_amount, v.day_limit, v.week_limit, v.month_limit);
+  end if;
 end
 $$;
 
@@ -176,24 +196,34 @@ begin
 end
 $$;
 
--- Before a ledger entry is written: its time by the SQL clock; a debit's spending counted (and
--- refused over a cap); a capture's and a refund's scope and spending from what they settle.
-create function credits_private.entry_spending() returns trigger
+-- A ledger entry's time is the SQL clock's; a debit's scope is the one its function names (the
+-- debit of one statement writes it; one written by credits_private.record gets it from
+-- `credits.debit_scope`, which credit_debit sets around that call alone). Column defaults: the
+-- hottest insert of all pays no trigger for them. The time is credits_private.now() without
+-- its `security definer` and `search_path` (the owner's functions insert entries, and every
+-- name in it is qualified), which every call would pay for.
+create function credits_private.entry_time() returns timestamptz
+language plpgsql stable
+as $$
+begin
+  return pg_catalog.now() + (select c."offset" from credits_private.clock c);
+end
+$$;
+
+alter table public.credit_transactions
+  alter column created_at set default credits_private.entry_time(),
+  alter column scope set default coalesce(
+    pg_catalog.current_setting('credits.debit_scope', true), '');
+
+-- Before a capture or refund is written: its scope and spending from what it settles.
+create function credits_private.settled_spending() returns trigger
 language plpgsql
 set search_path = ''
 as $$
 declare
   v_origin record;
 begin
-  -- credits_private.now(), inline (this runs as the owner).
-  new.created_at := pg_catalog.now() + (select c."offset" from credits_private.clock c);
-  if new.kind = 'debit' then
-    if new.scope = '' then
-      -- The scope of a debit written by credits_private.record (see credit_debit below).
-      new.scope := coalesce(pg_catalog.current_setting('credits.debit_scope', true), '');
-    end if;
-    perform credits_private.count_spending(new.user_id, new.created_at, new.amount);
-  elsif new.kind = 'capture' then
+  if new.kind = 'capture' then
     select h.scope, h.created_at into v_origin
       from public.credit_holds h where h.hold_id = new.hold_id;
     new.scope := v_origin.scope;
@@ -202,7 +232,7 @@ begin
     insert into public.credit_spend_days as d (user_id, day, spent)
     values (new.user_id, (v_origin.created_at at time zone 'UTC')::date, new.amount)
     on conflict (user_id, day) do update set spent = d.spent + excluded.spent;
-  elsif new.kind = 'refund' then
+  else
     select t.scope, coalesce(h.created_at, t.created_at) as at into v_origin
       from public.credit_transactions t
       left join public.credit_holds h on h.hold_id = t.hold_id
@@ -214,9 +244,10 @@ begin
 end
 $$;
 
-create trigger credit_transactions_spending
+create trigger credit_transactions_settled_spending
   before insert on public.credit_transactions
-  for each row execute function credits_private.entry_spending();
+  for each row when (new.kind in ('capture', 'refund'))
+  execute function credits_private.settled_spending();
 
 -- A reservation counts when it is made (and is refused over a cap).
 create function credits_private.hold_spending() returns trigger
@@ -440,8 +471,8 @@ $$;
 
 -- As 20261204100040_credits_debit_in_one_statement.sql defined it, recording the debit's scope
 -- on its entry: in the one statement's insert, and for a debit spread over several grants
--- (written by credits_private.record) through `credits.debit_scope`, which the entry's trigger
--- reads, set for that one call. Same signature, results and errors.
+-- (written by credits_private.record) through `credits.debit_scope`, which the entry's column
+-- default reads, set for that one call. Same signature, results and errors.
 create or replace function public.credit_debit(
   p_user_id uuid, p_amount bigint, p_idempotency_key text, p_description text default '',
   p_metadata jsonb default '{}', p_scope text default ''
