@@ -154,8 +154,8 @@ end
 $$;
 
 -- Counts `p_amount` of new spending of the user at `p_at`, and refuses it (CR020) when it takes
--- a period's spending past the user's limit. The caller holds the profile's row lock. (A
--- debit's is counted by the ledger's trigger, in 20261204300010_credits_usage_rollup.sql.)
+-- a period's spending past the user's limit. The caller holds the profile's row lock. (The
+-- debit of one statement does the same inline: see credit_debit below.)
 create function credits_private.count_spending(p_user_id uuid, p_at timestamptz, p_amount bigint)
 returns void
 language plpgsql
@@ -470,9 +470,12 @@ end
 $$;
 
 -- As 20261204100040_credits_debit_in_one_statement.sql defined it, recording the debit's scope
--- on its entry: in the one statement's insert, and for a debit spread over several grants
--- (written by credits_private.record) through `credits.debit_scope`, which the entry's column
--- default reads, set for that one call. Same signature, results and errors.
+-- on its entry (in the one statement's insert; for a debit spread over several grants, written
+-- by credits_private.record, through `credits.debit_scope`, which the entry's column default
+-- reads, set for that one call), adding the debit to the usage rollup and counting it as
+-- spending, refused (CR020) over a limit. The one statement does all of it inline: the ledger's
+-- trigger (20261204300010_credits_usage_rollup.sql) passes debits by, as every other entry's
+-- work costs a debit less this way. Same signature and results; CR020 besides its errors.
 create or replace function public.credit_debit(
   p_user_id uuid, p_amount bigint, p_idempotency_key text, p_description text default '',
   p_metadata jsonb default '{}', p_scope text default ''
@@ -539,7 +542,7 @@ begin
     update public.credit_grants g set remaining = g.remaining - p_amount
       from chosen
      where g.grant_id = chosen.grant_id and g.remaining - g.pinned >= p_amount
-    returning g.grant_id
+    returning g.grant_id, g.category
   ), books as (
     select coalesce(pg_catalog.sum(g.remaining) filter (where g.activated and not g.expired),
                     0) as counted,
@@ -554,24 +557,53 @@ begin
   ), entry as (
     insert into public.credit_transactions (
       user_id, kind, amount, balance_after, idempotency_key, fingerprint, description, metadata,
-      scope)
+      scope, created_at)
     select p_user_id, 'debit', p_amount, profile.balance, p_idempotency_key, v_fingerprint,
-           coalesce(p_description, ''), coalesce(p_metadata, '{}'::jsonb), v_scope
+           coalesce(p_description, ''), coalesce(p_metadata, '{}'::jsonb), v_scope,
+           -- (the column's default, credits_private.entry_time(), inline)
+           pg_catalog.now() + (select c."offset" from credits_private.clock c)
       from profile
     returning *
   ), allocation as (
     insert into public.credit_allocations (transaction_id, grant_id, user_id, ordinal, amount)
     select entry.transaction_id, drawn.grant_id, p_user_id, 1, p_amount from entry, drawn
+  ), usage as (
+    -- The usage rollup and the day's spending (credits_private.roll_up and count_spending,
+    -- inline: the ledger's trigger passes debits by).
+    insert into public.credit_usage as u (user_id, hour, kind, scope, category, amount)
+    select p_user_id, pg_catalog.date_trunc('hour', entry.created_at, 'UTC'), 'debit', v_scope,
+           drawn.category, p_amount
+      from entry, drawn
+    on conflict (user_id, hour, kind, scope, category)
+      do update set amount = u.amount + excluded.amount
+  ), spend as (
+    insert into public.credit_spend_days as d (user_id, day, spent)
+    select p_user_id, (entry.created_at at time zone 'UTC')::date, p_amount from entry
+    on conflict (user_id, day) do update set spent = d.spent + excluded.spent
+    returning d.day, d.spent
+  ), limits as (
+    select coalesce(l.day_limit, s.daily_limit) as day_limit, l.week_limit,
+           coalesce(l.month_limit, s.monthly_limit) as month_limit
+      from credits_private.limit_settings s
+      left join public.credit_spend_limits l on l.user_id = p_user_id
   )
   select e.*, d.grant_id as drawn_from,
-         p.balance = b.counted - p_amount and p.held = b.pinned as kept
+         p.balance = b.counted - p_amount and p.held = b.pinned as kept,
+         sp.day as spend_day, sp.spent as spend_total, li.day_limit, li.week_limit,
+         li.month_limit
     into v_done
-    from entry e, drawn d, profile p, books b;
+    from entry e, drawn d, profile p, books b, spend sp, limits li;
   if v_done.transaction_id is not null then
     if not v_done.kept then
       raise exception using errcode = '23514',
         message = 'the credit balance is out of step with its grants and holds',
         detail = pg_catalog.jsonb_build_object('user_id', p_user_id)::text;
+    end if;
+    if v_done.day_limit is not null or v_done.week_limit is not null
+       or v_done.month_limit is not null then
+      perform credits_private.judge_spending(
+        p_user_id, v_done.spend_day, v_done.spend_total, p_amount, v_done.day_limit,
+        v_done.week_limit, v_done.month_limit);
     end if;
     perform pg_catalog.set_config('credits.verified_profiles', '', true),
             pg_catalog.set_config('credits.touched_profiles', pg_catalog.replace(
@@ -626,6 +658,8 @@ begin
     p_user_id, 'debit', -p_amount, p_idempotency_key, v_fingerprint, p_description, p_metadata,
     v_grants, v_amounts, p_verify => true);
   perform pg_catalog.set_config('credits.debit_scope', '', true);
+  perform credits_private.roll_up(v_tx),
+          credits_private.count_spending(p_user_id, v_tx.created_at, p_amount);
   return pg_catalog.jsonb_build_object(
     'transaction', credits_private.transaction_json(
       v_tx, credits_private.allocations_json(v_grants, v_amounts)),

@@ -23,54 +23,40 @@ alter table public.credit_usage enable row level security;
 create policy credit_usage_read_own on public.credit_usage
   for select to authenticated using (user_id = (select auth.uid()));
 
--- After an entry is written (its allocations are written by the same statement, so they are
--- visible here): add it to the rollup, split by the categories of the grants it allocates; and
--- for a DEBIT, count it as spending of its day and refuse it (CR020) over a limit (see
--- 20261204300000_credits_spend_limits.sql), which undoes the whole call. One statement for
--- both, in one trigger: every debit pays for it.
---
--- No `set search_path` (every name in it is qualified): a function with one pays for setting and
--- restoring it at every call, and this one runs at every ledger entry.
-create function credits_private.after_entry() returns trigger
+-- Adds ledger entry `t` to the rollup, split by the categories of the grants it allocates (its
+-- allocations are written by the statement that writes it: called after it).
+create function credits_private.roll_up(t public.credit_transactions) returns void
 language plpgsql
+set search_path = ''
 as $$
-declare
-  v record;
 begin
-  with usage as (
-    insert into public.credit_usage as u (user_id, hour, kind, scope, category, amount)
-    select new.user_id, pg_catalog.date_trunc('hour', new.created_at, 'UTC'), new.kind,
-           new.scope, coalesce(g.category, 'paid'),
-           pg_catalog.sum(coalesce(a.amount, new.amount))
-      from (select) one
-      left join public.credit_allocations a on a.transaction_id = new.transaction_id
-      left join public.credit_grants g on g.grant_id = a.grant_id
-     group by coalesce(g.category, 'paid')
-    on conflict (user_id, hour, kind, scope, category)
-      do update set amount = u.amount + excluded.amount
-  ), spend as (
-    insert into public.credit_spend_days as d (user_id, day, spent)
-    select new.user_id, (new.created_at at time zone 'UTC')::date, new.amount
-     where new.kind = 'debit'
-    on conflict (user_id, day) do update set spent = d.spent + excluded.spent
-    returning d.day, d.spent
-  )
-  select spend.day, spend.spent, coalesce(l.day_limit, s.daily_limit) as day_limit,
-         l.week_limit, coalesce(l.month_limit, s.monthly_limit) as month_limit
-    into v
-    from spend, credits_private.limit_settings s
-    left join public.credit_spend_limits l on l.user_id = new.user_id;
-  if v.day_limit is not null or v.week_limit is not null or v.month_limit is not null then
-    perform credits_private.judge_spending(
-      new.user_id, v.day, v.spent, new.amount, v.day_limit, v.week_limit, v.month_limit);
-  end if;
+  insert into public.credit_usage as u (user_id, hour, kind, scope, category, amount)
+  select t.user_id, pg_catalog.date_trunc('hour', t.created_at, 'UTC'), t.kind, t.scope,
+         coalesce(g.category, 'paid'), pg_catalog.sum(coalesce(a.amount, t.amount))
+    from (select) one
+    left join public.credit_allocations a on a.transaction_id = t.transaction_id
+    left join public.credit_grants g on g.grant_id = a.grant_id
+   group by coalesce(g.category, 'paid')
+  on conflict (user_id, hour, kind, scope, category)
+    do update set amount = u.amount + excluded.amount;
+end
+$$;
+
+-- After every entry but a debit (credit_debit rolls its own up, and counts it as spending): the
+-- rollup.
+create function credits_private.roll_up_entry() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  perform credits_private.roll_up(new);
   return null;
 end
 $$;
 
-create trigger credit_transactions_after_entry
+create trigger credit_transactions_usage
   after insert on public.credit_transactions
-  for each row execute function credits_private.after_entry();
+  for each row when (new.kind <> 'debit') execute function credits_private.roll_up_entry();
 
 -- The ledger so far, rolled up the same way (a capture of a generation's hold has its model as
 -- its scope; other entries from before this migration are unscoped).
