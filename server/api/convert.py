@@ -341,18 +341,19 @@ def spend_limit(value: SpendLimit) -> usage_pb2.SpendLimit:
 
 
 def usage_bucket(value: UsageBucket) -> usage_pb2.UsageBucket:
-    return usage_pb2.UsageBucket(
+    bucket = usage_pb2.UsageBucket(
         start_time=timestamp(value.start_time),
-        kind=_KINDS[value.kind] if value.kind else ledger_pb2.TRANSACTION_KIND_UNSPECIFIED,
-        scope=value.scope,
-        category=(
-            _GRANT_CATEGORIES[value.category]
-            if value.category
-            else grant_pb2.GRANT_CATEGORY_UNSPECIFIED
-        ),
         spent=value.spent,
         granted=value.granted,
         refunded=value.refunded,
         expired=value.expired,
         voided=value.voided,
     )
+    # Only the field of the group asked for is set.
+    if value.kind is not None:
+        bucket.kind = _KINDS[value.kind]
+    if value.scope is not None:
+        bucket.scope = value.scope
+    if value.category is not None:
+        bucket.category = _GRANT_CATEGORIES[value.category]
+    return bucket

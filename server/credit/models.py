@@ -314,7 +314,7 @@ class UsageBucket:
 
     start_time: datetime
     kind: TransactionKind | None
-    scope: str
+    scope: str | None
     category: GrantCategory | None
     spent: int
     granted: int

@@ -179,9 +179,9 @@ def spend_limits(raw: Mapping[str, Any]) -> list[SpendLimit]:
 def usage_bucket(row: Mapping[str, Any]) -> UsageBucket:
     return UsageBucket(
         start_time=datetime.fromisoformat(row["start_time"]),
-        kind=TransactionKind(row["kind"]) if row["kind"] else None,
+        kind=TransactionKind(row["kind"]) if row["kind"] is not None else None,
         scope=row["scope"],
-        category=GrantCategory(row["category"]) if row["category"] else None,
+        category=GrantCategory(row["category"]) if row["category"] is not None else None,
         spent=row["spent"],
         granted=row["granted"],
         refunded=row["refunded"],

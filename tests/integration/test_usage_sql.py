@@ -160,6 +160,9 @@ def brute_force(rows: list[asyncpg.Record], granularity: str, group: str) -> dic
 def answered(buckets: list[dict[str, Any]], group: str) -> dict[Any, Any]:
     out = {}
     for b in buckets:
+        assert [name for name in ("kind", "scope", "category") if b[name] is not None] == (
+            [] if group == "none" else [group]
+        )
         key = "" if group == "none" else b[group]
         amounts = {name: b[name] for name in set(KINDS.values()) if b[name]}
         out[(datetime.fromisoformat(b["start_time"]).astimezone(UTC), key)] = amounts

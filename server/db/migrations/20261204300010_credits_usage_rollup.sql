@@ -100,7 +100,7 @@ $$;
 -- The user's usage in [p_start, p_end) (whole hours), in buckets of `p_granularity` ('hour',
 -- 'day' or 'month', UTC) grouped by `p_group_by` ('none', 'kind', 'scope' or 'category'):
 -- [{"start_time", "kind", "scope", "category", "spent", "granted", "refunded", "expired",
--- "voided"}] by start_time, then group. Spent: debits and captures. User own, service. CR003 when
+-- "voided"}] by start_time, then group (the group's field set, the others null). Spent: debits and captures. User own, service. CR003 when
 -- there is no profile; 42501 for another user's.
 create function public.credit_get_usage(
   p_user_id uuid, p_start timestamptz, p_end timestamptz, p_granularity text, p_group_by text
@@ -127,9 +127,9 @@ begin
              'expired', b.expired, 'voided', b.voided)
              order by b.bucket, b.kind, b.scope, b.category), '[]'::jsonb)
       from (select pg_catalog.date_trunc(p_granularity, u.hour, 'UTC') as bucket,
-                   case when p_group_by = 'kind' then u.kind else '' end as kind,
-                   case when p_group_by = 'scope' then u.scope else '' end as scope,
-                   case when p_group_by = 'category' then u.category else '' end as category,
+                   case when p_group_by = 'kind' then u.kind end as kind,
+                   case when p_group_by = 'scope' then u.scope end as scope,
+                   case when p_group_by = 'category' then u.category end as category,
                    coalesce(pg_catalog.sum(u.amount)
                               filter (where u.kind in ('debit', 'capture')), 0) as spent,
                    coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'grant'), 0)

@@ -151,11 +151,11 @@ class UsageBucket(_message.Message):
     EXPIRED_FIELD_NUMBER: _builtins.int
     VOIDED_FIELD_NUMBER: _builtins.int
     kind: _ledger_pb2.TransactionKind.ValueType
-    """The group, set only when grouping by kind."""
+    """The group: set only when grouping by kind."""
     scope: _builtins.str
-    """The group, when grouping by scope."""
+    """The group: set only when grouping by scope (empty: unscoped spending, grants and the like)."""
     category: _grant_pb2.GrantCategory.ValueType
-    """The group, set only when grouping by grant category."""
+    """The group: set only when grouping by grant category."""
     spent: _builtins.int
     """Debits and captures."""
     granted: _builtins.int
@@ -174,19 +174,30 @@ class UsageBucket(_message.Message):
         self,
         *,
         start_time: _timestamp_pb2.Timestamp | None = ...,
-        kind: _ledger_pb2.TransactionKind.ValueType = ...,
-        scope: _builtins.str = ...,
-        category: _grant_pb2.GrantCategory.ValueType = ...,
+        kind: _ledger_pb2.TransactionKind.ValueType | None = ...,
+        scope: _builtins.str | None = ...,
+        category: _grant_pb2.GrantCategory.ValueType | None = ...,
         spent: _builtins.int = ...,
         granted: _builtins.int = ...,
         refunded: _builtins.int = ...,
         expired: _builtins.int = ...,
         voided: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_category", b"_category", "_kind", b"_kind", "_scope", b"_scope", "category", b"category", "kind", b"kind", "scope", b"scope", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "expired", b"expired", "granted", b"granted", "kind", b"kind", "refunded", b"refunded", "scope", b"scope", "spent", b"spent", "start_time", b"start_time", "voided", b"voided"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_category", b"_category", "_kind", b"_kind", "_scope", b"_scope", "category", b"category", "expired", b"expired", "granted", b"granted", "kind", b"kind", "refunded", b"refunded", "scope", b"scope", "spent", b"spent", "start_time", b"start_time", "voided", b"voided"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__category: _TypeAlias = _typing.Literal["category"]  # noqa: Y015
+    _WhichOneofArgType__category: _TypeAlias = _typing.Literal["_category", b"_category"]  # noqa: Y015
+    _WhichOneofReturnType__kind: _TypeAlias = _typing.Literal["kind"]  # noqa: Y015
+    _WhichOneofArgType__kind: _TypeAlias = _typing.Literal["_kind", b"_kind"]  # noqa: Y015
+    _WhichOneofReturnType__scope: _TypeAlias = _typing.Literal["scope"]  # noqa: Y015
+    _WhichOneofArgType__scope: _TypeAlias = _typing.Literal["_scope", b"_scope"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__category) -> _WhichOneofReturnType__category | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__kind) -> _WhichOneofReturnType__kind | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__scope) -> _WhichOneofReturnType__scope | None: ...
 
 Global___UsageBucket: _TypeAlias = UsageBucket  # noqa: Y015

@@ -27,21 +27,21 @@ from credits_client._proto import ledger_pb2 as credits_dot_v1_dot_ledger__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63redits/v1/usage.proto\x12\ncredits.v1\x1a\x16\x63redits/v1/grant.proto\x1a\x17\x63redits/v1/ledger.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\nSpendLimit\x12\'\n\x06period\x18\x01 \x01(\x0e\x32\x17.credits.v1.SpendPeriod\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\r\n\x05spent\x18\x03 \x01(\x03\x12.\n\nreset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nis_default\x18\x05 \x01(\x08\"\xf7\x01\n\x0bUsageBucket\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.credits.v1.TransactionKind\x12\r\n\x05scope\x18\x03 \x01(\t\x12+\n\x08\x63\x61tegory\x18\x04 \x01(\x0e\x32\x19.credits.v1.GrantCategory\x12\r\n\x05spent\x18\x05 \x01(\x03\x12\x0f\n\x07granted\x18\x06 \x01(\x03\x12\x10\n\x08refunded\x18\x07 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x08 \x01(\x03\x12\x0e\n\x06voided\x18\t \x01(\x03*p\n\x0bSpendPeriod\x12\x1c\n\x18SPEND_PERIOD_UNSPECIFIED\x10\x00\x12\x14\n\x10SPEND_PERIOD_DAY\x10\x01\x12\x15\n\x11SPEND_PERIOD_WEEK\x10\x02\x12\x16\n\x12SPEND_PERIOD_MONTH\x10\x03*\x89\x01\n\x10UsageGranularity\x12!\n\x1dUSAGE_GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_GRANULARITY_HOUR\x10\x01\x12\x19\n\x15USAGE_GRANULARITY_DAY\x10\x02\x12\x1b\n\x17USAGE_GRANULARITY_MONTH\x10\x03*\x9d\x01\n\x0cUsageGroupBy\x12\x1e\n\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x17\n\x13USAGE_GROUP_BY_NONE\x10\x01\x12\x17\n\x13USAGE_GROUP_BY_KIND\x10\x02\x12\x18\n\x14USAGE_GROUP_BY_SCOPE\x10\x03\x12!\n\x1dUSAGE_GROUP_BY_GRANT_CATEGORY\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63redits/v1/usage.proto\x12\ncredits.v1\x1a\x16\x63redits/v1/grant.proto\x1a\x17\x63redits/v1/ledger.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x01\n\nSpendLimit\x12\'\n\x06period\x18\x01 \x01(\x0e\x32\x17.credits.v1.SpendPeriod\x12\r\n\x05limit\x18\x02 \x01(\x03\x12\r\n\x05spent\x18\x03 \x01(\x03\x12.\n\nreset_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nis_default\x18\x05 \x01(\x08\"\xa6\x02\n\x0bUsageBucket\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.credits.v1.TransactionKindH\x00\x88\x01\x01\x12\x12\n\x05scope\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x30\n\x08\x63\x61tegory\x18\x04 \x01(\x0e\x32\x19.credits.v1.GrantCategoryH\x02\x88\x01\x01\x12\r\n\x05spent\x18\x05 \x01(\x03\x12\x0f\n\x07granted\x18\x06 \x01(\x03\x12\x10\n\x08refunded\x18\x07 \x01(\x03\x12\x0f\n\x07\x65xpired\x18\x08 \x01(\x03\x12\x0e\n\x06voided\x18\t \x01(\x03\x42\x07\n\x05_kindB\x08\n\x06_scopeB\x0b\n\t_category*p\n\x0bSpendPeriod\x12\x1c\n\x18SPEND_PERIOD_UNSPECIFIED\x10\x00\x12\x14\n\x10SPEND_PERIOD_DAY\x10\x01\x12\x15\n\x11SPEND_PERIOD_WEEK\x10\x02\x12\x16\n\x12SPEND_PERIOD_MONTH\x10\x03*\x89\x01\n\x10UsageGranularity\x12!\n\x1dUSAGE_GRANULARITY_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_GRANULARITY_HOUR\x10\x01\x12\x19\n\x15USAGE_GRANULARITY_DAY\x10\x02\x12\x1b\n\x17USAGE_GRANULARITY_MONTH\x10\x03*\x9d\x01\n\x0cUsageGroupBy\x12\x1e\n\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x17\n\x13USAGE_GROUP_BY_NONE\x10\x01\x12\x17\n\x13USAGE_GROUP_BY_KIND\x10\x02\x12\x18\n\x14USAGE_GROUP_BY_SCOPE\x10\x03\x12!\n\x1dUSAGE_GROUP_BY_GRANT_CATEGORY\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'credits.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SPENDPERIOD']._serialized_start=524
-  _globals['_SPENDPERIOD']._serialized_end=636
-  _globals['_USAGEGRANULARITY']._serialized_start=639
-  _globals['_USAGEGRANULARITY']._serialized_end=776
-  _globals['_USAGEGROUPBY']._serialized_start=779
-  _globals['_USAGEGROUPBY']._serialized_end=936
+  _globals['_SPENDPERIOD']._serialized_start=571
+  _globals['_SPENDPERIOD']._serialized_end=683
+  _globals['_USAGEGRANULARITY']._serialized_start=686
+  _globals['_USAGEGRANULARITY']._serialized_end=823
+  _globals['_USAGEGROUPBY']._serialized_start=826
+  _globals['_USAGEGROUPBY']._serialized_end=983
   _globals['_SPENDLIMIT']._serialized_start=121
   _globals['_SPENDLIMIT']._serialized_end=272
   _globals['_USAGEBUCKET']._serialized_start=275
-  _globals['_USAGEBUCKET']._serialized_end=522
+  _globals['_USAGEBUCKET']._serialized_end=569
 # @@protoc_insertion_point(module_scope)

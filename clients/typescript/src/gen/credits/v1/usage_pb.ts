@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file credits/v1/usage.proto.
  */
 export const file_credits_v1_usage: GenFile = /*@__PURE__*/
-  fileDesc("ChZjcmVkaXRzL3YxL3VzYWdlLnByb3RvEgpjcmVkaXRzLnYxIpcBCgpTcGVuZExpbWl0EicKBnBlcmlvZBgBIAEoDjIXLmNyZWRpdHMudjEuU3BlbmRQZXJpb2QSDQoFbGltaXQYAiABKAMSDQoFc3BlbnQYAyABKAMSLgoKcmVzZXRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaXNfZGVmYXVsdBgFIAEoCCL3AQoLVXNhZ2VCdWNrZXQSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKQoEa2luZBgCIAEoDjIbLmNyZWRpdHMudjEuVHJhbnNhY3Rpb25LaW5kEg0KBXNjb3BlGAMgASgJEisKCGNhdGVnb3J5GAQgASgOMhkuY3JlZGl0cy52MS5HcmFudENhdGVnb3J5Eg0KBXNwZW50GAUgASgDEg8KB2dyYW50ZWQYBiABKAMSEAoIcmVmdW5kZWQYByABKAMSDwoHZXhwaXJlZBgIIAEoAxIOCgZ2b2lkZWQYCSABKAMqcAoLU3BlbmRQZXJpb2QSHAoYU1BFTkRfUEVSSU9EX1VOU1BFQ0lGSUVEEAASFAoQU1BFTkRfUEVSSU9EX0RBWRABEhUKEVNQRU5EX1BFUklPRF9XRUVLEAISFgoSU1BFTkRfUEVSSU9EX01PTlRIEAMqiQEKEFVzYWdlR3JhbnVsYXJpdHkSIQodVVNBR0VfR1JBTlVMQVJJVFlfVU5TUEVDSUZJRUQQABIaChZVU0FHRV9HUkFOVUxBUklUWV9IT1VSEAESGQoVVVNBR0VfR1JBTlVMQVJJVFlfREFZEAISGwoXVVNBR0VfR1JBTlVMQVJJVFlfTU9OVEgQAyqdAQoMVXNhZ2VHcm91cEJ5Eh4KGlVTQUdFX0dST1VQX0JZX1VOU1BFQ0lGSUVEEAASFwoTVVNBR0VfR1JPVVBfQllfTk9ORRABEhcKE1VTQUdFX0dST1VQX0JZX0tJTkQQAhIYChRVU0FHRV9HUk9VUF9CWV9TQ09QRRADEiEKHVVTQUdFX0dST1VQX0JZX0dSQU5UX0NBVEVHT1JZEARiBnByb3RvMw", [file_credits_v1_grant, file_credits_v1_ledger, file_google_protobuf_timestamp]);
+  fileDesc("ChZjcmVkaXRzL3YxL3VzYWdlLnByb3RvEgpjcmVkaXRzLnYxIpcBCgpTcGVuZExpbWl0EicKBnBlcmlvZBgBIAEoDjIXLmNyZWRpdHMudjEuU3BlbmRQZXJpb2QSDQoFbGltaXQYAiABKAMSDQoFc3BlbnQYAyABKAMSLgoKcmVzZXRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKaXNfZGVmYXVsdBgFIAEoCCKmAgoLVXNhZ2VCdWNrZXQSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoEa2luZBgCIAEoDjIbLmNyZWRpdHMudjEuVHJhbnNhY3Rpb25LaW5kSACIAQESEgoFc2NvcGUYAyABKAlIAYgBARIwCghjYXRlZ29yeRgEIAEoDjIZLmNyZWRpdHMudjEuR3JhbnRDYXRlZ29yeUgCiAEBEg0KBXNwZW50GAUgASgDEg8KB2dyYW50ZWQYBiABKAMSEAoIcmVmdW5kZWQYByABKAMSDwoHZXhwaXJlZBgIIAEoAxIOCgZ2b2lkZWQYCSABKANCBwoFX2tpbmRCCAoGX3Njb3BlQgsKCV9jYXRlZ29yeSpwCgtTcGVuZFBlcmlvZBIcChhTUEVORF9QRVJJT0RfVU5TUEVDSUZJRUQQABIUChBTUEVORF9QRVJJT0RfREFZEAESFQoRU1BFTkRfUEVSSU9EX1dFRUsQAhIWChJTUEVORF9QRVJJT0RfTU9OVEgQAyqJAQoQVXNhZ2VHcmFudWxhcml0eRIhCh1VU0FHRV9HUkFOVUxBUklUWV9VTlNQRUNJRklFRBAAEhoKFlVTQUdFX0dSQU5VTEFSSVRZX0hPVVIQARIZChVVU0FHRV9HUkFOVUxBUklUWV9EQVkQAhIbChdVU0FHRV9HUkFOVUxBUklUWV9NT05USBADKp0BCgxVc2FnZUdyb3VwQnkSHgoaVVNBR0VfR1JPVVBfQllfVU5TUEVDSUZJRUQQABIXChNVU0FHRV9HUk9VUF9CWV9OT05FEAESFwoTVVNBR0VfR1JPVVBfQllfS0lORBACEhgKFFVTQUdFX0dST1VQX0JZX1NDT1BFEAMSIQodVVNBR0VfR1JPVVBfQllfR1JBTlRfQ0FURUdPUlkQBGIGcHJvdG8z", [file_credits_v1_grant, file_credits_v1_ledger, file_google_protobuf_timestamp]);
 
 /**
  * A limit on what a user may spend in a period, and what they spent in the current one.
@@ -81,25 +81,25 @@ export type UsageBucket = Message<"credits.v1.UsageBucket"> & {
   startTime?: Timestamp | undefined;
 
   /**
-   * The group, set only when grouping by kind.
+   * The group: set only when grouping by kind.
    *
-   * @generated from field: credits.v1.TransactionKind kind = 2;
+   * @generated from field: optional credits.v1.TransactionKind kind = 2;
    */
-  kind: TransactionKind;
+  kind?: TransactionKind | undefined;
 
   /**
-   * The group, when grouping by scope.
+   * The group: set only when grouping by scope (empty: unscoped spending, grants and the like).
    *
-   * @generated from field: string scope = 3;
+   * @generated from field: optional string scope = 3;
    */
-  scope: string;
+  scope?: string | undefined;
 
   /**
-   * The group, set only when grouping by grant category.
+   * The group: set only when grouping by grant category.
    *
-   * @generated from field: credits.v1.GrantCategory category = 4;
+   * @generated from field: optional credits.v1.GrantCategory category = 4;
    */
-  category: GrantCategory;
+  category?: GrantCategory | undefined;
 
   /**
    * Debits and captures.
