@@ -73,7 +73,7 @@ def contract_text() -> str:
 
 def test_contract_table_parses_to_the_known_reasons() -> None:
     pairs = contract_errors(contract_text())
-    assert len(pairs) == 22
+    assert len(pairs) == 24
     assert (grpc.StatusCode.FAILED_PRECONDITION, "INSUFFICIENT_CREDITS") in pairs
 
 
