@@ -21,6 +21,7 @@ from credits_client import (
     InsufficientCredits,
     PermissionDenied,
     ServiceKey,
+    SpendLimitExceeded,
     TokenExpired,
     TokenProvider,
 )
@@ -223,6 +224,48 @@ async def test_sync_client_grant_rpcs(server: application.Application) -> None:
             assert service.void_grant(grant_id=later.grant.grant_id, idempotency_key="v").replayed
 
     await asyncio.to_thread(flow)
+
+
+async def test_async_client_spend_control_rpcs(server: application.Application) -> None:
+    user_id = uuid.uuid4()
+    uid = str(user_id)
+    today = datetime.datetime.now(datetime.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    async with (
+        AsyncCreditsClient(target(server), credentials=ServiceKey(SERVICE_TOKEN)) as service,
+        AsyncCreditsClient(target(server), credentials=user_token(user_id)) as me,
+    ):
+        await me.get_balance()
+        await service.grant_credits(user_id=uid, amount=50)
+        limits = await service.set_spend_limit(user_id=uid, period=t.SPEND_PERIOD_DAY, limit=10)
+        assert [(x.period, x.limit) for x in limits.limits] == [(t.SPEND_PERIOD_DAY, 10)]
+        await me.debit_credits(amount=6, scope=MODEL)
+        with pytest.raises(SpendLimitExceeded) as over:
+            await me.debit_credits(amount=5)
+        assert (over.value.period, over.value.limit, over.value.spent) == ("day", 10, 6)
+        assert over.value.reset_time == today + datetime.timedelta(days=1)
+        assert (await me.get_spend_limits()).limits[0].spent == 6
+        usage = await me.get_usage(
+            start_time=today,
+            end_time=today + datetime.timedelta(days=1),
+            granularity=t.USAGE_GRANULARITY_DAY,
+            group_by=t.USAGE_GROUP_BY_SCOPE,
+        )
+        assert [(b.scope, b.spent, b.granted) for b in usage.buckets] == [
+            ("", 0, 50),
+            (MODEL, 6, 0),
+        ]
+        exported = [e async for e in service.export_transactions(user_id=uid)]
+        assert [(e.kind, e.amount) for e in exported] == [
+            (t.TRANSACTION_KIND_GRANT, 50),
+            (t.TRANSACTION_KIND_DEBIT, 6),
+        ]
+
+    def sync_flow() -> None:
+        with CreditsClient(target(server), credentials=ServiceKey(SERVICE_TOKEN)) as client:
+            assert [e.amount for e in client.export_transactions(user_id=uid)] == [50, 6]
+            assert client.get_spend_limits(user_id=uid).limits[0].limit == 10
+
+    await asyncio.to_thread(sync_flow)
 
 
 async def test_a_token_provider_refreshes_an_expired_token(
