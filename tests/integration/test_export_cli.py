@@ -103,13 +103,14 @@ async def test_export_of_100k_entries_streams_in_bounded_memory(
 async def test_csv_export_of_a_user_and_of_every_user_in_a_time_range(
     owner: asyncpg.Connection, database_url: str, tmp_path: Path
 ) -> None:
-    user = await a_user_with(owner, 3)
+    user = await a_user_with(owner, 4)
     export(database_url, "--user", str(user), output=tmp_path / "one.csv")
     rows = list(csv.DictReader(io.StringIO((tmp_path / "one.csv").read_text())))
     assert [(r["kind"], r["amount"], r["user_id"]) for r in rows] == [
         ("grant", "1", str(user)),
         ("debit", "1", str(user)),
         ("grant", "1", str(user)),
+        ("debit", "1", str(user)),
     ]
     assert json.loads(rows[0]["metadata"]) == {"n": "0"}
     assert json.loads(rows[0]["allocations"]) == []

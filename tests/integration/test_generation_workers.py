@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,18 @@ async def test_a_job_whose_hold_expired_fails_uncharged(
 # Many jobs, several workers
 
 
+@contextlib.asynccontextmanager
+async def active_generations_cap(database_url: str, cap: int) -> AsyncIterator[None]:
+    """CREDITS_MAX_ACTIVE_GENERATIONS as `cap` in the database, then back to the default 8."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("select public.credit_configure_limits(null, null, $1)", cap)
+        yield
+    finally:
+        await conn.execute("select public.credit_configure_limits(null, null, 8)")
+        await conn.close()
+
+
 async def test_fifty_generations_across_four_workers_are_each_charged_once(
     server: application.Application,
     credits: CreditStub,
@@ -199,10 +211,12 @@ async def test_fifty_generations_across_four_workers_are_each_charged_once(
 ) -> None:
     count, start = 50, 1000
     user = await funded(credits, start)
-    # Created first, then run: claims and completions race each other.
-    created = await asyncio.gather(
-        *(create(generations, user, prompt=f"picture {i}") for i in range(count))
-    )
+    # Created first, then run: claims and completions race each other. (All 50 active at once:
+    # past the cap on a user's active generations, raised for this test.)
+    async with active_generations_cap(database_url, count):
+        created = await asyncio.gather(
+            *(create(generations, user, prompt=f"picture {i}") for i in range(count))
+        )
     ids = {g.generation_id for g in created}
     assert len(ids) == count
     assert await balance(credits, user) == (start, count * COST)

@@ -49,11 +49,12 @@ create table public.credit_spend_limits (
   updated_at timestamptz not null default now()
 );
 
--- What each user spent per UTC day, as the caps count it (see the top of this file).
+-- What each user spent per UTC day, as the caps count it (see the top of this file). Numeric:
+-- a day's spending may add up past the largest balance (credits granted again and spent again).
 create table public.credit_spend_days (
   user_id uuid not null references public.credit_profiles (user_id),
   day date not null,
-  spent bigint not null check (spent >= 0),
+  spent numeric not null check (spent >= 0),
   primary key (user_id, day)
 );
 
@@ -120,14 +121,14 @@ $$;
 -- (`p_day_limit`, `p_week_limit`, `p_month_limit`; null: none). The caller holds the profile's
 -- row lock; the refusal undoes the count with everything else.
 create function credits_private.judge_spending(
-  p_user_id uuid, p_day date, p_spent bigint, p_amount bigint, p_day_limit bigint,
+  p_user_id uuid, p_day date, p_spent numeric, p_amount bigint, p_day_limit bigint,
   p_week_limit bigint, p_month_limit bigint
 ) returns void
 language plpgsql
 set search_path = ''
 as $$
 declare
-  v_spent bigint := p_spent;
+  v_spent numeric := p_spent;
   v_period text;
   v_limit bigint;
   v_bounds record;
@@ -138,7 +139,7 @@ begin
     continue when v_limit is null;
     v_bounds := credits_private.period_bounds(v_period, p_day);
     if v_period <> 'day' then
-      select pg_catalog.sum(d.spent)::bigint into v_spent
+      select pg_catalog.sum(d.spent) into v_spent
         from public.credit_spend_days d
        where d.user_id = p_user_id and d.day >= v_bounds.first_day
          and d.day < v_bounds.next_day;
@@ -146,7 +147,8 @@ begin
     if v_spent > v_limit then
       raise exception using errcode = 'CR020', message = 'spend limit exceeded',
         detail = pg_catalog.jsonb_build_object(
-          'period', v_period, 'limit', v_limit, 'spent', v_spent - p_amount,
+          'period', v_period, 'limit', v_limit,
+          'spent', least(v_spent - p_amount, 9223372036854775807),
           'reset_time', v_bounds.next_day::timestamp at time zone 'UTC')::text;
     end if;
   end loop;
@@ -387,7 +389,7 @@ declare
   v_limits record;
   v_limit bigint;
   v_bounds record;
-  v_spent bigint;
+  v_spent numeric;
   v_period text;
   v_out jsonb := '[]';
 begin
@@ -397,17 +399,18 @@ begin
                              when 'week' then v_limits.week_limit else v_limits.month_limit end;
     continue when v_limit is null;
     v_bounds := credits_private.period_bounds(v_period, v_day);
-    select coalesce(pg_catalog.sum(d.spent), 0)::bigint into v_spent
+    select coalesce(pg_catalog.sum(d.spent), 0) into v_spent
       from public.credit_spend_days d
      where d.user_id = p_user_id and d.day >= v_bounds.first_day
        and d.day < v_bounds.next_day;
-    select greatest(v_spent - coalesce(pg_catalog.sum(h.amount), 0), 0)::bigint into v_spent
+    select greatest(v_spent - coalesce(pg_catalog.sum(h.amount), 0), 0) into v_spent
       from public.credit_holds h
      where h.user_id = p_user_id and h.state = 'pending' and h.expires_at <= v_now
        and (h.created_at at time zone 'UTC')::date >= v_bounds.first_day
        and (h.created_at at time zone 'UTC')::date < v_bounds.next_day;
     v_out := v_out || pg_catalog.jsonb_build_object(
-      'period', v_period, 'limit', v_limit, 'spent', v_spent,
+      -- (int64 in the API: what passed its largest shows as that)
+      'period', v_period, 'limit', v_limit, 'spent', least(v_spent, 9223372036854775807),
       'reset_time', v_bounds.next_day::timestamp at time zone 'UTC',
       'default', not case v_period when 'day' then v_limits.own_day
                                    when 'week' then v_limits.own_week

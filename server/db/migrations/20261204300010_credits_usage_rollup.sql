@@ -13,7 +13,8 @@ create table public.credit_usage (
   kind text not null,
   scope text not null,
   category text not null,
-  amount bigint not null check (amount > 0),
+  -- Numeric: an hour's grants (say) may add up past the largest balance.
+  amount numeric not null check (amount > 0),
   primary key (user_id, hour, kind, scope, category)
 );
 
@@ -130,16 +131,18 @@ begin
                    case when p_group_by = 'kind' then u.kind end as kind,
                    case when p_group_by = 'scope' then u.scope end as scope,
                    case when p_group_by = 'category' then u.category end as category,
-                   coalesce(pg_catalog.sum(u.amount)
-                              filter (where u.kind in ('debit', 'capture')), 0) as spent,
-                   coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'grant'), 0)
-                     as granted,
-                   coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'refund'), 0)
-                     as refunded,
-                   coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'expire'), 0)
-                     as expired,
-                   coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'void'), 0)
-                     as voided
+                   -- (int64 in the API: a sum past its largest shows as that)
+                   least(coalesce(pg_catalog.sum(u.amount)
+                                    filter (where u.kind in ('debit', 'capture')), 0),
+                         9223372036854775807) as spent,
+                   least(coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'grant'), 0),
+                         9223372036854775807) as granted,
+                   least(coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'refund'), 0),
+                         9223372036854775807) as refunded,
+                   least(coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'expire'), 0),
+                         9223372036854775807) as expired,
+                   least(coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'void'), 0),
+                         9223372036854775807) as voided
               from public.credit_usage u
              where u.user_id = p_user_id and u.hour >= p_start and u.hour < p_end
              group by 1, 2, 3, 4) b);
