@@ -51,6 +51,15 @@ ROLLUP = """
     select hour, kind, scope, category, amount from public.credit_usage
      where user_id = $1 order by 1, 2, 3, 4
 """
+# The daily rollup as the hourly one adds up.
+DAYS_FROM_HOURS = """
+    select date_trunc('day', hour, 'UTC'), kind, scope, category, sum(amount)
+      from public.credit_usage where user_id = $1 group by 1, 2, 3, 4 order by 1, 2, 3, 4
+"""
+DAYS = """
+    select day, kind, scope, category, amount from public.credit_usage_days
+     where user_id = $1 order by 1, 2, 3, 4
+"""
 
 
 async def set_limit(
@@ -74,6 +83,8 @@ async def rollup_matches_ledger(database_url: str, *users: User) -> None:
         for user in users:
             expected = [tuple(r) for r in await conn.fetch(ROLLUP_FROM_LEDGER, user.id)]
             assert [tuple(r) for r in await conn.fetch(ROLLUP, user.id)] == expected
+            days = [tuple(r) for r in await conn.fetch(DAYS_FROM_HOURS, user.id)]
+            assert [tuple(r) for r in await conn.fetch(DAYS, user.id)] == days
     finally:
         await conn.close()
 

@@ -36,6 +36,7 @@ TABLES = (
     "credit_spend_limits",
     "credit_spend_days",
     "credit_usage",
+    "credit_usage_days",
 )
 INSUFFICIENT_PRIVILEGE = "42501"
 CHECK_VIOLATION = "23514"
@@ -419,6 +420,8 @@ WRITES_BY_USERS = [
     " values ($1, '2000-01-01', 'grant', '', 'paid', 1000000)",
     "update public.credit_usage set amount = 1 where user_id = $1",
     "delete from public.credit_usage where user_id = $1",
+    "update public.credit_usage_days set amount = 1 where user_id = $1",
+    "delete from public.credit_usage_days where user_id = $1",
 ]
 TRUNCATES = [f"truncate public.{table} cascade" for table in (*TABLES, "credit_models")]
 
@@ -683,6 +686,8 @@ WRITES_BY_SERVICE = [
     " values ($1, '2000-01-01', 'grant', '', 'paid', 1000000)",
     "update public.credit_usage set amount = 1 where user_id = $1",
     "delete from public.credit_usage where user_id = $1",
+    "update public.credit_usage_days set amount = 1 where user_id = $1",
+    "delete from public.credit_usage_days where user_id = $1",
 ]
 
 

@@ -24,6 +24,43 @@ alter table public.credit_usage enable row level security;
 create policy credit_usage_read_own on public.credit_usage
   for select to authenticated using (user_id = (select auth.uid()));
 
+-- The same by UTC day, kept from the hourly rows by the trigger below: GetUsage by day or month
+-- reads at most a row per day and group, however busy the user's hours were.
+create table public.credit_usage_days (
+  user_id uuid not null references public.credit_profiles (user_id),
+  day timestamptz not null,
+  kind text not null,
+  scope text not null,
+  category text not null,
+  amount numeric not null check (amount > 0),
+  primary key (user_id, day, kind, scope, category)
+);
+
+revoke all on public.credit_usage_days from public, anon, authenticated, service_role;
+grant select on public.credit_usage_days to authenticated, service_role;
+alter table public.credit_usage_days enable row level security;
+create policy credit_usage_days_read_own on public.credit_usage_days
+  for select to authenticated using (user_id = (select auth.uid()));
+
+-- After an hourly row is written or added to: its day's row takes the same amount.
+create function credits_private.roll_up_day() returns trigger
+language plpgsql
+set search_path = ''
+as $$
+begin
+  insert into public.credit_usage_days as d (user_id, day, kind, scope, category, amount)
+  values (new.user_id, pg_catalog.date_trunc('day', new.hour, 'UTC'), new.kind, new.scope,
+          new.category, new.amount - coalesce(old.amount, 0))
+  on conflict (user_id, day, kind, scope, category)
+    do update set amount = d.amount + excluded.amount;
+  return null;
+end
+$$;
+
+create trigger credit_usage_days
+  after insert or update of amount on public.credit_usage
+  for each row execute function credits_private.roll_up_day();
+
 -- Adds ledger entry `t` to the rollup, split by the categories of the grants it allocates (its
 -- allocations are written by the statement that writes it: called after it).
 create function credits_private.roll_up(t public.credit_transactions) returns void
@@ -99,7 +136,8 @@ end
 $$;
 
 -- The user's usage in [p_start, p_end) (whole hours), in buckets of `p_granularity` ('hour',
--- 'day' or 'month', UTC) grouped by `p_group_by` ('none', 'kind', 'scope' or 'category'):
+-- 'day' or 'month', UTC; days and months from the daily rows where the range holds whole days,
+-- the hourly rows at its ragged ends) grouped by `p_group_by` ('none', 'kind', 'scope' or 'category'):
 -- [{"start_time", "kind", "scope", "category", "spent", "granted", "refunded", "expired",
 -- "voided"}] by start_time, then group (the group's field set, the others null). Spent: debits and captures. User own, service. CR003 when
 -- there is no profile; 42501 for another user's.
@@ -110,6 +148,9 @@ language plpgsql stable
 security definer
 set search_path = ''
 as $$
+declare
+  v_first_day timestamptz;
+  v_last_day timestamptz;
 begin
   perform credits_private.assert_may_act_for(p_user_id);
   if p_granularity is null or p_granularity not in ('hour', 'day', 'month') then
@@ -121,6 +162,12 @@ begin
   if not exists (select 1 from public.credit_profiles where user_id = p_user_id) then
     raise exception using errcode = 'CR003', message = 'no credit profile for this user';
   end if;
+  -- The whole UTC days within the range.
+  v_first_day := pg_catalog.date_trunc('day', p_start, 'UTC');
+  if v_first_day < p_start then
+    v_first_day := v_first_day + interval '24 hours';
+  end if;
+  v_last_day := greatest(pg_catalog.date_trunc('day', p_end, 'UTC'), v_first_day);
   return (
     select coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
              'start_time', b.bucket, 'kind', b.kind, 'scope', b.scope, 'category', b.category,
@@ -143,8 +190,26 @@ begin
                          9223372036854775807) as expired,
                    least(coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'void'), 0),
                          9223372036854775807) as voided
-              from public.credit_usage u
-             where u.user_id = p_user_id and u.hour >= p_start and u.hour < p_end
+              from (select x.hour, x.kind, x.scope, x.category, x.amount
+                      from public.credit_usage x
+                     where p_granularity = 'hour' and x.user_id = p_user_id
+                       and x.hour >= p_start and x.hour < p_end
+                    union all
+                    -- (the ragged ends, each its own index range)
+                    select x.hour, x.kind, x.scope, x.category, x.amount
+                      from public.credit_usage x
+                     where p_granularity <> 'hour' and x.user_id = p_user_id
+                       and x.hour >= p_start and x.hour < least(v_first_day, p_end)
+                    union all
+                    select x.hour, x.kind, x.scope, x.category, x.amount
+                      from public.credit_usage x
+                     where p_granularity <> 'hour' and x.user_id = p_user_id
+                       and x.hour >= greatest(v_last_day, p_start) and x.hour < p_end
+                    union all
+                    select y.day, y.kind, y.scope, y.category, y.amount
+                      from public.credit_usage_days y
+                     where p_granularity <> 'hour' and y.user_id = p_user_id
+                       and y.day >= v_first_day and y.day < v_last_day) u
              group by 1, 2, 3, 4) b);
 end
 $$;
