@@ -100,13 +100,15 @@ async def create_with_usage(database_url: str) -> None:
             user = with_usage(entries)
             await conn.execute("select public.credit_provision_profile($1, '')", user)
             await conn.execute(
-                "insert into public.credit_usage (user_id, hour, kind, scope, category, amount)"
-                " select $1::uuid, $2::timestamptz + (n % $4::integer) * interval '1 hour',"
-                " (array['debit', 'capture', 'grant', 'refund'])[1 + n % 4],"
-                " case when n % 4 = 2 then '' else (array['', 'a', 'b', 'c'])[1 + n / 7 % 4] end,"
-                " (array['paid', 'promotional'])[1 + n / 11 % 2], sum(1 + n % 5)"
-                " from generate_series(0, $3::integer - 1) n group by 1, 2, 3, 4, 5"
-                " on conflict do nothing",
+                "select credits_private.add_usage(x.u, x.hour, x.kind, x.scope, x.category,"
+                " x.amount) from (select $1::uuid as u,"
+                " $2::timestamptz + (n % $4::integer) * interval '1 hour' as hour,"
+                " (array['debit', 'capture', 'grant', 'refund'])[1 + n % 4] as kind,"
+                " case when n % 4 = 2 then '' else (array['', 'a', 'b', 'c'])[1 + n / 7 % 4] end"
+                " as scope, (array['paid', 'promotional'])[1 + n / 11 % 2] as category,"
+                " sum(1 + n % 5) as amount"
+                " from generate_series(0, $3::integer - 1) n group by 1, 2, 3, 4, 5) x"
+                " where not exists (select 1 from public.credit_usage where user_id = $1)",
                 user,
                 USAGE_MONTH,
                 entries,

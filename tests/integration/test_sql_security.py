@@ -36,7 +36,6 @@ TABLES = (
     "credit_spend_limits",
     "credit_spend_days",
     "credit_usage",
-    "credit_usage_days",
 )
 INSUFFICIENT_PRIVILEGE = "42501"
 CHECK_VIOLATION = "23514"
@@ -416,12 +415,10 @@ WRITES_BY_USERS = [
     "insert into public.credit_spend_days (user_id, day, spent) values ($1, '2000-01-01', 0)",
     "update public.credit_spend_days set spent = 0 where user_id = $1",
     "delete from public.credit_spend_days where user_id = $1",
-    "insert into public.credit_usage (user_id, hour, kind, scope, category, amount)"
-    " values ($1, '2000-01-01', 'grant', '', 'paid', 1000000)",
+    "insert into public.credit_usage (user_id, day, kind, scope, category, amount, hours)"
+    " values ($1, '2000-01-01', 'grant', '', 'paid', 1000000, array_fill(0, array[24]))",
     "update public.credit_usage set amount = 1 where user_id = $1",
     "delete from public.credit_usage where user_id = $1",
-    "update public.credit_usage_days set amount = 1 where user_id = $1",
-    "delete from public.credit_usage_days where user_id = $1",
 ]
 TRUNCATES = [f"truncate public.{table} cascade" for table in (*TABLES, "credit_models")]
 
@@ -682,12 +679,10 @@ WRITES_BY_SERVICE = [
     "insert into public.credit_spend_days (user_id, day, spent) values ($1, '2000-01-01', 0)",
     "update public.credit_spend_days set spent = 0 where user_id = $1",
     "delete from public.credit_spend_days where user_id = $1",
-    "insert into public.credit_usage (user_id, hour, kind, scope, category, amount)"
-    " values ($1, '2000-01-01', 'grant', '', 'paid', 1000000)",
+    "insert into public.credit_usage (user_id, day, kind, scope, category, amount, hours)"
+    " values ($1, '2000-01-01', 'grant', '', 'paid', 1000000, array_fill(0, array[24]))",
     "update public.credit_usage set amount = 1 where user_id = $1",
     "delete from public.credit_usage where user_id = $1",
-    "update public.credit_usage_days set amount = 1 where user_id = $1",
-    "delete from public.credit_usage_days where user_id = $1",
 ]
 
 

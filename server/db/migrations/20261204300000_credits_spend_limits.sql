@@ -571,14 +571,22 @@ begin
     insert into public.credit_allocations (transaction_id, grant_id, user_id, ordinal, amount)
     select entry.transaction_id, drawn.grant_id, p_user_id, 1, p_amount from entry, drawn
   ), usage as (
-    -- The usage rollup and the day's spending (credits_private.roll_up and count_spending,
+    -- The usage rollup and the day's spending (credits_private.add_usage and count_spending,
     -- inline: the ledger's trigger passes debits by).
-    insert into public.credit_usage as u (user_id, hour, kind, scope, category, amount)
-    select p_user_id, pg_catalog.date_trunc('hour', entry.created_at, 'UTC'), 'debit', v_scope,
-           drawn.category, p_amount
-      from entry, drawn
-    on conflict (user_id, hour, kind, scope, category)
-      do update set amount = u.amount + excluded.amount
+    insert into public.credit_usage as u (user_id, day, kind, scope, category, amount, hours)
+    select p_user_id, pg_catalog.date_trunc('day', entry.created_at, 'UTC'), 'debit', v_scope,
+           drawn.category, p_amount,
+           pg_catalog.array_fill(0::numeric, array[h.hour - 1]) || p_amount::numeric
+             || pg_catalog.array_fill(0::numeric, array[24 - h.hour])
+      from entry, drawn,
+           lateral (select pg_catalog.date_part('hour', entry.created_at at time zone 'UTC')
+                             ::integer + 1 as hour) h
+    on conflict (user_id, day, kind, scope, category)
+      -- (the hour's element: the one the new row's hours hold the amount in, all others 0)
+      do update set amount = u.amount + excluded.amount,
+                    hours[pg_catalog.array_position(excluded.hours, excluded.amount)] =
+                      u.hours[pg_catalog.array_position(excluded.hours, excluded.amount)]
+                      + excluded.amount
   ), spend as (
     insert into public.credit_spend_days as d (user_id, day, spent)
     select p_user_id, (entry.created_at at time zone 'UTC')::date, p_amount from entry

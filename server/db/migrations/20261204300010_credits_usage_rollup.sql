@@ -1,21 +1,26 @@
 -- Spend controls (issue 20), part 2 of 2: usage reports from a rollup, and the ledger's export.
 --
--- The rollup (public.credit_usage) holds, per user, UTC hour, entry kind, scope and grant
--- category, the credits the ledger moved: one row per combination, added to by a trigger as each
--- entry is written, in the same transaction. An entry's amount is split by the category of the
--- grants its allocations name ('' for entries written before grants existed, which have none).
--- GetUsage answers from it alone, so its cost grows with the hours and groups asked for, never
--- with the size of the ledger.
+-- The rollup (public.credit_usage) holds, per user, UTC day, entry kind, scope and grant
+-- category, the credits the ledger moved that day (`amount`) and in each of its hours (`hours`,
+-- 24 of them): one row per combination, added to as each entry is written, in the same
+-- transaction (a debit by credit_debit itself, every other entry by the trigger below). An
+-- entry's amount is split by the category of the grants its allocations name (paid for entries
+-- written before grants existed, which have none: a balance from then became a paid grant).
+-- GetUsage answers from it alone: a day or month from a row per day and group, an hour from its
+-- element; so its cost grows with the days and groups asked for, never with the ledger.
 
 create table public.credit_usage (
   user_id uuid not null references public.credit_profiles (user_id),
-  hour timestamptz not null,
+  -- The UTC day (its midnight).
+  day timestamptz not null,
   kind text not null,
   scope text not null,
   category text not null,
-  -- Numeric: an hour's grants (say) may add up past the largest balance.
+  -- Numeric: a day's grants (say) may add up past the largest balance.
   amount numeric not null check (amount > 0),
-  primary key (user_id, hour, kind, scope, category)
+  -- hours[h + 1]: what moved from h:00 to h:59 (UTC); they add up to `amount`.
+  hours numeric[] not null check (pg_catalog.cardinality(hours) = 24),
+  primary key (user_id, day, kind, scope, category)
 );
 
 revoke all on public.credit_usage from public, anon, authenticated, service_role;
@@ -24,42 +29,26 @@ alter table public.credit_usage enable row level security;
 create policy credit_usage_read_own on public.credit_usage
   for select to authenticated using (user_id = (select auth.uid()));
 
--- The same by UTC day, kept from the hourly rows by the trigger below: GetUsage by day or month
--- reads at most a row per day and group, however busy the user's hours were.
-create table public.credit_usage_days (
-  user_id uuid not null references public.credit_profiles (user_id),
-  day timestamptz not null,
-  kind text not null,
-  scope text not null,
-  category text not null,
-  amount numeric not null check (amount > 0),
-  primary key (user_id, day, kind, scope, category)
-);
-
-revoke all on public.credit_usage_days from public, anon, authenticated, service_role;
-grant select on public.credit_usage_days to authenticated, service_role;
-alter table public.credit_usage_days enable row level security;
-create policy credit_usage_days_read_own on public.credit_usage_days
-  for select to authenticated using (user_id = (select auth.uid()));
-
--- After an hourly row is written or added to: its day's row takes the same amount.
-create function credits_private.roll_up_day() returns trigger
+-- Adds `p_amount` moved at `p_at` to the user's rollup row of its day, kind, scope and category.
+create function credits_private.add_usage(
+  p_user_id uuid, p_at timestamptz, p_kind text, p_scope text, p_category text,
+  p_amount numeric
+) returns void
 language plpgsql
 set search_path = ''
 as $$
+declare
+  v_hour integer := pg_catalog.date_part('hour', p_at at time zone 'UTC')::integer + 1;
 begin
-  insert into public.credit_usage_days as d (user_id, day, kind, scope, category, amount)
-  values (new.user_id, pg_catalog.date_trunc('day', new.hour, 'UTC'), new.kind, new.scope,
-          new.category, new.amount - coalesce(old.amount, 0))
+  insert into public.credit_usage as u (user_id, day, kind, scope, category, amount, hours)
+  values (p_user_id, pg_catalog.date_trunc('day', p_at, 'UTC'), p_kind, p_scope, p_category,
+          p_amount, pg_catalog.array_fill(0::numeric, array[v_hour - 1]) || p_amount
+                    || pg_catalog.array_fill(0::numeric, array[24 - v_hour]))
   on conflict (user_id, day, kind, scope, category)
-    do update set amount = d.amount + excluded.amount;
-  return null;
+    do update set amount = u.amount + excluded.amount,
+                  hours[v_hour] = u.hours[v_hour] + excluded.amount;
 end
 $$;
-
-create trigger credit_usage_days
-  after insert or update of amount on public.credit_usage
-  for each row execute function credits_private.roll_up_day();
 
 -- Adds ledger entry `t` to the rollup, split by the categories of the grants it allocates (its
 -- allocations are written by the statement that writes it: called after it).
@@ -67,16 +56,20 @@ create function credits_private.roll_up(t public.credit_transactions) returns vo
 language plpgsql
 set search_path = ''
 as $$
+declare
+  v record;
 begin
-  insert into public.credit_usage as u (user_id, hour, kind, scope, category, amount)
-  select t.user_id, pg_catalog.date_trunc('hour', t.created_at, 'UTC'), t.kind, t.scope,
-         coalesce(g.category, 'paid'), pg_catalog.sum(coalesce(a.amount, t.amount))
-    from (select) one
-    left join public.credit_allocations a on a.transaction_id = t.transaction_id
-    left join public.credit_grants g on g.grant_id = a.grant_id
-   group by coalesce(g.category, 'paid')
-  on conflict (user_id, hour, kind, scope, category)
-    do update set amount = u.amount + excluded.amount;
+  for v in
+    select coalesce(g.category, 'paid') as category,
+           pg_catalog.sum(coalesce(a.amount, t.amount)) as amount
+      from (select) one
+      left join public.credit_allocations a on a.transaction_id = t.transaction_id
+      left join public.credit_grants g on g.grant_id = a.grant_id
+     group by 1
+  loop
+    perform credits_private.add_usage(
+      t.user_id, t.created_at, t.kind, t.scope, v.category, v.amount);
+  end loop;
 end
 $$;
 
@@ -98,15 +91,16 @@ create trigger credit_transactions_usage
 
 -- The ledger so far, rolled up the same way (a capture of a generation's hold has its model as
 -- its scope; other entries from before this migration are unscoped).
-insert into public.credit_usage (user_id, hour, kind, scope, category, amount)
-select t.user_id, pg_catalog.date_trunc('hour', t.created_at, 'UTC'), t.kind,
-       coalesce(gen.model, t.scope), coalesce(g.category, 'paid'),
-       pg_catalog.sum(coalesce(a.amount, t.amount))
-  from public.credit_transactions t
-  left join public.credit_generations gen on t.kind = 'capture' and gen.hold_id = t.hold_id
-  left join public.credit_allocations a on a.transaction_id = t.transaction_id
-  left join public.credit_grants g on g.grant_id = a.grant_id
- group by 1, 2, 3, 4, 5;
+select credits_private.add_usage(x.user_id, x.hour, x.kind, x.scope, x.category, x.amount)
+  from (select t.user_id, pg_catalog.date_trunc('hour', t.created_at, 'UTC') as hour, t.kind,
+               coalesce(gen.model, t.scope) as scope, coalesce(g.category, 'paid') as category,
+               pg_catalog.sum(coalesce(a.amount, t.amount)) as amount
+          from public.credit_transactions t
+          left join public.credit_generations gen
+            on t.kind = 'capture' and gen.hold_id = t.hold_id
+          left join public.credit_allocations a on a.transaction_id = t.transaction_id
+          left join public.credit_grants g on g.grant_id = a.grant_id
+         group by 1, 2, 3, 4, 5) x;
 
 -- A ledger entry as JSON (as 20261204100010_credits_grants_machinery.sql defined it), with the
 -- scope of the spending it records.
@@ -136,11 +130,11 @@ end
 $$;
 
 -- The user's usage in [p_start, p_end) (whole hours), in buckets of `p_granularity` ('hour',
--- 'day' or 'month', UTC; days and months from the daily rows where the range holds whole days,
--- the hourly rows at its ragged ends) grouped by `p_group_by` ('none', 'kind', 'scope' or 'category'):
+-- 'day' or 'month', UTC) grouped by `p_group_by` ('none', 'kind', 'scope' or 'category'):
 -- [{"start_time", "kind", "scope", "category", "spent", "granted", "refunded", "expired",
--- "voided"}] by start_time, then group (the group's field set, the others null). Spent: debits and captures. User own, service. CR003 when
--- there is no profile; 42501 for another user's.
+-- "voided"}] by start_time, then group (the group's field set, the others null). Spent: debits
+-- and captures. Whole days (for days and months) from the rows' `amount`, hours from their
+-- `hours`. User own, service. CR003 when there is no profile; 42501 for another user's.
 create function public.credit_get_usage(
   p_user_id uuid, p_start timestamptz, p_end timestamptz, p_granularity text, p_group_by text
 ) returns jsonb
@@ -162,19 +156,22 @@ begin
   if not exists (select 1 from public.credit_profiles where user_id = p_user_id) then
     raise exception using errcode = 'CR003', message = 'no credit profile for this user';
   end if;
-  -- The whole UTC days within the range.
+  -- The whole UTC days within the range (none when asked by the hour).
   v_first_day := pg_catalog.date_trunc('day', p_start, 'UTC');
   if v_first_day < p_start then
     v_first_day := v_first_day + interval '24 hours';
   end if;
   v_last_day := greatest(pg_catalog.date_trunc('day', p_end, 'UTC'), v_first_day);
+  if p_granularity = 'hour' then
+    v_last_day := v_first_day;
+  end if;
   return (
     select coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
              'start_time', b.bucket, 'kind', b.kind, 'scope', b.scope, 'category', b.category,
              'spent', b.spent, 'granted', b.granted, 'refunded', b.refunded,
              'expired', b.expired, 'voided', b.voided)
              order by b.bucket, b.kind, b.scope, b.category), '[]'::jsonb)
-      from (select pg_catalog.date_trunc(p_granularity, u.hour, 'UTC') as bucket,
+      from (select pg_catalog.date_trunc(p_granularity, u.at, 'UTC') as bucket,
                    case when p_group_by = 'kind' then u.kind end as kind,
                    case when p_group_by = 'scope' then u.scope end as scope,
                    case when p_group_by = 'category' then u.category end as category,
@@ -190,26 +187,30 @@ begin
                          9223372036854775807) as expired,
                    least(coalesce(pg_catalog.sum(u.amount) filter (where u.kind = 'void'), 0),
                          9223372036854775807) as voided
-              from (select x.hour, x.kind, x.scope, x.category, x.amount
+              from (select x.day as at, x.kind, x.scope, x.category, x.amount
                       from public.credit_usage x
-                     where p_granularity = 'hour' and x.user_id = p_user_id
-                       and x.hour >= p_start and x.hour < p_end
+                     where x.user_id = p_user_id and x.day >= v_first_day
+                       and x.day < v_last_day
                     union all
-                    -- (the ragged ends, each its own index range)
-                    select x.hour, x.kind, x.scope, x.category, x.amount
-                      from public.credit_usage x
-                     where p_granularity <> 'hour' and x.user_id = p_user_id
-                       and x.hour >= p_start and x.hour < least(v_first_day, p_end)
+                    -- The hours of the days before and after the whole ones (every day's, by
+                    -- the hour), each its own index range.
+                    select x.day + (h.i - 1) * interval '1 hour', x.kind, x.scope, x.category,
+                           h.v
+                      from public.credit_usage x,
+                           unnest(x.hours) with ordinality as h (v, i)
+                     where x.user_id = p_user_id
+                       and x.day >= pg_catalog.date_trunc('day', p_start, 'UTC')
+                       and x.day < v_first_day
+                       and h.v > 0 and x.day + (h.i - 1) * interval '1 hour' >= p_start
+                       and x.day + (h.i - 1) * interval '1 hour' < p_end
                     union all
-                    select x.hour, x.kind, x.scope, x.category, x.amount
-                      from public.credit_usage x
-                     where p_granularity <> 'hour' and x.user_id = p_user_id
-                       and x.hour >= greatest(v_last_day, p_start) and x.hour < p_end
-                    union all
-                    select y.day, y.kind, y.scope, y.category, y.amount
-                      from public.credit_usage_days y
-                     where p_granularity <> 'hour' and y.user_id = p_user_id
-                       and y.day >= v_first_day and y.day < v_last_day) u
+                    select x.day + (h.i - 1) * interval '1 hour', x.kind, x.scope, x.category,
+                           h.v
+                      from public.credit_usage x,
+                           unnest(x.hours) with ordinality as h (v, i)
+                     where x.user_id = p_user_id and x.day >= v_last_day and x.day < p_end
+                       and h.v > 0 and x.day + (h.i - 1) * interval '1 hour' >= p_start
+                       and x.day + (h.i - 1) * interval '1 hour' < p_end) u
              group by 1, 2, 3, 4) b);
 end
 $$;
