@@ -17,12 +17,13 @@
 -- Counts never go below zero (spending from before this migration was never counted).
 --
 -- Everything is done by triggers (of this file, and the ledger's of the next) on the existing
--- tables, firing inside the money
--- function's transaction while it holds the user's profile row lock (every function that writes
--- a ledger entry, a hold or a generation takes it first): a refused call changes nothing, and
--- concurrent calls of one user are judged one after the other. Two functions are redefined, only
--- to record the spending's scope, which no row carried (the usage reports group by it):
--- `credits_private.hold` (the hold's scope) and `public.credit_debit` (the DEBIT entry's).
+-- tables, firing inside the money function's transaction while it holds the user's profile row
+-- lock (every function that writes a ledger entry, a hold or a generation takes it first): a
+-- refused call changes nothing, and concurrent calls of one user are judged one after the other.
+-- Two functions are redefined, to record the spending's scope, which no row carried (the usage
+-- reports group by it): `credits_private.hold` (the hold's scope) and `public.credit_debit` (the
+-- DEBIT entry's), which also counts its spending and rolls itself up in its one statement, so
+-- that the hottest call of all pays for no trigger.
 --
 -- Time: a ledger entry's `created_at` is now the SQL clock's (`credits_private.now()`, its column
 -- default), as a hold's and a grant's already were, so that periods roll over with the clock in
