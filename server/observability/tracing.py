@@ -84,8 +84,9 @@ def start(exporter: SpanExporter | None = None) -> Tracing | None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    exporter = exporter or _otlp_exporter()
     provider = TracerProvider(resource=_resource(), sampler=_sampler())
-    provider.add_span_processor(BatchSpanProcessor(exporter or _otlp_exporter()))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     AsyncPGInstrumentor().instrument(tracer_provider=provider)  # type: ignore[no-untyped-call]
     _provider, _tracer = provider, provider.get_tracer(TRACER_NAME)
     active = True

@@ -250,3 +250,15 @@ def test_tracing_is_wanted_only_with_an_endpoint_and_the_sdk_enabled() -> None:
     assert not tracing.wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": " "})
     assert not tracing.wanted({**endpoint, "OTEL_SDK_DISABLED": "true"})
     assert not tracing.wanted({**endpoint, "OTEL_TRACES_EXPORTER": "none"})
+
+
+def test_the_otlp_protocol_is_http_or_grpc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    traced = tracing.start()
+    assert traced is not None
+    traced.stop()  # nothing was traced: nothing is sent
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        tracing.start()
+    assert not tracing.active
