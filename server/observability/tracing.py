@@ -1,7 +1,8 @@
-"""OpenTelemetry traces, on when OTEL_EXPORTER_OTLP_ENDPOINT (or its _TRACES_ form) is set: a span
-per RPC on either edge (the gRPC and ASGI instrumentations, which take the caller's
-`traceparent`), tagged with the request id; a child span for the domain call; one for each SQL
-call (the asyncpg instrumentation, or the Supabase transport's own); and for each generation
+"""OpenTelemetry traces (docs/tracing.md), on when OTEL_EXPORTER_OTLP_ENDPOINT (or its _TRACES_
+form) is set: a span per RPC on either edge (gRPC's by the official grpc.aio instrumentation,
+the HTTP edge's by `asgi` here; both in the caller's trace, from its `traceparent`), tagged with
+the request id by the call pipeline; a child span for the domain call; one for each SQL call
+(the official asyncpg instrumentation, or the Supabase transport's own); and for each generation
 attempt, a span in the trace of the CreateGeneration that queued it (its `traceparent` is stored
 with the job).
 
@@ -191,10 +192,10 @@ def asgi(app: ASGIApp, untraced_path: str) -> ASGIApp:
         headers = {
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
         }
-        method, path = scope["method"], scope["path"]
-        attributes = {"http.request.method": method, "url.path": path}
+        method = scope["method"]
+        attributes = {"http.request.method": method, "url.path": scope["path"]}
         with tracer.start_as_current_span(
-            f"{method} {path}",
+            method,  # renamed after the RPC once the call pipeline knows it is one
             context=propagate.extract(headers),
             kind=SpanKind.SERVER,
             attributes=attributes,

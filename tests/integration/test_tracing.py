@@ -26,8 +26,9 @@ from server import app as application
 from server.observability import tracing
 from tests.fakes.supabase import FakeSupabase
 from tests.fixtures.connect import Connect
+from tests.fixtures.errors import failure
 from tests.fixtures.server import TRANSPORTS, settings_for
-from tests.fixtures.workers import SUCCEEDED, funded, owner_connection, running_workers, wait_for
+from tests.fixtures.workers import SUCCEEDED, funded, owner_connection, running_workers
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -130,17 +131,22 @@ def _headers(request_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id), ("traceparent", TRACEPARENT))
 
 
+async def _debit(app: application.Application, request_id: str, balance: int, amount: int) -> None:
+    """DebitCredits of `amount` over gRPC in the caller's trace, by a new user with `balance`."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        credits = credit_service_pb2_grpc.CreditServiceStub(channel)
+        user = await funded(credits, balance)
+        await credits.DebitCredits(
+            cpb.DebitCreditsRequest(amount=amount, idempotency_key="traced"),
+            metadata=user.metadata + _headers(request_id),
+        )
+
+
 async def test_grpc_call_is_a_span_in_the_callers_trace_with_domain_and_sql_beneath(
     traced_server: application.Application, spans: Spans
 ) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced_server.port}") as channel:
-        credits = credit_service_pb2_grpc.CreditServiceStub(channel)
-        user = await funded(credits, 10)
-        request_id = f"trace-{uuid.uuid4().hex}"
-        await credits.DebitCredits(
-            cpb.DebitCreditsRequest(amount=3, idempotency_key="traced"),
-            metadata=user.metadata + _headers(request_id),
-        )
+    request_id = f"trace-{uuid.uuid4().hex}"
+    await _debit(traced_server, request_id, balance=10, amount=3)
 
     rpc = await spans.one(_rpc(DEBIT, request_id))
     assert _trace(rpc) == TRACE_ID
@@ -150,6 +156,23 @@ async def test_grpc_call_is_a_span_in_the_callers_trace_with_domain_and_sql_bene
     assert domain.name == "domain DebitCredits"
     assert _sql_of(spans.below(domain), "credit_debit")
     assert all(_trace(span) == TRACE_ID for span in spans.below(rpc))
+
+
+async def test_a_traced_failure_keeps_its_status_details_and_notes_its_reason(
+    traced_server: application.Application, spans: Spans
+) -> None:
+    request_id = f"trace-{uuid.uuid4().hex}"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _debit(traced_server, request_id, balance=1, amount=5)
+    refused = failure(caught.value)
+    assert (refused.code, refused.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "INSUFFICIENT_CREDITS",
+    )
+    rpc = await spans.one(_rpc(DEBIT, request_id))
+    attributes = rpc.attributes or {}
+    assert attributes.get(tracing.REASON) == "INSUFFICIENT_CREDITS"
+    assert attributes.get(tracing.CODE) == "FAILED_PRECONDITION"
 
 
 async def test_connect_call_is_a_span_in_the_callers_trace_with_domain_and_sql_beneath(
@@ -190,7 +213,12 @@ async def test_generation_attempt_joins_the_trace_of_its_create_generation(
         )
         generation_id = reply.generation.generation_id
         async with running_workers(traced_server, 1):
-            await wait_for(generations, user, generation_id, {SUCCEEDED})
+            watch = generations.WatchGeneration(
+                gpb.WatchGenerationRequest(generation_id=generation_id),
+                metadata=user.metadata + _headers(f"watch-{request_id}"),
+            )
+            states = [reply.generation.state async for reply in watch]  # a traced stream
+    assert states[-1] == SUCCEEDED
 
     create = await spans.one(_rpc(CREATE, request_id))
     (domain,) = spans.children(create)
