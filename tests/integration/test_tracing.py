@@ -7,6 +7,8 @@ queued it; and nothing at all when OTEL_EXPORTER_OTLP_ENDPOINT is unset."""
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -15,6 +17,7 @@ import asyncpg
 import grpc.aio
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -290,3 +293,41 @@ def test_the_otlp_protocol_is_http_or_grpc(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
         tracing.start()
     assert not tracing.active
+
+
+def test_spans_reach_an_otlp_http_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default exporter: OTLP protobuf over HTTP, POSTed to <endpoint>/v1/traces."""
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append((self.path, self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    collector = http.server.HTTPServer(("127.0.0.1", 0), Collector)
+    thread = threading.Thread(target=collector.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv(
+            "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{collector.server_port}"
+        )
+        monkeypatch.setenv("OTEL_SERVICE_NAME", "credits-under-test")
+        traced = tracing.start()
+        assert traced is not None
+        with tracing.span("exported"):
+            pass
+        traced.stop()  # sends what is batched
+    finally:
+        collector.shutdown()
+        collector.server_close()
+    [(path, body)] = received
+    assert path == "/v1/traces"
+    request = ExportTraceServiceRequest.FromString(body)
+    [resource_spans] = request.resource_spans
+    names = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert names["service.name"] == "credits-under-test"
+    assert [s.name for scope in resource_spans.scope_spans for s in scope.spans] == ["exported"]
