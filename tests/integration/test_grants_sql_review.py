@@ -60,3 +60,23 @@ async def test_a_refund_counts_pending_grants_against_the_balance_limit(
     assert (await profile(owner, user))["balance"] == LARGEST
     assert (await debit(owner, user, 1))["balance"] == LARGEST - 1
     await assert_consistent(owner, user)
+
+
+async def test_a_grant_with_a_fractional_expiry_replays_whatever_the_float_output(
+    owner: asyncpg.Connection,
+) -> None:
+    """A grant's fingerprint holds its times as epoch seconds, written as a float: a session
+    with fewer float digits (extra_float_digits = 0, as some drivers and poolers set it) wrote
+    them rounded, so a retry from it was refused as a key reused instead of replayed
+    (20261204600010_credits_grant_fingerprint_float_digits.sql)."""
+    user = await new_user(owner)
+    start = await now(owner)
+    # 16 significant digits of epoch seconds: more than 15.
+    expire = (start + timedelta(days=30)).replace(microsecond=123456)
+    effective = (start + timedelta(days=1)).replace(microsecond=654321)
+    first = await give(owner, user, 10, key="float-digits", expire=expire, effective=effective)
+    async with owner.transaction():
+        await owner.execute("set local extra_float_digits = 0")
+        again = await give(owner, user, 10, key="float-digits", expire=expire, effective=effective)
+    assert again["replayed"] is True
+    assert again["grant"] == first["grant"]
