@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from bench import http_loadgen, loadgen, machine, pgbench, scenarios, servers, users
+from bench.cpu import Watch
 from bench.report import (
     CONNECT_BALANCE,
     CONNECT_DEBIT,
@@ -89,12 +90,15 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
             "CREDITS_HTTP_LISTEN": connect,
         }
         echo_port = int(echo.rsplit(":", 1)[1])
+        db = (database.pid,) if database.pid else ()
         with (
-            servers.echo_serve(echo_port, args.processes, log),
-            servers.credits_serve(settings, log),
+            servers.echo_serve(echo_port, args.processes, log) as echo_process,
+            servers.credits_serve(settings, log) as service_process,
         ):
             servers.wait_ready(echo)
             servers.wait_serving(service)
+            # What each row is charged for: its server's processes and the database's.
+            on_echo, on_service = (Watch((p.pid,), db) for p in (echo_process, service_process))
             balance, debit = scenarios.get_balance(tokens), scenarios.debit(tokens)
             # Each limit is measured right beside what is compared with it, round after round,
             # so a neighbour's load on this shared machine weighs on both alike.
@@ -103,58 +107,77 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
                     f"round {round_}/{args.rounds}: pgbench, DebitCredits (1 and 5 grants), "
                     "echo, GetBalance"
                 )
-                report.pgbench.append(pgbench.run(database.uri, users.COUNT, clients=8, seconds=5))
-                report.add(debit.name, 32, _drive(args, service, debit, 32))
-                report.add(five_grants.name, 32, _drive(args, service, five_grants, 32))
-                report.add(ECHO, 32, _drive(args, echo, balance, 32))
-                report.add(balance.name, 32, _drive(args, service, balance, 32))
+                report.pgbench.append(pgbench.run(database.uri, users.COUNT, 8, 5, Watch((), db)))
+                report.add(debit.name, 32, _drive(args, service, debit, 32, on_service))
+                report.add(five_grants.name, 32, _drive(args, service, five_grants, 32, on_service))
+                report.add(ECHO, 32, _drive(args, echo, balance, 32, on_echo))
+                report.add(balance.name, 32, _drive(args, service, balance, 32, on_service))
             say("the Connect edge: ASGI echo, GetBalance, DebitCredits (JSON)")
             http_echo = f"127.0.0.1:{servers.free_port()}"
-            with servers.http_echo_serve(int(http_echo.rsplit(":", 1)[1]), args.processes, log):
+            http_port = int(http_echo.rsplit(":", 1)[1])
+            with servers.http_echo_serve(http_port, args.processes, log) as http_process:
                 servers.wait_http(http_echo, "/")
                 servers.wait_http(connect)
+                on_http = Watch((http_process.pid,), db)
                 for round_ in range(1, args.rounds + 1):
                     say(f"round {round_}/{args.rounds}: ASGI echo, GetBalance, DebitCredits")
-                    report.add(HTTP_ECHO, 32, _drive_http(args, http_echo, balance, 32))
-                    report.add(CONNECT_BALANCE, 32, _drive_http(args, connect, balance, 32))
-                    report.add(CONNECT_DEBIT, 32, _drive_http(args, connect, debit, 32))
+                    report.add(HTTP_ECHO, 32, _drive_http(args, http_echo, balance, 32, on_http))
+                    report.add(
+                        CONNECT_BALANCE, 32, _drive_http(args, connect, balance, 32, on_service)
+                    )
+                    report.add(CONNECT_DEBIT, 32, _drive_http(args, connect, debit, 32, on_service))
             say("floors: echo with one database call per RPC")
             for mode, name in (("select1", ECHO_SELECT), ("debit", ECHO_DEBIT)):
                 floor = f"127.0.0.1:{servers.free_port()}"
                 port = int(floor.rsplit(":", 1)[1])
-                with servers.echo_serve(port, args.processes, log, mode, database.uri):
+                with servers.echo_serve(
+                    port, args.processes, log, mode, database.uri
+                ) as floor_process:
                     servers.wait_ready(floor)
-                    report.add(name, 32, _drive(args, floor, balance, 32))
+                    on_floor = Watch((floor_process.pid,), db)
+                    report.add(name, 32, _drive(args, floor, balance, 32, on_floor))
             say("one caller at a time, and generations")
-            report.add(ECHO, 1, _drive(args, echo, balance, 1))
-            report.add(balance.name, 1, _drive(args, service, balance, 1))
-            report.add(debit.name, 1, _drive(args, service, debit, 1))
+            report.add(ECHO, 1, _drive(args, echo, balance, 1, on_echo))
+            report.add(balance.name, 1, _drive(args, service, balance, 1, on_service))
+            report.add(debit.name, 1, _drive(args, service, debit, 1, on_service))
             # Last: the generations it queues keep the workers busy for a while after.
             generation = scenarios.create_generation(tokens)
             for concurrency in (1, 32):
                 report.add(
-                    generation.name, concurrency, _drive(args, service, generation, concurrency)
+                    generation.name,
+                    concurrency,
+                    _drive(args, service, generation, concurrency, on_service),
                 )
     finally:
         database.stop()
 
 
-def _drive(
+def _load(
     args: argparse.Namespace, target: str, scenario: scenarios.Scenario, concurrency: int
-) -> loadgen.Result:
-    load = loadgen.Load(
+) -> loadgen.Load:
+    return loadgen.Load(
         target, scenario, concurrency, processes=args.load_processes, seconds=args.seconds
     )
-    return loadgen.run(load)
+
+
+def _drive(
+    args: argparse.Namespace,
+    target: str,
+    scenario: scenarios.Scenario,
+    concurrency: int,
+    watch: Watch,
+) -> loadgen.Result:
+    return loadgen.run(_load(args, target, scenario, concurrency), watch=watch)
 
 
 def _drive_http(
-    args: argparse.Namespace, target: str, scenario: scenarios.Scenario, concurrency: int
+    args: argparse.Namespace,
+    target: str,
+    scenario: scenarios.Scenario,
+    concurrency: int,
+    watch: Watch,
 ) -> loadgen.Result:
-    load = loadgen.Load(
-        target, scenario, concurrency, processes=args.load_processes, seconds=args.seconds
-    )
-    return http_loadgen.run(load)
+    return http_loadgen.run(_load(args, target, scenario, concurrency), watch)
 
 
 def say(what: str) -> None:

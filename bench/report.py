@@ -9,6 +9,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from bench.cpu import Usage
 from bench.loadgen import Result
 from bench.pgbench import PgbenchResult
 from bench.scenarios import DEBIT_FIVE_GRANTS
@@ -32,12 +33,22 @@ COLD_START_SECONDS = 5.0
 
 
 def merged(results: list[Result]) -> Result:
+    spent = [r.cpu for r in results if r.cpu is not None]
     return Result(
         calls=sum(r.calls for r in results),
         errors=sum(r.errors for r in results),
         seconds=sum(r.seconds for r in results),
         latencies_ms=[value for r in results for value in r.latencies_ms],
+        cpu=sum(spent, Usage(0.0, 0.0)) if len(spent) == len(results) else None,
     )
+
+
+def cpu_cells(per_call: Usage | None) -> str:
+    """CPU per call in microseconds: all of it, the server's and the database's."""
+    if per_call is None:
+        return " | | "
+    server, database = per_call.server * 1e6, per_call.database * 1e6
+    return f"{server + database:,.0f} | {server:,.0f} | {database:,.0f}"
 
 
 @dataclass
@@ -124,14 +135,17 @@ class Report:
             f"server processes: {self.processes}; load generator processes: "
             f"{self.load_processes}; rounds: {len(self.pgbench)}",
             "",
-            "| run | concurrency | calls/s | p50 ms | p99 ms | errors |",
-            "|---|---:|---:|---:|---:|---:|",
-            f"| pgbench credit_debit | 8 | {statistics.median(tps):,.0f} | | | |",
+            "| run | concurrency | calls/s | CPU µs/call | server | database | p50 ms | p99 ms "
+            "| errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| pgbench credit_debit | 8 | {statistics.median(tps):,.0f} | "
+            f"{cpu_cells(_median_usage([r.cpu_per_call for r in self.pgbench]))} | | | |",
         ]
         for (name, concurrency), results in sorted(self.runs.items()):
             result = merged(results)
             lines.append(
                 f"| {name} | {concurrency} | {result.throughput:,.0f} | "
+                f"{cpu_cells(result.cpu_per_call())} | "
                 f"{result.percentile(0.5):.2f} | {result.percentile(0.99):.2f} | {result.errors} |"
             )
         lines += ["", "| target | measured | wanted | met |", "|---|---:|---:|---|"]
@@ -163,3 +177,12 @@ class Report:
             f"echo + credit_debit / pgbench {bare_debit / statistics.median(tps):.2f}"
         )
         return "\n".join(lines)
+
+
+def _median_usage(values: list[Usage | None]) -> Usage | None:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    return Usage(
+        statistics.median(v.server for v in known), statistics.median(v.database for v in known)
+    )
