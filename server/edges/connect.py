@@ -13,7 +13,6 @@ the gRPC status's, and whose details are the error table's (ErrorInfo first).
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -32,7 +31,7 @@ from protobuf.wkt import Any as WireAny
 from server import errors
 from server.api import error_table
 from server.auth.principal import current_principal
-from server.edges import calls
+from server.edges import calls, json_encoding
 from server.edges.calls import Calls, Failure
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord
 
@@ -80,14 +79,13 @@ class JsonCodec:
     """application/json: the proto3 JSON mapping (lowerCamelCase names; proto field names
     accepted too, unknown fields ignored), written compactly and with every field, zeros and
     empty ones included (a balance of 0 reads `"balance":"0"`, as grpcurl -emit-defaults shows
-    it)."""
+    it), by server/edges/json_encoding.py."""
 
     def name(self) -> str:
         return "json"
 
     def encode(self, message: Message) -> bytes:
-        as_dict = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
-        return json.dumps(as_dict, ensure_ascii=False, separators=(",", ":")).encode()
+        return json_encoding.encode(message)
 
     def decode(self, data: bytes | bytearray, message_class: type[M]) -> M:
         message = message_class()
