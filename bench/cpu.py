@@ -29,6 +29,9 @@ class Usage:
     def __add__(self, other: Usage) -> Usage:
         return Usage(self.server + other.server, self.database + other.database)
 
+    def __truediv__(self, count: float) -> Usage:
+        return Usage(self.server / count, self.database / count)
+
     @property
     def total(self) -> float:
         return self.server + self.database

@@ -55,7 +55,7 @@ class Result:
         """CPU seconds per call, of the server and of the database."""
         if self.cpu is None or not self.calls:
             return None
-        return Usage(self.cpu.server / self.calls, self.cpu.database / self.calls)
+        return self.cpu / self.calls
 
     def percentile(self, fraction: float) -> float:
         ordered = sorted(self.latencies_ms)

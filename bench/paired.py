@@ -27,7 +27,7 @@ from pathlib import Path
 import asyncpg
 
 from bench import http_loadgen, loadgen, scenarios, servers, users
-from bench.cpu import Watch
+from bench.cpu import Usage, Watch
 from server.db import embedded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     connect = args.connect or args.only_connect
     ratios: dict[str, list[float]] = {}
-    cpu_ratios: dict[str, list[float]] = {}
-    per_call: dict[str, dict[str, list[float]]] = {}
+    # Per scenario and round: each side's CPU per call (server, database), over its two runs.
+    spent: dict[str, list[dict[str, Usage]]] = {}
     with tempfile.TemporaryDirectory(prefix="credits-paired-") as scratch_dir:
         scratch = Path(scratch_dir)
         log = scratch / "servers.log"
@@ -151,21 +151,22 @@ def main(argv: list[str] | None = None) -> int:
                             for round_ in range(args.rounds):
                                 print(f"paired: {name} round {round_ + 1}", file=sys.stderr)
                                 rates = {head: 0.0, base: 0.0}
-                                cpu = {head: 0.0, base: 0.0}
+                                cpu = {head: Usage(0.0, 0.0), base: Usage(0.0, 0.0)}
                                 calls = {head: 0, base: 0}
                                 for served in (head, base, base, head):
                                     result = drive(
                                         served, scenario, over_connect, args, watches[served]
                                     )
                                     rates[served] += result.throughput
-                                    cpu[served] += result.cpu.total if result.cpu else 0.0
+                                    cpu[served] += result.cpu or Usage(0.0, 0.0)
                                     calls[served] += result.calls
                                 ratios.setdefault(name, []).append(rates[head] / rates[base])
-                                each = {s: cpu[s] / max(1, calls[s]) * 1e6 for s in (head, base)}
-                                cpu_ratios.setdefault(name, []).append(each[head] / each[base])
-                                kept = per_call.setdefault(name, {"head": [], "base": []})
-                                kept["head"].append(each[head])
-                                kept["base"].append(each[base])
+                                spent.setdefault(name, []).append(
+                                    {
+                                        side: cpu[served] / max(1, calls[served])
+                                        for side, served in (("head", head), ("base", base))
+                                    }
+                                )
         except BaseException:
             print(log.read_text() if log.exists() else "", file=sys.stderr)
             raise
@@ -175,14 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in ratios.items():
         shown = ", ".join(f"{v:.2f}" for v in values)
         print(f"  {name:<25} median {statistics.median(values):.2f}  (rounds: {shown})")
-    print("CPU per call (server + database), head / base:")
-    for name, values in cpu_ratios.items():
-        shown = ", ".join(f"{v:.2f}" for v in values)
-        head_us, base_us = (statistics.median(per_call[name][side]) for side in ("head", "base"))
-        print(
-            f"  {name:<25} median {statistics.median(values):.2f}  (rounds: {shown}; "
-            f"{head_us:,.0f} µs against {base_us:,.0f} µs)"
-        )
+    for part in ("server", "database"):
+        print(f"CPU per call of the {part}, head / base:")
+        for name, rounds in spent.items():
+            each = [(getattr(r["head"], part), getattr(r["base"], part)) for r in rounds]
+            values = [h / b if b else float("nan") for h, b in each]
+            shown = ", ".join(f"{v:.2f}" for v in values)
+            head_us, base_us = (statistics.median(side) * 1e6 for side in zip(*each, strict=True))
+            print(
+                f"  {name:<25} median {statistics.median(values):.2f}  (rounds: {shown}; "
+                f"{head_us:,.0f} µs against {base_us:,.0f} µs)"
+            )
     return 0
 
 

@@ -74,5 +74,5 @@ def run(
     if tps is None or latency is None or count is None:
         raise RuntimeError(f"unexpected pgbench output:\n{done.stdout}\n{done.stderr}")
     calls = max(1, int(count.group(1)))
-    per_call = None if spent is None else Usage(spent.server / calls, spent.database / calls)
+    per_call = None if spent is None else spent / calls
     return PgbenchResult(float(tps.group(1)), float(latency.group(1)), per_call)
