@@ -33,6 +33,8 @@ from server.api import error_table
 from server.auth.principal import current_principal
 from server.edges import calls, json_encoding
 from server.edges.calls import Calls, Failure
+from server.edges.http import ASGIApp
+from server.edges.unary import LeanUnary
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord
 
 M = TypeVar("M", bound=Message)
@@ -122,7 +124,7 @@ class Pipeline:
         try:
             await self._calls.admit(headers, record)
         except Exception as error:
-            refused = self._ended(record, error)
+            refused = self.ended(record, error)
             assert refused is not None
             raise refused from None
         return record
@@ -130,12 +132,13 @@ class Pipeline:
     async def on_end(
         self, record: CallRecord, ctx: RequestContext[Any, Any], error: Exception | None, /
     ) -> None:
-        ended = self._ended(record, error)
+        ended = self.ended(record, error)
         if ended is not error and ended is not None:
             raise ended
 
-    def _ended(self, record: CallRecord, error: Exception | None) -> Exception | None:
-        """The error the caller is told for `error` (None: success); the call is logged."""
+    def ended(self, record: CallRecord, error: BaseException | None) -> BaseException | None:
+        """The error the caller is told for `error` (None: success; `error` itself when it is
+        a cancellation, which ends the call without an answer); the call is logged."""
         try:
             if isinstance(error, ConnectError):
                 if not isinstance(error.__cause__, errors.CreditsError):
@@ -240,17 +243,27 @@ def applications(
     pipeline: Calls,
     *,
     max_receive_bytes: int,
-) -> dict[str, ConnectASGIApplication[Any]]:
+) -> dict[str, ASGIApp]:
     """Each generated application class serving its (servicer, descriptor), by the path prefix
-    it answers (`/credits.v1.CreditService`); requests up to `max_receive_bytes`."""
-    interceptors = [Pipeline(pipeline)]
-    served: dict[str, ConnectASGIApplication[Any]] = {}
+    it answers (`/credits.v1.CreditService`); requests up to `max_receive_bytes`. Its common
+    unary calls are served in front of it (server/edges/unary.py), through the same pipeline."""
+    interceptor = Pipeline(pipeline)
+    codecs = {codec.name(): codec for codec in CODECS}
+    served: dict[str, ASGIApp] = {}
     for application, (servicer, descriptor) in services.items():
         app = application(
             _Service(servicer, descriptor, pipeline),
-            interceptors=interceptors,
+            interceptors=[interceptor],
             read_max_bytes=max_receive_bytes,
             codecs=CODECS,
         )
-        served[app.path] = app
+        served[app.path] = LeanUnary(
+            app,
+            servicer,
+            descriptor,
+            pipeline,
+            interceptor.ended,
+            codecs,
+            max_receive_bytes=max_receive_bytes,
+        )
     return served
