@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import http_loadgen, loadgen, machine, pgbench, scenarios, servers, users
+from bench import http_loadgen, loadgen, machine, pgbench, queue, scenarios, servers, users
 from bench.cpu import Watch
 from bench.report import (
     CONNECT_BALANCE,
@@ -42,6 +42,9 @@ from bench.report import (
     Report,
 )
 from server.db import embedded, migrate
+
+# The bench's catalogue: the demo model with no delay.
+MODELS = Path(__file__).with_name("models.toml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +99,7 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
             "SUPABASE_JWT_SECRET": secret,
             "CREDITS_LISTEN": service,
             "CREDITS_HTTP_LISTEN": connect,
+            "CREDITS_MODELS": str(MODELS),
         }
         db = (database.pid,) if database.pid else ()
         with contextlib.ExitStack() as running:
@@ -168,8 +172,15 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
             served(debit, 1)
             # Last: the generations it queues keep the workers busy for a while after.
             generation = scenarios.create_generation(tokens)
-            for concurrency in (1, 32):
-                served(generation, concurrency)
+            served(generation, 1)
+            say("the generation queue: create to SUCCEEDED, and create to RUNNING at half rate")
+            start = asyncio.run(queue.since(database.uri))
+            served(generation, 32)
+            report.queue_drained = asyncio.run(queue.drained(database.uri, start))
+            rate = report.runs[generation.name, 32][-1].throughput / 2
+            report.queue_waits = asyncio.run(
+                queue.waits(service, generation, database.uri, rate, args.seconds)
+            )
     finally:
         database.stop()
 

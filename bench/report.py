@@ -13,6 +13,7 @@ from bench import users
 from bench.cpu import Usage
 from bench.loadgen import Result
 from bench.pgbench import PgbenchResult
+from bench.queue import Drained, Waits
 from bench.scenarios import DEBIT_FIVE_GRANTS, HOT_ACCOUNT
 
 # How pgbench is run: its clients, and the users it debits in the first of its rows.
@@ -42,6 +43,9 @@ THROUGHPUT_TARGETS = (
 # (service, its floor, the most p99 at concurrency 32 may be, as a multiple of the floor's).
 P99_TARGETS = (("GetBalance", ECHO_SELECT, 1.5), ("DebitCredits", ECHO_DEBIT, 1.5))
 HOT_VS_PGBENCH = 1.0
+# Generations from create to SUCCEEDED a second, against CreateGeneration's own rate at 32.
+QUEUE_VS_CREATE = 0.5
+CREATE = "CreateGeneration"
 COLD_START_SECONDS = 2.0
 
 
@@ -74,6 +78,8 @@ class Report:
     pgbench: list[PgbenchResult] = field(default_factory=list)
     pgbench_hot: list[PgbenchResult] = field(default_factory=list)
     runs: dict[tuple[str, int], list[Result]] = field(default_factory=dict)
+    queue_drained: Drained | None = None
+    queue_waits: Waits | None = None
 
     def add(self, name: str, concurrency: int, result: Result) -> None:
         self.runs.setdefault((name, concurrency), []).append(result)
@@ -110,6 +116,10 @@ class Report:
             ratio = statistics.median(self.ratios(HOT_ACCOUNT, [r.tps for r in self.pgbench_hot]))
             what = f"{HOT_ACCOUNT} c32 / pgbench one user"
             found.append((what, ratio, f">= {HOT_VS_PGBENCH:g}", ratio >= HOT_VS_PGBENCH))
+        if self.queue_drained is not None and (CREATE, 32) in self.runs:
+            ratio = self.queue_drained.per_second / merged(self.runs[CREATE, 32]).throughput
+            what = "generations create to SUCCEEDED / CreateGeneration, c32"
+            found.append((what, ratio, f">= {QUEUE_VS_CREATE:g}", ratio >= QUEUE_VS_CREATE))
         found.append(
             (
                 "cold start to SERVING (s)",
@@ -165,7 +175,27 @@ class Report:
         if self._measured(HOT_ACCOUNT) and len(self.pgbench_hot) == len(self.runs[HOT_ACCOUNT, 32]):
             hot = self.ratios(HOT_ACCOUNT, [r.tps for r in self.pgbench_hot])
             lines.append(f"- {HOT_ACCOUNT} / pgbench one user: {_listed(hot)}")
+        lines += self._queue_lines()
         return "\n".join(lines)
+
+    def _queue_lines(self) -> list[str]:
+        lines = []
+        if self.queue_drained is not None:
+            drained = self.queue_drained
+            lines.append(
+                f"Generation queue (demo provider, no delay): of the generations CreateGeneration "
+                f"made at 32, {drained.succeeded:,} SUCCEEDED ({drained.others} did not), "
+                f"{drained.per_second:,.0f} a second from the first's create to the last's "
+                "success."
+            )
+        if self.queue_waits is not None:
+            waits = self.queue_waits
+            lines.append(
+                f"Create to RUNNING, {len(waits.waits_ms):,} generations created at "
+                f"{waits.rate:,.0f} a second (half CreateGeneration's rate): "
+                f"p50 {waits.percentile(0.5):.1f} ms, p99 {waits.percentile(0.99):.1f} ms."
+            )
+        return lines
 
 
 def _listed(values: list[float]) -> str:

@@ -7,6 +7,7 @@ import pytest
 
 from bench.loadgen import Result
 from bench.pgbench import PgbenchResult
+from bench.queue import Drained, Waits
 from bench.report import ECHO, ECHO_DEBIT, ECHO_SELECT, Report, merged
 from bench.scenarios import DEBIT_FIVE_GRANTS, HOT_ACCOUNT
 
@@ -115,3 +116,23 @@ def test_debits_of_users_with_five_grants_are_held_within_10_percent_of_plain_on
     checks = {what: (value, ok) for what, value, _, ok in found.checks()}
     assert checks[what] == (five / 500, met)
     assert f"- {DEBIT_FIVE_GRANTS} / DebitCredits: {five / 500:.2f}" in found.render()
+
+
+@pytest.mark.parametrize(("per_second", "met"), [(250.0, True), (150.0, False)])
+def test_the_generation_queue_keeps_up_with_half_of_create_generation(
+    per_second: float, met: bool
+) -> None:
+    found = report([800], [1000], [500], [500])
+    found.add("CreateGeneration", 32, result(400, [5.0] * 400))
+    found.queue_drained = Drained(succeeded=1200, others=0, per_second=per_second)
+    found.queue_waits = Waits(rate=200.0, waits_ms=[float(n) for n in range(1, 101)])
+    checks = {what: (value, ok) for what, value, _, ok in found.checks()}
+    assert checks["generations create to SUCCEEDED / CreateGeneration, c32"] == (
+        per_second / 400,
+        met,
+    )
+    shown = found.render()
+    assert "1,200 SUCCEEDED (0 did not)" in shown
+    assert (
+        "created at 200 a second (half CreateGeneration's rate): p50 51.0 ms, p99 100.0 ms" in shown
+    )
