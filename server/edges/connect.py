@@ -8,7 +8,8 @@ servicer's method of the proto name, so a new RPC is served as soon as the stubs
 regenerated. The pipeline runs as the runtime's leading metadata interceptor, before the
 request is read: a rejected caller's body is never parsed; a body the codec cannot decode is
 INVALID_ARGUMENT with its ErrorInfo, as on gRPC. Errors leave as Connect errors whose code is
-the gRPC status's, and whose details are the error table's (ErrorInfo first).
+the gRPC status's, and whose details are the error table's (ErrorInfo first). The common
+unary call takes a shorter way to the same steps, in front of the runtime (server/edges/unary.py).
 """
 
 from __future__ import annotations
