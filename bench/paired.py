@@ -82,7 +82,9 @@ def serve(
         "PYTHONPATH": os.pathsep.join((str(code), str(code / "gen" / "python"))),
     }
     command = [sys.executable, "-c", "from server.cli import main; raise SystemExit(main())"]
-    return served, servers.running([*command, "serve"], servers.clean_env(env), log)
+    # In the checkout: `python -c` puts its working directory first on the path, before
+    # PYTHONPATH, so from anywhere else the base would import this checkout's code.
+    return served, servers.running([*command, "serve"], servers.clean_env(env), log, cwd=code)
 
 
 def drive(
