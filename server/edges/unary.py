@@ -6,7 +6,7 @@ goes to the runtime's application behind, unchanged.
 Why: profiled under the bench, the runtime's own bookkeeping per call (header multidicts, the
 request context, interceptor runs, timeout scopes, a task watching for a disconnect) cost more
 CPU than any step of the call pipeline itself, the database call included: GetBalance's
-application CPU went from about 250 to 135 µs a call without it (bench/RESULTS.md).
+application CPU went from about 230 to 135 µs a call without it (bench/RESULTS.md).
 
 It runs the same pipeline (server/edges/calls.py) through the same interceptor (connect.Pipeline)
 and codecs, and answers as the runtime does (the same headers, status codes
