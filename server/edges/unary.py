@@ -43,8 +43,9 @@ _CODECS = {b"application/json": "json", b"application/proto": "proto"}
 _CONTENT_TYPES = {name: content_type for content_type, name in _CODECS.items()}
 _GZIP = GzipCompression()
 _VARY = (b"vary", b"Accept-Encoding")
-# What the runtime answers a caller refused with a ConnectError.
-Refusal = Callable[[CallRecord, BaseException], BaseException | None]
+# How a call's outcome is told and logged (connect.Pipeline.ended): the ConnectError the
+# runtime would answer, or the cancellation itself.
+Ended = Callable[[CallRecord, BaseException], BaseException | None]
 
 
 class _Method:
@@ -70,7 +71,7 @@ class LeanUnary:
         servicer: object,
         service: ServiceDescriptor,
         pipeline: Calls,
-        ended: Refusal,
+        ended: Ended,
         codecs: Mapping[str, Codec[Any, Any]],
         *,
         max_receive_bytes: int,
