@@ -17,6 +17,7 @@ from credits.v1 import credit_service_pb2, generation_service_pb2
 
 Metadata = tuple[tuple[str, str], ...]
 DEBIT_FIVE_GRANTS = "DebitCredits, 5 live grants"
+HOT_ACCOUNT = "DebitCredits, one hot account"
 Call = Callable[..., Awaitable[Any]]
 
 _MESSAGES: dict[str, tuple[type[Message], type[Message]]] = {
@@ -79,6 +80,11 @@ def debit(tokens: Sequence[str]) -> Scenario:
 def debit_five_grants(tokens: Sequence[str]) -> Scenario:
     """DebitCredits of users with five live grants each (bench/users.py, create_with_grants)."""
     return Scenario(DEBIT_FIVE_GRANTS, "/credits.v1.CreditService/DebitCredits", tokens)
+
+
+def debit_hot(token: str) -> Scenario:
+    """DebitCredits of every caller from one user: its calls meet on that user's row."""
+    return Scenario(HOT_ACCOUNT, "/credits.v1.CreditService/DebitCredits", [token])
 
 
 def create_generation(tokens: Sequence[str]) -> Scenario:
