@@ -66,7 +66,9 @@ def serve(
         "PYTHONPATH": os.pathsep.join((str(code), str(code / "gen" / "python"))),
     }
     command = [sys.executable, "-c", "from server.cli import main; raise SystemExit(main())"]
-    return address, servers.running([*command, "serve"], servers.clean_env(env), log)
+    # In `code`: `python -c` puts its working directory first on the path, and this one's
+    # server package would shadow the base's.
+    return address, servers.running([*command, "serve"], servers.clean_env(env), log, cwd=code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,11 +78,12 @@ def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running(
-    command: list[str], env: Mapping[str, str], log: Path
+    command: list[str], env: Mapping[str, str], log: Path, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`command` running with its output in `log`; SIGTERM (then SIGKILL) when done."""
+    """`command` running (in `cwd`, default this one) with its output in `log`; SIGTERM (then
+    SIGKILL) when done."""
     with log.open("ab") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=out)  # noqa: S603
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=out, cwd=cwd)  # noqa: S603
     try:
         yield process
     finally:

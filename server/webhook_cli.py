@@ -86,7 +86,7 @@ async def _retry(admin: EventRepository, args: argparse.Namespace) -> None:
 Action = Callable[[EventRepository, argparse.Namespace], Coroutine[Any, Any, None]]
 
 
-async def _run(settings: Settings, action: Action, args: argparse.Namespace) -> int:
+async def run(settings: Settings, action: Action, args: argparse.Namespace) -> int:
     async with _admin(settings) as admin:
         try:
             await action(admin, args)
@@ -130,4 +130,4 @@ def add_parser(commands: Any, run: Callable[[Settings, argparse.Namespace], int]
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
-    return runtime.run(_run(settings, args.action, args))
+    return runtime.run(run(settings, args.action, args))

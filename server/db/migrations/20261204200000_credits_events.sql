@@ -616,27 +616,30 @@ language plpgsql
 security definer
 set search_path = ''
 as $$
+declare
+  v_claimed jsonb;
 begin
-  return coalesce((
-    with due as (
-      select d.delivery_id from credits_private.webhook_deliveries d
-       where d.state = 'pending' and d.next_attempt_at <= pg_catalog.now()
-       order by d.next_attempt_at
-       limit p_limit
-       for update skip locked
-    ), leased as (
-      update credits_private.webhook_deliveries d
-         set lease_owner = p_worker, attempts = d.attempts + 1,
-             next_attempt_at = pg_catalog.now() + p_lease_seconds * interval '1 second'
-        from due where d.delivery_id = due.delivery_id
-      returning d.*
-    )
-    select pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
-             'delivery_id', l.delivery_id, 'attempt', l.attempts, 'url', p.url,
-             'secret', p.secret, 'event', credits_private.event_json(e)))
-      from leased l
-      join credits_private.webhook_endpoints p on p.endpoint_id = l.endpoint_id
-      join credits_private.events e on e.event_id = l.event_id), '[]'::jsonb);
+  with due as (
+    select d.delivery_id from credits_private.webhook_deliveries d
+     where d.state = 'pending' and d.next_attempt_at <= pg_catalog.now()
+     order by d.next_attempt_at
+     limit p_limit
+     for update skip locked
+  ), leased as (
+    update credits_private.webhook_deliveries d
+       set lease_owner = p_worker, attempts = d.attempts + 1,
+           next_attempt_at = pg_catalog.now() + p_lease_seconds * interval '1 second'
+      from due where d.delivery_id = due.delivery_id
+    returning d.*
+  )
+  select pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+           'delivery_id', l.delivery_id, 'attempt', l.attempts, 'url', p.url,
+           'secret', p.secret, 'event', credits_private.event_json(e)))
+    into v_claimed
+    from leased l
+    join credits_private.webhook_endpoints p on p.endpoint_id = l.endpoint_id
+    join credits_private.events e on e.event_id = l.event_id;
+  return coalesce(v_claimed, '[]'::jsonb);
 end
 $$;
 
