@@ -152,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
         "--token", help="also check that this token (one the project issued) verifies"
     )
     check.set_defaults(run=_check_config)
-    webhook_cli.add_parser(commands, webhook_cli.main)
+    webhook_cli.add_parser(commands, webhook_cli.main, CONFIGURATION)
     return root
 
 

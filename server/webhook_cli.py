@@ -96,7 +96,9 @@ async def run(settings: Settings, action: Action, args: argparse.Namespace) -> i
     return 0
 
 
-def add_parser(commands: Any, run: Callable[[Settings, argparse.Namespace], int]) -> None:
+def add_parser(
+    commands: Any, run: Callable[[Settings, argparse.Namespace], int], epilog: str
+) -> None:
     """The `webhooks` command and its subcommands, under `commands`."""
     webhooks = commands.add_parser(
         "webhooks",
@@ -104,6 +106,7 @@ def add_parser(commands: Any, run: Callable[[Settings, argparse.Namespace], int]
         description="Manage the webhook endpoints events are POSTed to (signed per the "
         "Standard Webhooks specification) and their deliveries, in the database `credits "
         "serve` uses (docs/events.md).",
+        epilog=epilog,
     )
     sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
     add = sub.add_parser("add", help="add an endpoint; prints its secret, once")
