@@ -7,6 +7,7 @@
      DebitCredits of users with five live grants beside the plain one;
   5. the Connect edge: GetBalance and DebitCredits as JSON at 32, beside a bare ASGI echo under
      the same uvicorn (bench/http_echo.py), their floor,
+  6. webhook delivery: events delivered per second to a local receiver (bench/webhooks.py),
 
 then one table with throughput, p50/p99 latency, and the ratios against their targets. The
 database, servers and load share this machine's cores; only ratios of one run mean anything.
@@ -22,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import http_loadgen, loadgen, machine, pgbench, scenarios, servers, users
+from bench import http_loadgen, loadgen, machine, pgbench, scenarios, servers, users, webhooks
 from bench.report import (
     CONNECT_BALANCE,
     CONNECT_DEBIT,
@@ -135,6 +136,8 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
                 report.add(
                     generation.name, concurrency, _drive(args, service, generation, concurrency)
                 )
+        say("webhook delivery throughput")
+        report.webhook_events_per_second = asyncio.run(webhooks.measure(database.uri))
     finally:
         database.stop()
 

@@ -48,6 +48,8 @@ class Report:
     cold_start: float = float("nan")
     pgbench: list[PgbenchResult] = field(default_factory=list)
     runs: dict[tuple[str, int], list[Result]] = field(default_factory=dict)
+    # Webhook events delivered per second to a local receiver (bench/webhooks.py).
+    webhook_events_per_second: float | None = None
 
     def add(self, name: str, concurrency: int, result: Result) -> None:
         self.runs.setdefault((name, concurrency), []).append(result)
@@ -162,4 +164,6 @@ class Report:
             f"floors: echo + select 1 / echo {select / statistics.median(echo):.2f}; "
             f"echo + credit_debit / pgbench {bare_debit / statistics.median(tps):.2f}"
         )
+        if self.webhook_events_per_second is not None:
+            lines.append(f"webhook deliveries: {self.webhook_events_per_second:,.0f} events/s")
         return "\n".join(lines)
