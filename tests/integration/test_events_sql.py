@@ -16,8 +16,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.db.migrate import migrate
-from tests.fixtures.database import create_database, drop_database
+from tests.fixtures.database import migrated_database
 from tests.integration.test_sql_security import expect_sqlstate
 
 INSUFFICIENT_CREDITS = "CR001"
@@ -27,12 +26,10 @@ INVALID_ARGUMENT = "CR008"
 
 @pytest.fixture(scope="module")
 async def events_db(postgres_admin_url: str) -> AsyncIterator[str]:
-    url = await create_database(postgres_admin_url)
-    try:
-        await migrate(url)
+    """A database of this module's own, migrated: its tests move the clock and read every
+    event."""
+    async with migrated_database(postgres_admin_url) as url:
         yield url
-    finally:
-        await drop_database(postgres_admin_url, url)
 
 
 @pytest.fixture

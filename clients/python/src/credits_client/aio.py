@@ -365,7 +365,7 @@ class AsyncCreditsClient:
         request = build.cancel_generation(generation_id)
         return await self._unary(self._generations.CancelGeneration, request, timeout)
 
-    async def watch_generation(
+    def watch_generation(
         self, *, generation_id: str, timeout: float | None = None
     ) -> AsyncIterator[gpb.WatchGenerationResponse]:
         """The generation now, then once per state change, ending after a final state.
@@ -373,29 +373,25 @@ class AsyncCreditsClient:
         ``timeout`` defaults to the client's ``stream_timeout``. Leaving the loop early cancels
         the stream.
         """
-        deadline = self._stream_timeout if timeout is None else timeout
-        metadata = await self._metadata()
-        call = self._generations.WatchGeneration(
-            build.watch_generation(generation_id), timeout=deadline, metadata=metadata
-        )
-        try:
-            async for message in call:
-                yield message
-        except grpc.RpcError as error:
-            raise from_call(error) from error
-        finally:
-            call.cancel()
+        request = build.watch_generation(generation_id)
+        return self._stream(self._generations.WatchGeneration, request, timeout)
 
-    async def watch_balance(
+    def watch_balance(
         self, *, user_id: str = "", timeout: float | None = None
     ) -> AsyncIterator[cpb.WatchBalanceResponse]:
         """The user's balance now, then after every change. ``timeout`` defaults to the
         client's ``stream_timeout``. Leaving the loop early cancels the stream."""
+        return self._stream(self._credits.WatchBalance, build.watch_balance(user_id), timeout)
+
+    async def _stream(
+        self,
+        method: grpc.aio.UnaryStreamMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+    ) -> AsyncIterator[_Response]:
         deadline = self._stream_timeout if timeout is None else timeout
         metadata = await self._metadata()
-        call = self._credits.WatchBalance(
-            build.watch_balance(user_id), timeout=deadline, metadata=metadata
-        )
+        call = method(request, timeout=deadline, metadata=metadata)
         try:
             async for message in call:
                 yield message

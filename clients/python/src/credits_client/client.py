@@ -365,26 +365,24 @@ class CreditsClient:
         ``timeout`` defaults to the client's ``stream_timeout``. Leaving the loop early cancels
         the stream.
         """
-        deadline = self._stream_timeout if timeout is None else timeout
-        call = self._generations.WatchGeneration(
-            build.watch_generation(generation_id), timeout=deadline, metadata=self._metadata()
-        )
-        try:
-            yield from call
-        except grpc.RpcError as error:
-            raise from_call(error) from error
-        finally:
-            call.cancel()
+        request = build.watch_generation(generation_id)
+        return self._stream(self._generations.WatchGeneration, request, timeout)
 
     def watch_balance(
         self, *, user_id: str = "", timeout: float | None = None
     ) -> Iterator[cpb.WatchBalanceResponse]:
         """The user's balance now, then after every change. ``timeout`` defaults to the
         client's ``stream_timeout``. Leaving the loop early cancels the stream."""
+        return self._stream(self._credits.WatchBalance, build.watch_balance(user_id), timeout)
+
+    def _stream(
+        self,
+        method: grpc.UnaryStreamMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+    ) -> Iterator[_Response]:
         deadline = self._stream_timeout if timeout is None else timeout
-        call = self._credits.WatchBalance(
-            build.watch_balance(user_id), timeout=deadline, metadata=self._metadata()
-        )
+        call = method(request, timeout=deadline, metadata=self._metadata())
         try:
             yield from call
         except grpc.RpcError as error:
