@@ -74,7 +74,8 @@ async def last_event_id(database_url: str) -> str:
     try:
         return str(
             await conn.fetchval(
-                "select event_id from credits_private.events order by xid desc, seq desc limit 1"
+                "select credits_private.event_id(xid, seq) from credits_private.events"
+                " order by xid desc, seq desc limit 1"
             )
         )
     finally:

@@ -248,7 +248,8 @@ async def test_list_events_pages_without_gaps_or_repeats_while_others_write(
     rest = await fetch_json(owner, "select public.credit_list_events($1, null, 1000)", cursor)
     seen.extend(e["event_id"] for e in rest)
     written = await owner.fetch(
-        "select event_id::text from credits_private.events where user_id = any($1::uuid[])"
+        "select credits_private.event_id(xid, seq)::text as event_id from credits_private.events"
+        " where user_id = any($1::uuid[])"
         " and type = 'transaction.created' and transaction_id in (select transaction_id"
         " from public.credit_transactions where idempotency_key like 'w%')",
         users,

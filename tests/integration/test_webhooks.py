@@ -86,7 +86,9 @@ async def debit_event(database_url: str) -> uuid.UUID:
         await conn.execute("select public.credit_provision_profile($1, '')", user)
         await conn.execute("select public.credit_grant($1, 10, 'hook', '', '{}')", user)
         return await conn.fetchval(  # type: ignore[no-any-return]
-            "select event_id from credits_private.events where user_id = $1", user
+            "select credits_private.event_id(xid, seq) from credits_private.events"
+            " where user_id = $1",
+            user,
         )
     finally:
         await conn.close()

@@ -30,10 +30,11 @@ alter table credits_private.settings
   add column low_balance_thresholds bigint[] not null default '{}',
   add column expiry_notice_seconds bigint not null default 259200;
 
+-- An event is known by its transaction and its number, (xid, seq), which is also its order;
+-- its id is those two as a UUID (credits_private.event_id): one index, nothing random to make.
 create table credits_private.events (
-  event_id uuid primary key default gen_random_uuid(),
-  seq bigint generated always as identity,
   xid xid8 not null default pg_current_xact_id(),
+  seq bigint generated always as identity,
   type text not null,
   user_id uuid not null,
   created_at timestamptz not null,
@@ -41,9 +42,36 @@ create table credits_private.events (
   -- reads the same then as now); other events carry their payload in `data`.
   transaction_id uuid,
   data jsonb,
-  check ((transaction_id is null) <> (data is null))
+  primary key (xid, seq)
 );
-create index events_in_commit_order on credits_private.events (xid, seq);
+
+-- The event id of (xid, seq): 16 hex digits of each, as a UUID.
+create function credits_private.event_id(p_xid xid8, p_seq bigint) returns uuid
+language sql immutable
+set search_path = ''
+as $$
+  select (pg_catalog.lpad(pg_catalog.to_hex(p_xid::text::bigint), 16, '0')
+          || pg_catalog.lpad(pg_catalog.to_hex(p_seq), 16, '0'))::uuid
+$$;
+
+-- The event an id names, or none (a row of nulls).
+create function credits_private.event_of(p_event_id uuid) returns credits_private.events
+language plpgsql stable
+set search_path = ''
+as $$
+declare
+  v_hex text := pg_catalog.replace(p_event_id::text, '-', '');
+  v_xid bigint := ('x' || pg_catalog.left(v_hex, 16))::bit(64)::bigint;
+  v_event credits_private.events;
+begin
+  if v_xid >= 0 then
+    select * into v_event from credits_private.events e
+     where e.xid = v_xid::text::xid8
+       and e.seq = ('x' || pg_catalog.right(v_hex, 16))::bit(64)::bigint;
+  end if;
+  return v_event;
+end
+$$;
 
 -- A user's own thresholds (null: the deployment's defaults), and whether a low or depleted
 -- event was sent since the last balance.recovered.
@@ -73,7 +101,7 @@ create table credits_private.webhook_endpoints (
   -- Empty: every type.
   event_types text[] not null default '{}',
   secret text not null,
-  -- It receives the events after this one (by seq) only: no history.
+  -- It receives the events numbered after this one only: no history.
   after_seq bigint not null,
   created_at timestamptz not null default now()
 );
@@ -81,7 +109,8 @@ create table credits_private.webhook_endpoints (
 create table credits_private.webhook_deliveries (
   delivery_id uuid primary key default gen_random_uuid(),
   endpoint_id uuid not null references credits_private.webhook_endpoints on delete cascade,
-  event_id uuid not null references credits_private.events (event_id),
+  event_xid xid8 not null,
+  event_seq bigint not null,
   state text not null default 'pending' check (state in ('pending', 'delivered', 'failed')),
   -- Attempts started (a claim counts one, even if its worker died before the answer).
   attempts integer not null default 0,
@@ -92,7 +121,8 @@ create table credits_private.webhook_deliveries (
   last_error text not null default '',
   created_at timestamptz not null default now(),
   delivered_at timestamptz,
-  unique (endpoint_id, event_id)
+  unique (endpoint_id, event_xid, event_seq),
+  foreign key (event_xid, event_seq) references credits_private.events (xid, seq)
 );
 create index webhook_deliveries_due on credits_private.webhook_deliveries (next_attempt_at)
   where state = 'pending';
@@ -130,7 +160,8 @@ begin
     v_payload := credits_private.transaction_json(v_tx) - 'seq';
   end if;
   return pg_catalog.jsonb_build_object(
-    'event_id', e.event_id, 'type', e.type, 'user_id', e.user_id, 'create_time', e.created_at,
+    'event_id', credits_private.event_id(e.xid, e.seq), 'type', e.type, 'user_id', e.user_id,
+    'create_time', e.created_at,
     'payload', v_payload);
 end
 $$;
@@ -176,46 +207,47 @@ as $$
 declare
   v_old bigint := old.balance - old.held;
   v_new bigint := new.balance - new.held;
-  v_alerts record;
-  v_thresholds bigint[];
+  v_state record;
   v_threshold bigint;
   v_fired boolean := false;
 begin
-  if exists (select 1 from credits_private.balance_watchers w
-              where w.user_id = new.user_id and w.until > pg_catalog.now()) then
+  -- One query for all the trigger needs (this runs in every debit): the thresholds in force
+  -- (ascending), whether a low event is out, whether anyone watches.
+  select coalesce(a.thresholds, s.low_balance_thresholds) as thresholds,
+         coalesce(a.low, false) as low,
+         exists (select 1 from credits_private.balance_watchers w
+                  where w.user_id = new.user_id and w.until > pg_catalog.now()) as watched
+    into v_state
+    from credits_private.settings s
+    left join credits_private.balance_alerts a on a.user_id = new.user_id;
+  if v_state.watched then
     perform pg_catalog.pg_notify('credit_balances',
       (credits_private.balance_json(new)
        || pg_catalog.jsonb_build_object('xid', pg_catalog.pg_current_xact_id()::text))::text);
   end if;
-  if v_new = v_old then
-    return null;
-  end if;
-  select a.thresholds, a.low into v_alerts
-    from credits_private.balance_alerts a where a.user_id = new.user_id;
-  v_thresholds := coalesce(v_alerts.thresholds,
-                           (select s.low_balance_thresholds from credits_private.settings s));
   if v_new < v_old then
-    for v_threshold in
-      select t from pg_catalog.unnest(v_thresholds) t
-       where v_old >= t and v_new < t order by t desc
-    loop
-      insert into credits_private.events (type, user_id, created_at, data)
-      values ('balance.low', new.user_id, new.updated_at,
-              credits_private.balance_json(new)
-              || pg_catalog.jsonb_build_object('threshold', v_threshold));
-      v_fired := true;
+    -- Highest first: the order in which a falling balance crosses them.
+    for i in reverse pg_catalog.cardinality(v_state.thresholds)..1 loop
+      v_threshold := v_state.thresholds[i];
+      if v_old >= v_threshold and v_new < v_threshold then
+        insert into credits_private.events (type, user_id, created_at, data)
+        values ('balance.low', new.user_id, new.updated_at,
+                credits_private.balance_json(new)
+                || pg_catalog.jsonb_build_object('threshold', v_threshold));
+        v_fired := true;
+      end if;
     end loop;
     if v_new = 0 then
       insert into credits_private.events (type, user_id, created_at, data)
       values ('balance.depleted', new.user_id, new.updated_at, credits_private.balance_json(new));
       v_fired := true;
     end if;
-    if v_fired and not coalesce(v_alerts.low, false) then
-      insert into credits_private.balance_alerts as a (user_id, low) values (new.user_id, true)
+    if v_fired and not v_state.low then
+      insert into credits_private.balance_alerts (user_id, low) values (new.user_id, true)
         on conflict (user_id) do update set low = true;
     end if;
-  elsif v_alerts.low and v_new > 0
-        and v_new >= coalesce((select pg_catalog.max(t) from pg_catalog.unnest(v_thresholds) t), 0)
+  elsif v_new > v_old and v_state.low and v_new > 0
+        and v_new >= coalesce(v_state.thresholds[pg_catalog.cardinality(v_state.thresholds)], 0)
   then
     insert into credits_private.events (type, user_id, created_at, data)
     values ('balance.recovered', new.user_id, new.updated_at, credits_private.balance_json(new));
@@ -403,15 +435,15 @@ begin
     perform credits_private.invalid('types', 'unknown event type');
   end if;
   if p_after_event_id is not null then
-    select * into v_after from credits_private.events e where e.event_id = p_after_event_id;
-    if not found then
+    v_after := credits_private.event_of(p_after_event_id);
+    if v_after.seq is null then
       perform credits_private.invalid('after_event_id', 'no such event');
     end if;
   end if;
   return coalesce((
     select pg_catalog.jsonb_agg(credits_private.event_json(e) order by e.xid, e.seq)
       from (select * from credits_private.events e
-             where (v_after.event_id is null or (e.xid, e.seq) > (v_after.xid, v_after.seq))
+             where (v_after.seq is null or (e.xid, e.seq) > (v_after.xid, v_after.seq))
                and e.xid < v_horizon
                and (p_types is null or e.type = any (p_types))
              order by e.xid, e.seq
@@ -498,7 +530,8 @@ begin
   end if;
   insert into credits_private.webhook_endpoints (url, event_types, secret, after_seq)
   values (p_url, p_event_types, p_secret,
-          (select coalesce(pg_catalog.max(e.seq), 0) from credits_private.events e))
+          coalesce(pg_catalog.pg_sequence_last_value(
+            pg_catalog.pg_get_serial_sequence('credits_private.events', 'seq')::regclass), 0))
   returning * into v_endpoint;
   return credits_private.endpoint_json(v_endpoint);
 end
@@ -571,13 +604,13 @@ begin
     return 0;
   end if;
   with batch as materialized (
-    select e.event_id, e.xid, e.seq, e.type from credits_private.events e
+    select e.xid, e.seq, e.type from credits_private.events e
      where (e.xid, e.seq) > (v_cursor.xid, v_cursor.seq) and e.xid < v_horizon
      order by e.xid, e.seq
      limit p_limit
   ), fanned as (
-    insert into credits_private.webhook_deliveries (endpoint_id, event_id)
-    select p.endpoint_id, b.event_id
+    insert into credits_private.webhook_deliveries (endpoint_id, event_xid, event_seq)
+    select p.endpoint_id, b.xid, b.seq
       from batch b
       join credits_private.webhook_endpoints p
         on b.seq > p.after_seq and (p.event_types = '{}' or b.type = any (p.event_types))
@@ -601,7 +634,8 @@ set search_path = ''
 as $$
   select pg_catalog.jsonb_build_object(
     'delivery_id', d.delivery_id, 'endpoint_id', d.endpoint_id, 'url', p_url,
-    'event_id', d.event_id, 'type', p_type, 'state', d.state, 'attempts', d.attempts,
+    'event_id', credits_private.event_id(d.event_xid, d.event_seq), 'type', p_type,
+    'state', d.state, 'attempts', d.attempts,
     'next_attempt_time', d.next_attempt_at, 'last_status', d.last_status,
     'last_error', d.last_error, 'create_time', d.created_at, 'deliver_time', d.delivered_at)
 $$;
@@ -638,7 +672,7 @@ begin
     into v_claimed
     from leased l
     join credits_private.webhook_endpoints p on p.endpoint_id = l.endpoint_id
-    join credits_private.events e on e.event_id = l.event_id;
+    join credits_private.events e on (e.xid, e.seq) = (l.event_xid, l.event_seq);
   return coalesce(v_claimed, '[]'::jsonb);
 end
 $$;
@@ -682,7 +716,7 @@ as $$
     from (select credits_private.delivery_json(d, p.url, e.type) as delivery, d.created_at
             from credits_private.webhook_deliveries d
             join credits_private.webhook_endpoints p on p.endpoint_id = d.endpoint_id
-            join credits_private.events e on e.event_id = d.event_id
+            join credits_private.events e on (e.xid, e.seq) = (d.event_xid, d.event_seq)
            where p_state is null or d.state = p_state
            order by d.created_at desc
            limit p_limit) j
@@ -708,7 +742,8 @@ begin
   return credits_private.delivery_json(v_delivery, (
     select p.url from credits_private.webhook_endpoints p
      where p.endpoint_id = v_delivery.endpoint_id), (
-    select e.type from credits_private.events e where e.event_id = v_delivery.event_id));
+    select e.type from credits_private.events e
+     where (e.xid, e.seq) = (v_delivery.event_xid, v_delivery.event_seq)));
 end
 $$;
 
