@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -91,7 +92,7 @@ async def run(settings: Settings, action: Action, args: argparse.Namespace) -> i
         try:
             await action(admin, args)
         except CreditsError as error:
-            print(f"credits: {error.message}")
+            print(f"credits: {error.message}", file=sys.stderr)
             return 1
     return 0
 
