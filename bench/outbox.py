@@ -13,13 +13,12 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 
 import asyncpg
 
-from server.db import embedded, migrate
+from bench import servers
 
 TRIGGERS = {
     "ledger": "alter table public.credit_transactions {} trigger credit_transactions_event",
@@ -74,13 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="ABBA rounds")
     parser.add_argument("--debits", type=int, default=2000, help="debits per run")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="credits-bench-outbox-") as scratch:
-        database = embedded.EmbeddedPostgres.start_blocking(Path(scratch) / "db")
-        try:
-            asyncio.run(migrate.migrate(database.uri))
-            costs = asyncio.run(measure(database.uri, args.rounds, args.debits))
-        finally:
-            database.stop()
+    with servers.migrated_database() as url:
+        costs = asyncio.run(measure(url, args.rounds, args.debits))
     base = statistics.median(costs["none"])
     for mode, values in costs.items():
         median = statistics.median(values)

@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import asyncpg
 from aiohttp import web
 
-from server.db import embedded, migrate
+from bench import servers
 from server.events.webhooks import DeliveryPool, DeliverySettings, new_secret
 from server.repository.breaker import CredentialBreaker
 from server.repository.events import EventRepository
@@ -84,13 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=EVENTS)
     parser.add_argument("--deliverers", type=int, default=DELIVERERS)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="credits-bench-webhooks-") as scratch:
-        database = embedded.EmbeddedPostgres.start_blocking(Path(scratch) / "db")
-        try:
-            asyncio.run(migrate.migrate(database.uri))
-            rate = asyncio.run(measure(database.uri, args.events, args.deliverers))
-        finally:
-            database.stop()
+    with servers.migrated_database() as url:
+        rate = asyncio.run(measure(url, args.events, args.deliverers))
     print(f"webhook deliveries: {rate:,.0f} events/s ({args.deliverers} deliverers)")
     return 0
 
