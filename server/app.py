@@ -39,7 +39,7 @@ from server.domain.paging import PageTokens, page_budget
 from server.edges.calls import Calls
 from server.edges.connect import applications as connect_applications
 from server.edges.cors import Cors
-from server.edges.http import HttpEdge
+from server.edges.http import HEALTH_PATH, HttpEdge
 from server.edges.http_server import HttpServer, TlsFiles
 from server.errors import ServiceCredentialsRejected
 from server.events.feed import BalanceFeed
@@ -52,7 +52,8 @@ from server.generation.models import ModelSpec
 from server.generation.worker import Worker, WorkerPool, WorkerSettings, load_providers
 from server.health import HealthServicer
 from server.interceptors import CallInterceptor
-from server.observability import metrics
+from server.interceptors.auth import is_public
+from server.observability import metrics, tracing
 from server.repository.breaker import CredentialBreaker
 from server.repository.credits import CreditRepository
 from server.repository.events import EventRepository
@@ -120,6 +121,8 @@ class Application:
     generations: Generations | None = None
     # The Connect edge (CREDITS_HTTP_LISTEN), when on.
     http: HttpServer | None = None
+    # Tracing, when this service turned it on (OTEL_EXPORTER_OTLP_ENDPOINT).
+    traces: tracing.Tracing | None = None
 
     @property
     def http_port(self) -> int | None:
@@ -145,6 +148,8 @@ class Application:
             await runtime.stop(self.queue_tracker)
         await self.sweeper.stop()
         await self.backend.close()
+        if self.traces is not None:
+            await asyncio.to_thread(self.traces.stop)  # its last spans are sent
         if self.metrics is not None:
             # shutdown() waits for the serving thread's loop (it polls every half second).
             await asyncio.to_thread(self.metrics.shutdown)
@@ -340,7 +345,9 @@ async def start(settings: Settings) -> Application:
     settings = resolve(settings)
     credentials = server_credentials(settings)
     backend = await open_backend(settings)
+    traced = None
     try:
+        traced = tracing.start()
         workers = worker_pool(backend, settings.workers)
         generations = Generations(
             backend.generations,
@@ -380,6 +387,8 @@ async def start(settings: Settings) -> Application:
             await server.stop(None)
             raise
     except BaseException:
+        if traced is not None:
+            traced.stop()
         await backend.close()
         raise
     app = Application(
@@ -395,6 +404,7 @@ async def start(settings: Settings) -> Application:
     )
     app.generations = generations
     app.http = http
+    app.traces = traced
     if settings.metrics_listen:
         app.metrics = metrics.serve(settings.metrics_listen)
         app.queue_tracker = asyncio.create_task(
@@ -442,7 +452,9 @@ async def _grpc_server(
     """The server with both services, health (NOT_SERVING until told) and reflection."""
     server = serving.GuardedServer(
         grpc.aio.server(
-            options=serving.channel_options(settings), compression=serving.compression(settings)
+            options=serving.channel_options(settings),
+            compression=serving.compression(settings),
+            interceptors=tracing.grpc_interceptors(is_public),
         ),
         interceptor,
     )
@@ -486,7 +498,10 @@ async def _http_edge(
         else None
     )
     return await HttpServer.start(
-        edge, settings.http_listen, reuse_port=settings.processes > 1, tls=tls
+        tracing.asgi(edge, HEALTH_PATH),
+        settings.http_listen,
+        reuse_port=settings.processes > 1,
+        tls=tls,
     )
 
 
@@ -501,6 +516,7 @@ async def _until_signalled() -> None:
 async def run_workers(settings: Settings, count: int, grace: float = 10.0) -> None:
     """`credits worker`: generation workers only, until SIGTERM or SIGINT; the jobs in hand
     then get `grace` seconds to finish."""
+    traced = tracing.start()
     backend = await open_backend(resolve(settings))
     pool = worker_pool(backend, count)
     pool.start()
@@ -511,6 +527,8 @@ async def run_workers(settings: Settings, count: int, grace: float = 10.0) -> No
     finally:
         await pool.stop(grace)
         await backend.close()
+        if traced is not None:
+            await asyncio.to_thread(traced.stop)
     log.info("stopped")
 
 

@@ -280,6 +280,19 @@ class CreateGeneration(SqlCall[Generation], function="credit_create_generation")
         return records.generation(raw["generation"])
 
 
+class CreateTracedGeneration(CreateGeneration, function="credit_create_generation_traced"):
+    """CreateGeneration, keeping the caller's trace context with the job (docs/tracing.md)."""
+
+    traceparent: str
+
+
+class GenerationTraceparent(SqlCall[str | None], function="credit_generation_traceparent"):
+    generation_id: uuid.UUID
+
+    def decode(self, raw: Any) -> str | None:
+        return str(raw) if raw else None
+
+
 class GetGeneration(_OneGeneration, function="credit_get_generation"):
     generation_id: uuid.UUID
     owner: uuid.UUID | None

@@ -875,6 +875,41 @@ async def test_concurrent_debits_never_overdraw(
     assert [row[1] for row in final.ledger].count("debit") == 20
 
 
+# 11b. A generation keeps the trace context it was created in (docs/tracing.md): a well-formed
+# traceparent only, and only for the generation of the call that passed it.
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_a_generation_keeps_only_a_well_formed_traceparent_of_its_own_call(
+    owner: asyncpg.Connection, alice: uuid.UUID
+) -> None:
+    traced = (
+        "select public.credit_create_generation_traced("
+        "$1, 'test-model', 'a cat', '{}'::jsonb, $2, $3)"
+    )
+    kept = []
+    async with rolled_back(owner):
+        await add_test_model(owner)
+        async with as_role(owner, "service_role", SERVICE_CLAIMS) as conn:
+            for key, traceparent in (
+                ("traced", TRACEPARENT),
+                ("plain", None),  # the same transaction: the one before does not leak into it
+                ("malformed", "00-not-a-trace"),
+            ):
+                if key == "plain":
+                    generation = await create_generation(conn, alice, key)
+                else:
+                    created = await call(conn, traced, alice, key, traceparent)
+                    generation = uuid.UUID(created["generation"]["generation_id"])
+                kept.append(
+                    await conn.fetchval(
+                        "select public.credit_generation_traceparent($1)", generation
+                    )
+                )
+    assert kept == [TRACEPARENT, None, None]
+
+
 # 12. Every credit function, for every role: exactly the allowed calls succeed.
 #
 # The target is always alice, who has a pending hold of 10 besides her seeded money. "own" acts
@@ -1226,6 +1261,33 @@ FUNCTION_MATRIX = [
             holds=WITH_JOB,
             generations=QUEUED_JOB,
         ),
+    ),
+    # The same, keeping a trace context with the job (a traced service's CreateGeneration).
+    Entry(
+        "credit_create_generation_traced(uuid, text, text, jsonb, text, text)",
+        "select public.credit_create_generation_traced($1, 'test-model', 'a cat',"
+        " '{\"n\": 1}'::jsonb, 'matrix-create',"
+        " '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01')",
+        ("alice",),
+        USER_WRITE,
+        Effect(
+            returns={
+                "replayed": False,
+                "generation": {"model": "test-model", "state": "queued", "cost": 5, "attempts": 0},
+            },
+            held=5,
+            holds=WITH_JOB,
+            generations=QUEUED_JOB,
+        ),
+    ),
+    # The trace context a worker's attempt joins: alice's job was made without one.
+    Entry(
+        "credit_generation_traceparent(uuid)",
+        "select public.credit_generation_traceparent($1)",
+        ("generation",),
+        SERVICE_ONLY,
+        Effect(holds=WITH_JOB),
+        job="queued",
     ),
     *generation_entries(
         "credit_get_generation(uuid, uuid)",

@@ -246,14 +246,15 @@ class CreditsClient:
     def refund_credits(
         self,
         *,
-        user_id: str,
         transaction_id: str,
+        user_id: str = "",
         amount: int = 0,
         idempotency_key: str | None = None,
         description: str = "",
         timeout: float | None = None,
     ) -> cpb.RefundCreditsResponse:
-        """Return credits of a debit or capture (services only); ``amount`` 0 refunds the rest."""
+        """Return credits of a debit or capture (services only); ``amount`` 0 refunds the rest,
+        ``user_id`` empty refunds the transaction's owner."""
         request = build.refund_credits(
             user_id, transaction_id, amount, idempotency_key, description
         )
