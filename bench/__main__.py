@@ -10,7 +10,8 @@
      DebitCredits of users with five live grants beside the plain one, and 32 callers debiting
      one user (beside pgbench's one-user figure);
   5. the Connect edge: GetBalance and DebitCredits as JSON at 32, beside a bare ASGI echo under
-     the same uvicorn (bench/http_echo.py), their floor,
+     the same uvicorn (bench/http_echo.py), their floor;
+  6. webhook delivery: events delivered per second to a local receiver (bench/webhooks.py),
 
 then one table with throughput, CPU per call (the server's and the database's), p50/p99
 latency, and the ratios against their targets (exit status 1 while one is missed). The
@@ -28,7 +29,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import http_loadgen, loadgen, machine, pgbench, queue, scenarios, servers, users
+from bench import (
+    http_loadgen,
+    loadgen,
+    machine,
+    pgbench,
+    queue,
+    scenarios,
+    servers,
+    users,
+    webhooks,
+)
 from bench.cpu import Watch
 from bench.report import (
     CONNECT_BALANCE,
@@ -181,6 +192,8 @@ def _run(args: argparse.Namespace, root: Path, log: Path, report: Report) -> Non
             report.queue_waits = asyncio.run(
                 queue.waits(service, generation, database.uri, rate, args.seconds)
             )
+        say("webhook delivery throughput")
+        report.webhook_events_per_second = asyncio.run(webhooks.measure(database.uri))
     finally:
         database.stop()
 

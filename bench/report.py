@@ -80,6 +80,8 @@ class Report:
     runs: dict[tuple[str, int], list[Result]] = field(default_factory=dict)
     queue_drained: Drained | None = None
     queue_waits: Waits | None = None
+    # Webhook events delivered per second to a local receiver (bench/webhooks.py).
+    webhook_events_per_second: float | None = None
 
     def add(self, name: str, concurrency: int, result: Result) -> None:
         self.runs.setdefault((name, concurrency), []).append(result)
@@ -176,6 +178,8 @@ class Report:
             hot = self.ratios(HOT_ACCOUNT, [r.tps for r in self.pgbench_hot])
             lines.append(f"- {HOT_ACCOUNT} / pgbench one user: {_listed(hot)}")
         lines += self._queue_lines()
+        if self.webhook_events_per_second is not None:
+            lines.append(f"Webhook deliveries: {self.webhook_events_per_second:,.0f} events/s.")
         return "\n".join(lines)
 
     def _queue_lines(self) -> list[str]:

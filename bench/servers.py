@@ -4,12 +4,14 @@ stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
+
+from server.db import embedded, migrate
 
 CREDITS = Path(sys.executable).parent / "credits"
 
@@ -137,3 +141,15 @@ def cold_start(data_dir: Path, log: Path, extra: Mapping[str, str]) -> float:
     with credits_serve(settings, log):
         wait_serving(f"127.0.0.1:{port}")
         return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def migrated_database() -> Iterator[str]:
+    """A fresh embedded PostgreSQL in a scratch directory, migrated: its URL; stopped after."""
+    with tempfile.TemporaryDirectory(prefix="credits-bench-db-") as scratch:
+        database = embedded.EmbeddedPostgres.start_blocking(Path(scratch) / "db")
+        try:
+            asyncio.run(migrate.migrate(database.uri))
+            yield database.uri
+        finally:
+            database.stop()

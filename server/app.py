@@ -42,6 +42,9 @@ from server.edges.cors import Cors
 from server.edges.http import HEALTH_PATH, HttpEdge
 from server.edges.http_server import HttpServer, TlsFiles
 from server.errors import ServiceCredentialsRejected
+from server.events.feed import BalanceFeed
+from server.events.service import Events
+from server.events.webhooks import DeliveryPool, DeliverySettings
 from server.generation import catalogue as catalogue_file
 from server.generation.feed import ChangeFeed
 from server.generation.lifecycle import Generations, Limits
@@ -53,6 +56,7 @@ from server.interceptors.auth import is_public
 from server.observability import metrics, tracing
 from server.repository.breaker import CredentialBreaker
 from server.repository.credits import CreditRepository
+from server.repository.events import EventRepository
 from server.repository.generations import GenerationRepository
 from server.repository.layered import LayeredRepository
 from server.repository.transport import Transport
@@ -86,6 +90,9 @@ class Backend:
     catalogue: Mapping[str, ModelSpec]
     feed: ChangeFeed
     watch: DatabaseWatch
+    events: EventRepository
+    # Balance changes as they commit (live on PostgreSQL; polled on a Supabase project).
+    balances: BalanceFeed
 
     async def close(self) -> None:
         await self.watch.stop()  # first: a database being stopped is not to be restarted
@@ -107,6 +114,8 @@ class Application:
     backend: Backend
     sweeper: HoldSweeper
     workers: WorkerPool
+    deliveries: DeliveryPool
+    events: Events
     metrics: WSGIServer | None = None
     queue_tracker: asyncio.Task[None] | None = None
     generations: Generations | None = None
@@ -126,10 +135,13 @@ class Application:
         await self.health.enter_graceful_shutdown()
         if self.generations is not None:
             self.generations.stop()  # open watches end now (SERVER_STOPPING), not after grace
+        self.events.stop()
         # The HTTP edge stops beside the gRPC server, with the same grace.
         http = asyncio.create_task(self.http.stop(grace)) if self.http is not None else None
         # In-flight RPCs and generations both get the grace period, side by side.
-        await asyncio.gather(self.server.stop(grace), self.workers.stop(grace))
+        await asyncio.gather(
+            self.server.stop(grace), self.workers.stop(grace), self.deliveries.stop(grace)
+        )
         if http is not None:
             await http
         if self.queue_tracker is not None:
@@ -259,6 +271,7 @@ async def open_backend(settings: Settings) -> Backend:
     transport, database, url = await open_store(settings)
     layers = LayeredRepository(transport, CredentialBreaker(cooldown=settings.breaker_seconds))
     feed: ChangeFeed = PostgresChangeFeed(url) if url else ChangeFeed()
+    balances = feed.balances if isinstance(feed, PostgresChangeFeed) else BalanceFeed()
     backend = Backend(
         settings,
         transport,
@@ -268,6 +281,8 @@ async def open_backend(settings: Settings) -> Backend:
         catalogue,
         feed,
         DatabaseWatch(transport.probe, database),
+        EventRepository(layers),
+        balances,
     )
     try:
         if isinstance(feed, PostgresChangeFeed):
@@ -277,6 +292,10 @@ async def open_backend(settings: Settings) -> Backend:
             signup_ttl_seconds=settings.signup_credits_ttl_seconds,
         )
         await backend.generations.sync_models(list(catalogue.values()))
+        await backend.events.configure(
+            low_balance_thresholds=settings.low_balance_thresholds,
+            expiry_notice_seconds=settings.expiry_notice_seconds,
+        )
     except ServiceCredentialsRejected:
         # Users are still served through their own JWTs; the breaker has said why, loudly.
         log.error("configuration not written: the service credentials were rejected")
@@ -295,6 +314,21 @@ def worker_pool(backend: Backend, count: int) -> WorkerPool:
             for _ in range(count)
         ],
         providers.values(),
+    )
+
+
+def delivery_pool(backend: Backend) -> DeliveryPool:
+    """The event pump and CREDITS_WEBHOOK_DELIVERERS deliverers; a claim lasts
+    CREDITS_WORKER_LEASE_SECONDS, and always longer than one POST may take."""
+    settings = backend.settings
+    timeout = settings.webhook_timeout_seconds
+    return DeliveryPool(
+        backend.events,
+        settings.webhook_deliverers,
+        DeliverySettings(
+            timeout_seconds=timeout,
+            lease_seconds=max(settings.worker_lease_seconds, int(timeout) + 5),
+        ),
     )
 
 
@@ -322,7 +356,12 @@ async def start(settings: Settings) -> Application:
             page_tokens(settings),
             generation_limits(settings),
         )
-        served = servicers(settings, backend, generations)
+        events = Events(
+            backend.events,
+            backend.balances,
+            max_page_bytes=page_budget(settings.max_send_message_bytes),
+        )
+        served = servicers(settings, backend, generations, events)
         verifier, keeper = token_verifier(settings), ProfileKeeper(backend.credits)
         interceptor = CallInterceptor(
             verifier, keeper, max_send_bytes=settings.max_send_message_bytes
@@ -353,7 +392,15 @@ async def start(settings: Settings) -> Application:
         await backend.close()
         raise
     app = Application(
-        settings, server, port, health, backend, HoldSweeper(backend.credits), workers
+        settings,
+        server,
+        port,
+        health,
+        backend,
+        HoldSweeper(backend.credits),
+        workers,
+        delivery_pool(backend),
+        events,
     )
     app.generations = generations
     app.http = http
@@ -365,6 +412,7 @@ async def start(settings: Settings) -> Application:
         )
     app.sweeper.start()
     app.workers.start()
+    app.deliveries.start()
     # What start-up made lives as long as the process: keep the collector from walking it
     # again in every full collection (each one pauses every RPC in flight).
     gc.freeze()
@@ -382,14 +430,17 @@ class Servicers:
     generations: GenerationServicer
 
 
-def servicers(settings: Settings, backend: Backend, generations: Generations) -> Servicers:
+def servicers(
+    settings: Settings, backend: Backend, generations: Generations, events: Events
+) -> Servicers:
     return Servicers(
         CreditServicer(
             CreditLedger(
                 backend.credits,
                 page_tokens(settings),
                 max_page_bytes=page_budget(settings.max_send_message_bytes),
-            )
+            ),
+            events,
         ),
         GenerationServicer(generations),
     )

@@ -21,10 +21,10 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .credit_service_pb2 import CaptureCreditsRequest, CaptureCreditsResponse, CheckCreditsRequest, CheckCreditsResponse, DebitCreditsRequest, DebitCreditsResponse, GetBalanceRequest, GetBalanceResponse, GetProfileRequest, GetProfileResponse, GrantCreditsRequest, GrantCreditsResponse, ListGrantsRequest, ListGrantsResponse, ListTransactionsRequest, ListTransactionsResponse, RefundCreditsRequest, RefundCreditsResponse, ReleaseCreditsRequest, ReleaseCreditsResponse, ReserveCreditsRequest, ReserveCreditsResponse, VoidGrantRequest, VoidGrantResponse
+from .credit_service_pb2 import CaptureCreditsRequest, CaptureCreditsResponse, CheckCreditsRequest, CheckCreditsResponse, DebitCreditsRequest, DebitCreditsResponse, GetBalanceRequest, GetBalanceResponse, GetProfileRequest, GetProfileResponse, GrantCreditsRequest, GrantCreditsResponse, ListEventsRequest, ListEventsResponse, ListGrantsRequest, ListGrantsResponse, ListTransactionsRequest, ListTransactionsResponse, RefundCreditsRequest, RefundCreditsResponse, ReleaseCreditsRequest, ReleaseCreditsResponse, ReserveCreditsRequest, ReserveCreditsResponse, SetBalanceAlertsRequest, SetBalanceAlertsResponse, VoidGrantRequest, VoidGrantResponse, WatchBalanceRequest, WatchBalanceResponse
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Iterable, Mapping
+    from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
 
     from connectrpc.codec import Codec
     from connectrpc.compression import Compression
@@ -119,6 +119,25 @@ class CreditService(Protocol):
     async def list_grants(self, request: ListGrantsRequest, ctx: RequestContext[ListGrantsRequest, ListGrantsResponse], /) -> ListGrantsResponse:
         """
         The user's grants, newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def set_balance_alerts(self, request: SetBalanceAlertsRequest, ctx: RequestContext[SetBalanceAlertsRequest, SetBalanceAlertsResponse], /) -> SetBalanceAlertsResponse:
+        """
+        Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_events(self, request: ListEventsRequest, ctx: RequestContext[ListEventsRequest, ListEventsResponse], /) -> ListEventsResponse:
+        """
+        Events in commit order, after the one named. Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_balance(self, request: WatchBalanceRequest, ctx: RequestContext[WatchBalanceRequest, WatchBalanceResponse], /) -> AsyncIterator[WatchBalanceResponse]:
+        """
+        The user's balance now, then after every change, until the caller cancels.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -267,6 +286,39 @@ class CreditServiceASGIApplication(ConnectASGIApplication[CreditService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_grants,
+                ),
+                "/credits.v1.CreditService/SetBalanceAlerts": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SetBalanceAlerts",
+                        service_name="credits.v1.CreditService",
+                        input=SetBalanceAlertsRequest,
+                        output=SetBalanceAlertsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.set_balance_alerts,
+                ),
+                "/credits.v1.CreditService/ListEvents": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListEvents",
+                        service_name="credits.v1.CreditService",
+                        input=ListEventsRequest,
+                        output=ListEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_events,
+                ),
+                "/credits.v1.CreditService/WatchBalance": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="WatchBalance",
+                        service_name="credits.v1.CreditService",
+                        input=WatchBalanceRequest,
+                        output=WatchBalanceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=svc.watch_balance,
                 ),
             },
             interceptors=interceptors,
@@ -594,6 +646,76 @@ class CreditServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def set_balance_alerts(
+        self,
+        request: SetBalanceAlertsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetBalanceAlertsResponse:
+        """
+        Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetBalanceAlerts",
+                service_name="credits.v1.CreditService",
+                input=SetBalanceAlertsRequest,
+                output=SetBalanceAlertsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_events(
+        self,
+        request: ListEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListEventsResponse:
+        """
+        Events in commit order, after the one named. Service only.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListEvents",
+                service_name="credits.v1.CreditService",
+                input=ListEventsRequest,
+                output=ListEventsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_balance(
+        self,
+        request: WatchBalanceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[WatchBalanceResponse]:
+        """
+        The user's balance now, then after every change, until the caller cancels.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchBalance",
+                service_name="credits.v1.CreditService",
+                input=WatchBalanceRequest,
+                output=WatchBalanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class CreditServiceSync(Protocol):
     """
@@ -677,6 +799,25 @@ class CreditServiceSync(Protocol):
     def list_grants(self, request: ListGrantsRequest, ctx: RequestContext[ListGrantsRequest, ListGrantsResponse], /) -> ListGrantsResponse:
         """
         The user's grants, newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def set_balance_alerts(self, request: SetBalanceAlertsRequest, ctx: RequestContext[SetBalanceAlertsRequest, SetBalanceAlertsResponse], /) -> SetBalanceAlertsResponse:
+        """
+        Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_events(self, request: ListEventsRequest, ctx: RequestContext[ListEventsRequest, ListEventsResponse], /) -> ListEventsResponse:
+        """
+        Events in commit order, after the one named. Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_balance(self, request: WatchBalanceRequest, ctx: RequestContext[WatchBalanceRequest, WatchBalanceResponse], /) -> Iterator[WatchBalanceResponse]:
+        """
+        The user's balance now, then after every change, until the caller cancels.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -823,6 +964,39 @@ class CreditServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_grants,
+                ),
+                "/credits.v1.CreditService/SetBalanceAlerts": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SetBalanceAlerts",
+                        service_name="credits.v1.CreditService",
+                        input=SetBalanceAlertsRequest,
+                        output=SetBalanceAlertsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.set_balance_alerts,
+                ),
+                "/credits.v1.CreditService/ListEvents": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListEvents",
+                        service_name="credits.v1.CreditService",
+                        input=ListEventsRequest,
+                        output=ListEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_events,
+                ),
+                "/credits.v1.CreditService/WatchBalance": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="WatchBalance",
+                        service_name="credits.v1.CreditService",
+                        input=WatchBalanceRequest,
+                        output=WatchBalanceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=service.watch_balance,
                 ),
             },
             interceptors=interceptors,
@@ -1146,6 +1320,76 @@ class CreditServiceClientSync(ConnectClientSync):
                 output=ListGrantsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def set_balance_alerts(
+        self,
+        request: SetBalanceAlertsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetBalanceAlertsResponse:
+        """
+        Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetBalanceAlerts",
+                service_name="credits.v1.CreditService",
+                input=SetBalanceAlertsRequest,
+                output=SetBalanceAlertsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_events(
+        self,
+        request: ListEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListEventsResponse:
+        """
+        Events in commit order, after the one named. Service only.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListEvents",
+                service_name="credits.v1.CreditService",
+                input=ListEventsRequest,
+                output=ListEventsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_balance(
+        self,
+        request: WatchBalanceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[WatchBalanceResponse]:
+        """
+        The user's balance now, then after every change, until the caller cancels.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchBalance",
+                service_name="credits.v1.CreditService",
+                input=WatchBalanceRequest,
+                output=WatchBalanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
             ),
             headers=headers,
             timeout_ms=timeout_ms,

@@ -22,13 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from credits.v1 import event_pb2 as credits_dot_v1_dot_event__pb2
 from credits.v1 import grant_pb2 as credits_dot_v1_dot_grant__pb2
 from credits.v1 import ledger_pb2 as credits_dot_v1_dot_ledger__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63redits/v1/credit_service.proto\x12\ncredits.v1\x1a\x16\x63redits/v1/grant.proto\x1a\x17\x63redits/v1/ledger.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"$\n\x11GetBalanceRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xa9\x01\n\x12GetBalanceResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x0c\n\x04held\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12\x34\n\x10next_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12next_expire_amount\x18\x06 \x01(\x03\"$\n\x11GetProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\":\n\x12GetProfileResponse\x12$\n\x07profile\x18\x01 \x01(\x0b\x32\x13.credits.v1.Profile\"E\n\x13\x43heckCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\r\n\x05scope\x18\x03 \x01(\t\"P\n\x14\x43heckCreditsResponse\x12\x12\n\nsufficient\x18\x01 \x01(\x08\x12\x11\n\tavailable\x18\x02 \x01(\x03\x12\x11\n\tshortfall\x18\x03 \x01(\x03\"\xe5\x01\n\x13\x44\x65\x62itCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12?\n\x08metadata\x18\x05 \x03(\x0b\x32-.credits.v1.DebitCreditsRequest.MetadataEntry\x12\r\n\x05scope\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x14\x44\x65\x62itCreditsResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\x9c\x03\n\x13GrantCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12?\n\x08metadata\x18\x05 \x03(\x0b\x32-.credits.v1.GrantCreditsRequest.MetadataEntry\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x08priority\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12+\n\x08\x63\x61tegory\x18\t \x01(\x0e\x32\x19.credits.v1.GrantCategory\x12\x0e\n\x06scopes\x18\n \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priority\"\x89\x01\n\x14GrantCreditsResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12 \n\x05grant\x18\x04 \x01(\x0b\x32\x11.credits.v1.Grant\"}\n\x14RefundCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"h\n\x15RefundCreditsResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\x9d\x01\n\x15ReserveCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\r\n\x05scope\x18\x06 \x01(\t\"]\n\x16ReserveCreditsResponse\x12\x1e\n\x04hold\x18\x01 \x01(\x0b\x32\x10.credits.v1.Hold\x12\x11\n\tavailable\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"Q\n\x15\x43\x61ptureCreditsRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x89\x01\n\x16\x43\x61ptureCreditsResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12\x1e\n\x04hold\x18\x02 \x01(\x0b\x32\x10.credits.v1.Hold\x12\x0f\n\x07\x62\x61lance\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"(\n\x15ReleaseCreditsRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\"K\n\x16ReleaseCreditsResponse\x12\x1e\n\x04hold\x18\x01 \x01(\x0b\x32\x10.credits.v1.Hold\x12\x11\n\tavailable\x18\x02 \x01(\x03\"\xdb\x01\n\x17ListTransactionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12*\n\x05kinds\x18\x04 \x03(\x0e\x32\x1b.credits.v1.TransactionKind\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x18ListTransactionsResponse\x12-\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x17.credits.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"R\n\x10VoidGrantRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\x86\x01\n\x11VoidGrantResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12 \n\x05grant\x18\x02 \x01(\x0b\x32\x11.credits.v1.Grant\x12\x0f\n\x07\x62\x61lance\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"s\n\x11ListGrantsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x06states\x18\x04 \x03(\x0e\x32\x16.credits.v1.GrantState\"P\n\x12ListGrantsResponse\x12!\n\x06grants\x18\x01 \x03(\x0b\x32\x11.credits.v1.Grant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xf9\x07\n\rCreditService\x12K\n\nGetBalance\x12\x1d.credits.v1.GetBalanceRequest\x1a\x1e.credits.v1.GetBalanceResponse\x12K\n\nGetProfile\x12\x1d.credits.v1.GetProfileRequest\x1a\x1e.credits.v1.GetProfileResponse\x12Q\n\x0c\x43heckCredits\x12\x1f.credits.v1.CheckCreditsRequest\x1a .credits.v1.CheckCreditsResponse\x12Q\n\x0c\x44\x65\x62itCredits\x12\x1f.credits.v1.DebitCreditsRequest\x1a .credits.v1.DebitCreditsResponse\x12Q\n\x0cGrantCredits\x12\x1f.credits.v1.GrantCreditsRequest\x1a .credits.v1.GrantCreditsResponse\x12T\n\rRefundCredits\x12 .credits.v1.RefundCreditsRequest\x1a!.credits.v1.RefundCreditsResponse\x12W\n\x0eReserveCredits\x12!.credits.v1.ReserveCreditsRequest\x1a\".credits.v1.ReserveCreditsResponse\x12W\n\x0e\x43\x61ptureCredits\x12!.credits.v1.CaptureCreditsRequest\x1a\".credits.v1.CaptureCreditsResponse\x12W\n\x0eReleaseCredits\x12!.credits.v1.ReleaseCreditsRequest\x1a\".credits.v1.ReleaseCreditsResponse\x12]\n\x10ListTransactions\x12#.credits.v1.ListTransactionsRequest\x1a$.credits.v1.ListTransactionsResponse\x12H\n\tVoidGrant\x12\x1c.credits.v1.VoidGrantRequest\x1a\x1d.credits.v1.VoidGrantResponse\x12K\n\nListGrants\x12\x1d.credits.v1.ListGrantsRequest\x1a\x1e.credits.v1.ListGrantsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63redits/v1/credit_service.proto\x12\ncredits.v1\x1a\x16\x63redits/v1/event.proto\x1a\x16\x63redits/v1/grant.proto\x1a\x17\x63redits/v1/ledger.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"$\n\x11GetBalanceRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\xa9\x01\n\x12GetBalanceResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x0c\n\x04held\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12\x34\n\x10next_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12next_expire_amount\x18\x06 \x01(\x03\"$\n\x11GetProfileRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\":\n\x12GetProfileResponse\x12$\n\x07profile\x18\x01 \x01(\x0b\x32\x13.credits.v1.Profile\"E\n\x13\x43heckCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\r\n\x05scope\x18\x03 \x01(\t\"P\n\x14\x43heckCreditsResponse\x12\x12\n\nsufficient\x18\x01 \x01(\x08\x12\x11\n\tavailable\x18\x02 \x01(\x03\x12\x11\n\tshortfall\x18\x03 \x01(\x03\"\xe5\x01\n\x13\x44\x65\x62itCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12?\n\x08metadata\x18\x05 \x03(\x0b\x32-.credits.v1.DebitCreditsRequest.MetadataEntry\x12\r\n\x05scope\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x14\x44\x65\x62itCreditsResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\x9c\x03\n\x13GrantCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12?\n\x08metadata\x18\x05 \x03(\x0b\x32-.credits.v1.GrantCreditsRequest.MetadataEntry\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x65\x66\x66\x65\x63tive_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\x08priority\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12+\n\x08\x63\x61tegory\x18\t \x01(\x0e\x32\x19.credits.v1.GrantCategory\x12\x0e\n\x06scopes\x18\n \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_priority\"\x89\x01\n\x14GrantCreditsResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x12 \n\x05grant\x18\x04 \x01(\x0b\x32\x11.credits.v1.Grant\"}\n\x14RefundCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0etransaction_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"h\n\x15RefundCreditsResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"\x9d\x01\n\x15ReserveCreditsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\r\n\x05scope\x18\x06 \x01(\t\"]\n\x16ReserveCreditsResponse\x12\x1e\n\x04hold\x18\x01 \x01(\x0b\x32\x10.credits.v1.Hold\x12\x11\n\tavailable\x18\x02 \x01(\x03\x12\x10\n\x08replayed\x18\x03 \x01(\x08\"Q\n\x15\x43\x61ptureCreditsRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\x89\x01\n\x16\x43\x61ptureCreditsResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12\x1e\n\x04hold\x18\x02 \x01(\x0b\x32\x10.credits.v1.Hold\x12\x0f\n\x07\x62\x61lance\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"(\n\x15ReleaseCreditsRequest\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\"K\n\x16ReleaseCreditsResponse\x12\x1e\n\x04hold\x18\x01 \x01(\x0b\x32\x10.credits.v1.Hold\x12\x11\n\tavailable\x18\x02 \x01(\x03\"\xdb\x01\n\x17ListTransactionsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12*\n\x05kinds\x18\x04 \x03(\x0e\x32\x1b.credits.v1.TransactionKind\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x18ListTransactionsResponse\x12-\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x17.credits.v1.Transaction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"R\n\x10VoidGrantRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"\x86\x01\n\x11VoidGrantResponse\x12,\n\x0btransaction\x18\x01 \x01(\x0b\x32\x17.credits.v1.Transaction\x12 \n\x05grant\x18\x02 \x01(\x0b\x32\x11.credits.v1.Grant\x12\x0f\n\x07\x62\x61lance\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"s\n\x11ListGrantsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12&\n\x06states\x18\x04 \x03(\x0e\x32\x16.credits.v1.GrantState\"P\n\x12ListGrantsResponse\x12!\n\x06grants\x18\x01 \x03(\x0b\x32\x11.credits.v1.Grant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x17SetBalanceAlertsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nthresholds\x18\x02 \x03(\x03\x12\x14\n\x0cuse_defaults\x18\x03 \x01(\x08\"@\n\x18SetBalanceAlertsResponse\x12$\n\x07profile\x18\x01 \x01(\x0b\x32\x13.credits.v1.Profile\"M\n\x11ListEventsRequest\x12\x16\n\x0e\x61\x66ter_event_id\x18\x01 \x01(\t\x12\r\n\x05types\x18\x02 \x03(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"7\n\x12ListEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.credits.v1.Event\"&\n\x13WatchBalanceRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"\x8a\x01\n\x14WatchBalanceResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x02 \x01(\x03\x12\x0c\n\x04held\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xfa\t\n\rCreditService\x12K\n\nGetBalance\x12\x1d.credits.v1.GetBalanceRequest\x1a\x1e.credits.v1.GetBalanceResponse\x12K\n\nGetProfile\x12\x1d.credits.v1.GetProfileRequest\x1a\x1e.credits.v1.GetProfileResponse\x12Q\n\x0c\x43heckCredits\x12\x1f.credits.v1.CheckCreditsRequest\x1a .credits.v1.CheckCreditsResponse\x12Q\n\x0c\x44\x65\x62itCredits\x12\x1f.credits.v1.DebitCreditsRequest\x1a .credits.v1.DebitCreditsResponse\x12Q\n\x0cGrantCredits\x12\x1f.credits.v1.GrantCreditsRequest\x1a .credits.v1.GrantCreditsResponse\x12T\n\rRefundCredits\x12 .credits.v1.RefundCreditsRequest\x1a!.credits.v1.RefundCreditsResponse\x12W\n\x0eReserveCredits\x12!.credits.v1.ReserveCreditsRequest\x1a\".credits.v1.ReserveCreditsResponse\x12W\n\x0e\x43\x61ptureCredits\x12!.credits.v1.CaptureCreditsRequest\x1a\".credits.v1.CaptureCreditsResponse\x12W\n\x0eReleaseCredits\x12!.credits.v1.ReleaseCreditsRequest\x1a\".credits.v1.ReleaseCreditsResponse\x12]\n\x10ListTransactions\x12#.credits.v1.ListTransactionsRequest\x1a$.credits.v1.ListTransactionsResponse\x12H\n\tVoidGrant\x12\x1c.credits.v1.VoidGrantRequest\x1a\x1d.credits.v1.VoidGrantResponse\x12K\n\nListGrants\x12\x1d.credits.v1.ListGrantsRequest\x1a\x1e.credits.v1.ListGrantsResponse\x12]\n\x10SetBalanceAlerts\x12#.credits.v1.SetBalanceAlertsRequest\x1a$.credits.v1.SetBalanceAlertsResponse\x12K\n\nListEvents\x12\x1d.credits.v1.ListEventsRequest\x1a\x1e.credits.v1.ListEventsResponse\x12S\n\x0cWatchBalance\x12\x1f.credits.v1.WatchBalanceRequest\x1a .credits.v1.WatchBalanceResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,58 +40,70 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEBITCREDITSREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_GRANTCREDITSREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_GRANTCREDITSREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_GETBALANCEREQUEST']._serialized_start=161
-  _globals['_GETBALANCEREQUEST']._serialized_end=197
-  _globals['_GETBALANCERESPONSE']._serialized_start=200
-  _globals['_GETBALANCERESPONSE']._serialized_end=369
-  _globals['_GETPROFILEREQUEST']._serialized_start=371
-  _globals['_GETPROFILEREQUEST']._serialized_end=407
-  _globals['_GETPROFILERESPONSE']._serialized_start=409
-  _globals['_GETPROFILERESPONSE']._serialized_end=467
-  _globals['_CHECKCREDITSREQUEST']._serialized_start=469
-  _globals['_CHECKCREDITSREQUEST']._serialized_end=538
-  _globals['_CHECKCREDITSRESPONSE']._serialized_start=540
-  _globals['_CHECKCREDITSRESPONSE']._serialized_end=620
-  _globals['_DEBITCREDITSREQUEST']._serialized_start=623
-  _globals['_DEBITCREDITSREQUEST']._serialized_end=852
-  _globals['_DEBITCREDITSREQUEST_METADATAENTRY']._serialized_start=805
-  _globals['_DEBITCREDITSREQUEST_METADATAENTRY']._serialized_end=852
-  _globals['_DEBITCREDITSRESPONSE']._serialized_start=854
-  _globals['_DEBITCREDITSRESPONSE']._serialized_end=957
-  _globals['_GRANTCREDITSREQUEST']._serialized_start=960
-  _globals['_GRANTCREDITSREQUEST']._serialized_end=1372
-  _globals['_GRANTCREDITSREQUEST_METADATAENTRY']._serialized_start=805
-  _globals['_GRANTCREDITSREQUEST_METADATAENTRY']._serialized_end=852
-  _globals['_GRANTCREDITSRESPONSE']._serialized_start=1375
-  _globals['_GRANTCREDITSRESPONSE']._serialized_end=1512
-  _globals['_REFUNDCREDITSREQUEST']._serialized_start=1514
-  _globals['_REFUNDCREDITSREQUEST']._serialized_end=1639
-  _globals['_REFUNDCREDITSRESPONSE']._serialized_start=1641
-  _globals['_REFUNDCREDITSRESPONSE']._serialized_end=1745
-  _globals['_RESERVECREDITSREQUEST']._serialized_start=1748
-  _globals['_RESERVECREDITSREQUEST']._serialized_end=1905
-  _globals['_RESERVECREDITSRESPONSE']._serialized_start=1907
-  _globals['_RESERVECREDITSRESPONSE']._serialized_end=2000
-  _globals['_CAPTURECREDITSREQUEST']._serialized_start=2002
-  _globals['_CAPTURECREDITSREQUEST']._serialized_end=2083
-  _globals['_CAPTURECREDITSRESPONSE']._serialized_start=2086
-  _globals['_CAPTURECREDITSRESPONSE']._serialized_end=2223
-  _globals['_RELEASECREDITSREQUEST']._serialized_start=2225
-  _globals['_RELEASECREDITSREQUEST']._serialized_end=2265
-  _globals['_RELEASECREDITSRESPONSE']._serialized_start=2267
-  _globals['_RELEASECREDITSRESPONSE']._serialized_end=2342
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=2345
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=2564
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=2566
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=2664
-  _globals['_VOIDGRANTREQUEST']._serialized_start=2666
-  _globals['_VOIDGRANTREQUEST']._serialized_end=2748
-  _globals['_VOIDGRANTRESPONSE']._serialized_start=2751
-  _globals['_VOIDGRANTRESPONSE']._serialized_end=2885
-  _globals['_LISTGRANTSREQUEST']._serialized_start=2887
-  _globals['_LISTGRANTSREQUEST']._serialized_end=3002
-  _globals['_LISTGRANTSRESPONSE']._serialized_start=3004
-  _globals['_LISTGRANTSRESPONSE']._serialized_end=3084
-  _globals['_CREDITSERVICE']._serialized_start=3087
-  _globals['_CREDITSERVICE']._serialized_end=4104
+  _globals['_GETBALANCEREQUEST']._serialized_start=185
+  _globals['_GETBALANCEREQUEST']._serialized_end=221
+  _globals['_GETBALANCERESPONSE']._serialized_start=224
+  _globals['_GETBALANCERESPONSE']._serialized_end=393
+  _globals['_GETPROFILEREQUEST']._serialized_start=395
+  _globals['_GETPROFILEREQUEST']._serialized_end=431
+  _globals['_GETPROFILERESPONSE']._serialized_start=433
+  _globals['_GETPROFILERESPONSE']._serialized_end=491
+  _globals['_CHECKCREDITSREQUEST']._serialized_start=493
+  _globals['_CHECKCREDITSREQUEST']._serialized_end=562
+  _globals['_CHECKCREDITSRESPONSE']._serialized_start=564
+  _globals['_CHECKCREDITSRESPONSE']._serialized_end=644
+  _globals['_DEBITCREDITSREQUEST']._serialized_start=647
+  _globals['_DEBITCREDITSREQUEST']._serialized_end=876
+  _globals['_DEBITCREDITSREQUEST_METADATAENTRY']._serialized_start=829
+  _globals['_DEBITCREDITSREQUEST_METADATAENTRY']._serialized_end=876
+  _globals['_DEBITCREDITSRESPONSE']._serialized_start=878
+  _globals['_DEBITCREDITSRESPONSE']._serialized_end=981
+  _globals['_GRANTCREDITSREQUEST']._serialized_start=984
+  _globals['_GRANTCREDITSREQUEST']._serialized_end=1396
+  _globals['_GRANTCREDITSREQUEST_METADATAENTRY']._serialized_start=829
+  _globals['_GRANTCREDITSREQUEST_METADATAENTRY']._serialized_end=876
+  _globals['_GRANTCREDITSRESPONSE']._serialized_start=1399
+  _globals['_GRANTCREDITSRESPONSE']._serialized_end=1536
+  _globals['_REFUNDCREDITSREQUEST']._serialized_start=1538
+  _globals['_REFUNDCREDITSREQUEST']._serialized_end=1663
+  _globals['_REFUNDCREDITSRESPONSE']._serialized_start=1665
+  _globals['_REFUNDCREDITSRESPONSE']._serialized_end=1769
+  _globals['_RESERVECREDITSREQUEST']._serialized_start=1772
+  _globals['_RESERVECREDITSREQUEST']._serialized_end=1929
+  _globals['_RESERVECREDITSRESPONSE']._serialized_start=1931
+  _globals['_RESERVECREDITSRESPONSE']._serialized_end=2024
+  _globals['_CAPTURECREDITSREQUEST']._serialized_start=2026
+  _globals['_CAPTURECREDITSREQUEST']._serialized_end=2107
+  _globals['_CAPTURECREDITSRESPONSE']._serialized_start=2110
+  _globals['_CAPTURECREDITSRESPONSE']._serialized_end=2247
+  _globals['_RELEASECREDITSREQUEST']._serialized_start=2249
+  _globals['_RELEASECREDITSREQUEST']._serialized_end=2289
+  _globals['_RELEASECREDITSRESPONSE']._serialized_start=2291
+  _globals['_RELEASECREDITSRESPONSE']._serialized_end=2366
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=2369
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=2588
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=2590
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=2688
+  _globals['_VOIDGRANTREQUEST']._serialized_start=2690
+  _globals['_VOIDGRANTREQUEST']._serialized_end=2772
+  _globals['_VOIDGRANTRESPONSE']._serialized_start=2775
+  _globals['_VOIDGRANTRESPONSE']._serialized_end=2909
+  _globals['_LISTGRANTSREQUEST']._serialized_start=2911
+  _globals['_LISTGRANTSREQUEST']._serialized_end=3026
+  _globals['_LISTGRANTSRESPONSE']._serialized_start=3028
+  _globals['_LISTGRANTSRESPONSE']._serialized_end=3108
+  _globals['_SETBALANCEALERTSREQUEST']._serialized_start=3110
+  _globals['_SETBALANCEALERTSREQUEST']._serialized_end=3194
+  _globals['_SETBALANCEALERTSRESPONSE']._serialized_start=3196
+  _globals['_SETBALANCEALERTSRESPONSE']._serialized_end=3260
+  _globals['_LISTEVENTSREQUEST']._serialized_start=3262
+  _globals['_LISTEVENTSREQUEST']._serialized_end=3339
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=3341
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=3396
+  _globals['_WATCHBALANCEREQUEST']._serialized_start=3398
+  _globals['_WATCHBALANCEREQUEST']._serialized_end=3436
+  _globals['_WATCHBALANCERESPONSE']._serialized_start=3439
+  _globals['_WATCHBALANCERESPONSE']._serialized_end=3577
+  _globals['_CREDITSERVICE']._serialized_start=3580
+  _globals['_CREDITSERVICE']._serialized_end=4854
 # @@protoc_insertion_point(module_scope)
