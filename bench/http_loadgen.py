@@ -19,12 +19,14 @@ import aiohttp
 from google.protobuf import json_format
 
 from bench import loadgen
+from bench.cpu import Watch
 from bench.loadgen import Load, Result
 
 
-def run(load: Load) -> Result:
-    """Drive `load` (its target a `host:port` Connect edge) from its processes at once."""
-    return loadgen.run(load, _drive)
+def run(load: Load, watch: Watch | None = None) -> Result:
+    """Drive `load` (its target a `host:port` Connect edge) from its processes at once (and
+    measure what `watch`'s processes spend meanwhile)."""
+    return loadgen.run(load, _drive, watch)
 
 
 def _body(request: object) -> bytes:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 import grpc.aio
 
+from bench.cpu import Usage, Watch
 from bench.scenarios import Scenario
 
 
@@ -43,10 +44,18 @@ class Result:
     errors: int
     seconds: float
     latencies_ms: Sequence[float]
+    # CPU the watched processes spent over the measured seconds (None: nothing watched).
+    cpu: Usage | None = None
 
     @property
     def throughput(self) -> float:
         return self.calls / self.seconds
+
+    def cpu_per_call(self) -> Usage | None:
+        """CPU seconds per call, of the server and of the database."""
+        if self.cpu is None or not self.calls:
+            return None
+        return self.cpu / self.calls
 
     def percentile(self, fraction: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -61,10 +70,10 @@ Part = tuple[int, int, list[float]]
 Drive = Callable[[Load, int, int, float], Awaitable[Part]]
 
 
-def run(load: Load, drive: Drive | None = None) -> Result:
+def run(load: Load, drive: Drive | None = None, watch: Watch | None = None) -> Result:
     """Drive `load` from its processes at once and merge what each measured; `drive` is the
     protocol's caller loop (a module-level function, to reach the spawned processes): gRPC's
-    by default."""
+    by default. With `watch`, the CPU its processes spent over the measured seconds too."""
     processes = max(1, min(load.processes, load.concurrency))
     shares = [
         load.concurrency // processes + (i < load.concurrency % processes) for i in range(processes)
@@ -73,17 +82,29 @@ def run(load: Load, drive: Drive | None = None) -> Result:
     start_at = time.time() + 1.5  # every process starts its clock together, after spawning
     chosen = drive or _drive
     with context.Pool(processes) as pool:
-        parts = pool.starmap(
+        pending = pool.starmap_async(
             _process,
             [(chosen, load, share, index, start_at) for index, share in enumerate(shares)],
         )
+        cpu = None if watch is None else _measure(watch, start_at + load.warmup, load.seconds)
+        parts = pending.get()
     latencies = [value for part in parts for value in part[2]]
     return Result(
         calls=sum(part[0] for part in parts),
         errors=sum(part[1] for part in parts),
         seconds=load.seconds,
         latencies_ms=latencies,
+        cpu=cpu,
     )
+
+
+def _measure(watch: Watch, start: float, seconds: float) -> Usage:
+    """What `watch`'s processes spend from `start` (time.time()) for `seconds`: the window in
+    which the callers count their calls."""
+    time.sleep(max(0.0, start - time.time()))
+    before = watch.read()
+    time.sleep(max(0.0, start + seconds - time.time()))
+    return watch.read() - before
 
 
 def _process(drive: Drive, load: Load, callers: int, index: int, start_at: float) -> Part:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from bench.cpu import Usage, Watch
 from server.db import embedded
 
 # One call a transaction, exactly the statement the service sends (named arguments), for a user
@@ -26,10 +27,19 @@ select public.credit_debit(p_user_id => ('00000000-0000-4000-8000-' || lpad((:u)
 class PgbenchResult:
     tps: float
     latency_ms: float
+    # The database's CPU seconds per transaction (None: nothing watched).
+    cpu_per_call: Usage | None = None
 
 
-def run(database_url: str, users: int, clients: int = 8, seconds: int = 10) -> PgbenchResult:
-    """pgbench's transactions per second and mean latency over `seconds`."""
+def run(
+    database_url: str,
+    users: int,
+    clients: int = 8,
+    seconds: int = 10,
+    watch: Watch | None = None,
+) -> PgbenchResult:
+    """pgbench's transactions per second and mean latency over `seconds` (and, with `watch`,
+    the CPU its processes spent per transaction)."""
     url = urlsplit(database_url)
     host = parse_qs(url.query).get("host", [url.hostname or "localhost"])[0]
     env = {
@@ -53,11 +63,16 @@ def run(database_url: str, users: int, clients: int = 8, seconds: int = 10) -> P
             "--protocol=prepared",
             f"--file={script}",
         ]
+        before = watch.read() if watch else None
         done = subprocess.run(  # noqa: S603 (a fixed command line)
             command, env=env, capture_output=True, text=True, check=True, timeout=seconds + 60
         )
+        spent = watch.read() - before if watch and before else None
     tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", done.stdout)
     latency = re.search(r"latency average = ([\d.]+) ms", done.stdout)
-    if tps is None or latency is None:
+    count = re.search(r"number of transactions actually processed: (\d+)", done.stdout)
+    if tps is None or latency is None or count is None:
         raise RuntimeError(f"unexpected pgbench output:\n{done.stdout}\n{done.stderr}")
-    return PgbenchResult(float(tps.group(1)), float(latency.group(1)))
+    calls = max(1, int(count.group(1)))
+    per_call = None if spent is None else spent / calls
+    return PgbenchResult(float(tps.group(1)), float(latency.group(1)), per_call)

@@ -18,6 +18,7 @@ from credits.v1 import credit_service_pb2, generation_service_pb2, usage_pb2
 
 Metadata = tuple[tuple[str, str], ...]
 DEBIT_FIVE_GRANTS = "DebitCredits, 5 live grants"
+HOT_ACCOUNT = "DebitCredits, one hot account"
 USAGE_1K = "GetUsage month by day, 1k entries"
 USAGE_1M = "GetUsage month by day, 1M entries"
 Call = Callable[..., Awaitable[Any]]
@@ -106,6 +107,11 @@ def debit(tokens: Sequence[str]) -> Scenario:
 def debit_five_grants(tokens: Sequence[str]) -> Scenario:
     """DebitCredits of users with five live grants each (bench/users.py, create_with_grants)."""
     return Scenario(DEBIT_FIVE_GRANTS, "/credits.v1.CreditService/DebitCredits", tokens)
+
+
+def debit_hot(token: str) -> Scenario:
+    """DebitCredits of every caller from one user: its calls meet on that user's row."""
+    return Scenario(HOT_ACCOUNT, "/credits.v1.CreditService/DebitCredits", [token])
 
 
 def create_generation(tokens: Sequence[str]) -> Scenario:

@@ -4,12 +4,14 @@ stopped with SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
+
+from server.db import embedded, migrate
 
 CREDITS = Path(sys.executable).parent / "credits"
 
@@ -28,10 +32,19 @@ def free_port() -> int:
         return port
 
 
+_RECONNECT_AT_ONCE = [
+    ("grpc.initial_reconnect_backoff_ms", 10),
+    ("grpc.min_reconnect_backoff_ms", 10),
+    ("grpc.max_reconnect_backoff_ms", 10),
+]
+
+
 def wait_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
     """Block until `target`'s health says SERVING (polling every 10 ms)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
+    # Retry the connection every 10 ms: by default a channel refused once (the server not yet
+    # listening) waits a second before trying again, which the cold start would count.
+    with grpc.insecure_channel(target, options=_RECONNECT_AT_ONCE) as channel:
         # By method name: the health stubs' type hints lack HealthStub's methods.
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
@@ -78,11 +91,12 @@ def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def running(
-    command: list[str], env: Mapping[str, str], log: Path
+    command: list[str], env: Mapping[str, str], log: Path, cwd: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`command` running with its output in `log`; SIGTERM (then SIGKILL) when done."""
+    """`command` running (in `cwd`) with its output in `log`; SIGTERM (then SIGKILL) when
+    done."""
     with log.open("ab") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=out)  # noqa: S603
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=out, cwd=cwd)  # noqa: S603
     try:
         yield process
     finally:
@@ -127,3 +141,15 @@ def cold_start(data_dir: Path, log: Path, extra: Mapping[str, str]) -> float:
     with credits_serve(settings, log):
         wait_serving(f"127.0.0.1:{port}")
         return time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def migrated_database() -> Iterator[str]:
+    """A fresh embedded PostgreSQL in a scratch directory, migrated: its URL; stopped after."""
+    with tempfile.TemporaryDirectory(prefix="credits-bench-db-") as scratch:
+        database = embedded.EmbeddedPostgres.start_blocking(Path(scratch) / "db")
+        try:
+            asyncio.run(migrate.migrate(database.uri))
+            yield database.uri
+        finally:
+            database.stop()

@@ -44,9 +44,12 @@ from server.domain.paging import PageTokens, page_budget
 from server.edges.calls import Calls
 from server.edges.connect import applications as connect_applications
 from server.edges.cors import Cors
-from server.edges.http import HttpEdge
+from server.edges.http import HEALTH_PATH, HttpEdge
 from server.edges.http_server import HttpServer, TlsFiles
 from server.errors import ServiceCredentialsRejected
+from server.events.feed import BalanceFeed
+from server.events.service import Events
+from server.events.webhooks import DeliveryPool, DeliverySettings
 from server.generation import catalogue as catalogue_file
 from server.generation.feed import ChangeFeed
 from server.generation.lifecycle import Generations, Limits
@@ -54,9 +57,11 @@ from server.generation.models import ModelSpec
 from server.generation.worker import Worker, WorkerPool, WorkerSettings, load_providers
 from server.health import HealthServicer
 from server.interceptors import CallInterceptor
-from server.observability import metrics
+from server.interceptors.auth import is_public
+from server.observability import metrics, tracing
 from server.repository.breaker import CredentialBreaker
 from server.repository.credits import CreditRepository
+from server.repository.events import EventRepository
 from server.repository.generations import GenerationRepository
 from server.repository.layered import LayeredRepository
 from server.repository.transport import Transport
@@ -90,6 +95,9 @@ class Backend:
     catalogue: Mapping[str, ModelSpec]
     feed: ChangeFeed
     watch: DatabaseWatch
+    events: EventRepository
+    # Balance changes as they commit (live on PostgreSQL; polled on a Supabase project).
+    balances: BalanceFeed
 
     async def close(self) -> None:
         await self.watch.stop()  # first: a database being stopped is not to be restarted
@@ -111,11 +119,15 @@ class Application:
     backend: Backend
     sweeper: HoldSweeper
     workers: WorkerPool
+    deliveries: DeliveryPool
+    events: Events
     metrics: WSGIServer | None = None
     queue_tracker: asyncio.Task[None] | None = None
     generations: Generations | None = None
     # The Connect edge (CREDITS_HTTP_LISTEN), when on.
     http: HttpServer | None = None
+    # Tracing, when this service turned it on (OTEL_EXPORTER_OTLP_ENDPOINT).
+    traces: tracing.Tracing | None = None
 
     @property
     def http_port(self) -> int | None:
@@ -128,16 +140,21 @@ class Application:
         await self.health.enter_graceful_shutdown()
         if self.generations is not None:
             self.generations.stop()  # open watches end now (SERVER_STOPPING), not after grace
+        self.events.stop()
         # The HTTP edge stops beside the gRPC server, with the same grace.
         http = asyncio.create_task(self.http.stop(grace)) if self.http is not None else None
         # In-flight RPCs and generations both get the grace period, side by side.
-        await asyncio.gather(self.server.stop(grace), self.workers.stop(grace))
+        await asyncio.gather(
+            self.server.stop(grace), self.workers.stop(grace), self.deliveries.stop(grace)
+        )
         if http is not None:
             await http
         if self.queue_tracker is not None:
             await runtime.stop(self.queue_tracker)
         await self.sweeper.stop()
         await self.backend.close()
+        if self.traces is not None:
+            await asyncio.to_thread(self.traces.stop)  # its last spans are sent
         if self.metrics is not None:
             # shutdown() waits for the serving thread's loop (it polls every half second).
             await asyncio.to_thread(self.metrics.shutdown)
@@ -259,6 +276,7 @@ async def open_backend(settings: Settings) -> Backend:
     transport, database, url = await open_store(settings)
     layers = LayeredRepository(transport, CredentialBreaker(cooldown=settings.breaker_seconds))
     feed: ChangeFeed = PostgresChangeFeed(url) if url else ChangeFeed()
+    balances = feed.balances if isinstance(feed, PostgresChangeFeed) else BalanceFeed()
     backend = Backend(
         settings,
         transport,
@@ -268,6 +286,8 @@ async def open_backend(settings: Settings) -> Backend:
         catalogue,
         feed,
         DatabaseWatch(transport.probe, database),
+        EventRepository(layers),
+        balances,
     )
     try:
         if isinstance(feed, PostgresChangeFeed):
@@ -282,6 +302,10 @@ async def open_backend(settings: Settings) -> Backend:
             max_active_generations=settings.max_active_generations,
         )
         await backend.generations.sync_models(list(catalogue.values()))
+        await backend.events.configure(
+            low_balance_thresholds=settings.low_balance_thresholds,
+            expiry_notice_seconds=settings.expiry_notice_seconds,
+        )
     except ServiceCredentialsRejected:
         # Users are still served through their own JWTs; the breaker has said why, loudly.
         log.error("configuration not written: the service credentials were rejected")
@@ -303,6 +327,21 @@ def worker_pool(backend: Backend, count: int) -> WorkerPool:
     )
 
 
+def delivery_pool(backend: Backend) -> DeliveryPool:
+    """The event pump and CREDITS_WEBHOOK_DELIVERERS deliverers; a claim lasts
+    CREDITS_WORKER_LEASE_SECONDS, and always longer than one POST may take."""
+    settings = backend.settings
+    timeout = settings.webhook_timeout_seconds
+    return DeliveryPool(
+        backend.events,
+        settings.webhook_deliverers,
+        DeliverySettings(
+            timeout_seconds=timeout,
+            lease_seconds=max(settings.worker_lease_seconds, int(timeout) + 5),
+        ),
+    )
+
+
 async def start(settings: Settings) -> Application:
     """Start the database side, then serve; health turns SERVING once everything is ready."""
     # A port in use is refused at once, before anything starts. The processes of one group
@@ -316,7 +355,9 @@ async def start(settings: Settings) -> Application:
     settings = resolve(settings)
     credentials = server_credentials(settings)
     backend = await open_backend(settings)
+    traced = None
     try:
+        traced = tracing.start()
         workers = worker_pool(backend, settings.workers)
         generations = Generations(
             backend.generations,
@@ -325,7 +366,12 @@ async def start(settings: Settings) -> Application:
             page_tokens(settings),
             generation_limits(settings),
         )
-        served = servicers(settings, backend, generations)
+        events = Events(
+            backend.events,
+            backend.balances,
+            max_page_bytes=page_budget(settings.max_send_message_bytes),
+        )
+        served = servicers(settings, backend, generations, events)
         verifier, keeper = token_verifier(settings), ProfileKeeper(backend.credits)
         interceptor = CallInterceptor(
             verifier, keeper, max_send_bytes=settings.max_send_message_bytes
@@ -351,13 +397,24 @@ async def start(settings: Settings) -> Application:
             await server.stop(None)
             raise
     except BaseException:
+        if traced is not None:
+            traced.stop()
         await backend.close()
         raise
     app = Application(
-        settings, server, port, health, backend, HoldSweeper(backend.credits), workers
+        settings,
+        server,
+        port,
+        health,
+        backend,
+        HoldSweeper(backend.credits),
+        workers,
+        delivery_pool(backend),
+        events,
     )
     app.generations = generations
     app.http = http
+    app.traces = traced
     if settings.metrics_listen:
         app.metrics = metrics.serve(settings.metrics_listen)
         app.queue_tracker = asyncio.create_task(
@@ -365,6 +422,7 @@ async def start(settings: Settings) -> Application:
         )
     app.sweeper.start()
     app.workers.start()
+    app.deliveries.start()
     # What start-up made lives as long as the process: keep the collector from walking it
     # again in every full collection (each one pauses every RPC in flight).
     gc.freeze()
@@ -382,7 +440,9 @@ class Servicers:
     generations: GenerationServicer
 
 
-def servicers(settings: Settings, backend: Backend, generations: Generations) -> Servicers:
+def servicers(
+    settings: Settings, backend: Backend, generations: Generations, events: Events
+) -> Servicers:
     return Servicers(
         CreditServicer(
             CreditLedger(
@@ -390,6 +450,7 @@ def servicers(settings: Settings, backend: Backend, generations: Generations) ->
                 page_tokens(settings),
                 max_page_bytes=page_budget(settings.max_send_message_bytes),
             ),
+            events,
             SpendControls(backend.credits),
         ),
         GenerationServicer(generations),
@@ -402,7 +463,9 @@ async def _grpc_server(
     """The server with both services, health (NOT_SERVING until told) and reflection."""
     server = serving.GuardedServer(
         grpc.aio.server(
-            options=serving.channel_options(settings), compression=serving.compression(settings)
+            options=serving.channel_options(settings),
+            compression=serving.compression(settings),
+            interceptors=tracing.grpc_interceptors(is_public),
         ),
         interceptor,
     )
@@ -446,7 +509,10 @@ async def _http_edge(
         else None
     )
     return await HttpServer.start(
-        edge, settings.http_listen, reuse_port=settings.processes > 1, tls=tls
+        tracing.asgi(edge, HEALTH_PATH),
+        settings.http_listen,
+        reuse_port=settings.processes > 1,
+        tls=tls,
     )
 
 
@@ -461,6 +527,7 @@ async def _until_signalled() -> None:
 async def run_workers(settings: Settings, count: int, grace: float = 10.0) -> None:
     """`credits worker`: generation workers only, until SIGTERM or SIGINT; the jobs in hand
     then get `grace` seconds to finish."""
+    traced = tracing.start()
     backend = await open_backend(resolve(settings))
     pool = worker_pool(backend, count)
     pool.start()
@@ -471,6 +538,8 @@ async def run_workers(settings: Settings, count: int, grace: float = 10.0) -> No
     finally:
         await pool.stop(grace)
         await backend.close()
+        if traced is not None:
+            await asyncio.to_thread(traced.stop)
     log.info("stopped")
 
 

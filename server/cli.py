@@ -1,6 +1,6 @@
 """The `credits` command: `serve` runs the service, `worker` runs generation workers, `token`
 prints a signed token for trying it, `check-config` checks a deployment's configuration,
-`export` writes the ledger for accounting."""
+`webhooks` manages webhook endpoints and deliveries, `export` writes the ledger for accounting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from server import app, checks, ledger_export, processes, runtime, serving
+from server import app, checks, ledger_export, processes, runtime, serving, webhook_cli
 from server.auth.secret_store import secret_path
 from server.auth.tokens import DEFAULT_ISSUER, mint_service_token, mint_user_token
 from server.config import Settings
@@ -176,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
         "--token", help="also check that this token (one the project issued) verifies"
     )
     check.set_defaults(run=_check_config)
+    webhook_cli.add_parser(commands, webhook_cli.main, CONFIGURATION)
     export = commands.add_parser(
         "export",
         help="write the ledger with its allocations to stdout, for accounting",

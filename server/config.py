@@ -16,6 +16,8 @@ _MAX_CREDITS = 2**63 - 1
 # The units of a duration setting (CREDITS_SIGNUP_CREDITS_TTL), in seconds.
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_DURATION_SECONDS = 100 * 366 * 86400
+# The longest expiry notice (CREDITS_EXPIRY_NOTICE): what credit_configure_events takes.
+MAX_NOTICE = 366 * 86400
 COMPRESSIONS = ("none", "gzip", "deflate")
 
 
@@ -65,6 +67,14 @@ class Settings:
     workers: int = 2
     # How long a worker's claim on a job lasts unless renewed (a dead worker's job waits this).
     worker_lease_seconds: int = 30
+    # The default low-balance thresholds (CREDITS_LOW_BALANCE_THRESHOLDS), ascending.
+    low_balance_thresholds: tuple[int, ...] = ()
+    # grant.expiring goes out this long before a grant expires (CREDITS_EXPIRY_NOTICE).
+    expiry_notice_seconds: int = 3 * 86400
+    # Webhook deliverers inside `credits serve` (CREDITS_WEBHOOK_DELIVERERS; 0: none) and how
+    # long one POST may take (CREDITS_WEBHOOK_TIMEOUT_SECONDS).
+    webhook_deliverers: int = 4
+    webhook_timeout_seconds: float = 10.0
     # PEM files: the server's certificate chain and key (TLS), and the CA that signs the
     # certificates clients must present (mutual TLS). Unset: plaintext.
     tls_cert: Path | None = None
@@ -158,6 +168,13 @@ class Settings:
             models_path=read.path("CREDITS_MODELS"),
             workers=read.whole("CREDITS_WORKERS", 2, minimum=0),
             worker_lease_seconds=read.whole("CREDITS_WORKER_LEASE_SECONDS", 30),
+            low_balance_thresholds=read.thresholds("CREDITS_LOW_BALANCE_THRESHOLDS"),
+            expiry_notice_seconds=read.duration("CREDITS_EXPIRY_NOTICE", maximum=MAX_NOTICE)
+            or 3 * 86400,
+            webhook_deliverers=read.whole("CREDITS_WEBHOOK_DELIVERERS", 4, minimum=0),
+            webhook_timeout_seconds=read.seconds(
+                "CREDITS_WEBHOOK_TIMEOUT_SECONDS", 10.0, positive=True
+            ),
             tls_cert=read.path("CREDITS_TLS_CERT"),
             tls_key=read.path("CREDITS_TLS_KEY"),
             tls_client_ca=read.path("CREDITS_TLS_CLIENT_CA"),
@@ -289,7 +306,23 @@ class _Reader:
             raise ValueError(f"{name} must be a number of seconds above 0 (got {text!r})")
         return value
 
-    def duration(self, name: str) -> int | None:
+    def thresholds(self, name: str) -> tuple[int, ...]:
+        """Comma-separated whole numbers above 0, at most 10, kept ascending without
+        repeats; none when unset."""
+        text = self.text(name)
+        if text is None:
+            return ()
+        parts = [part.strip() for part in text.split(",")]
+        if (
+            not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts)
+            or len(set(parts)) > 10
+        ):
+            raise ValueError(
+                f"{name} must be at most 10 comma-separated whole numbers above 0 (got {text!r})"
+            )
+        return tuple(sorted({int(p) for p in parts}))
+
+    def duration(self, name: str, maximum: int | None = None) -> int | None:
         """A duration in whole seconds, above 0: a number with a unit, `s`, `m`, `h` or `d`
         (`30d`, `12h`, `90m`), or a number of seconds alone; None when unset."""
         text = self.text(name)
@@ -303,6 +336,8 @@ class _Reader:
         seconds = int(number) * _DURATION_UNITS[unit]
         if not 0 < seconds <= _MAX_DURATION_SECONDS:
             raise ValueError(f"{name} must be more than 0 and at most 100 years (got {text!r})")
+        if maximum is not None and seconds > maximum:
+            raise ValueError(f"{name} must be at most {maximum // 86400} days (got {text!r})")
         return seconds
 
     def choice(self, name: str, choices: tuple[str, ...]) -> str:

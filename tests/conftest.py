@@ -1,1 +1,5 @@
-pytest_plugins = ["tests.fixtures.database", "tests.fixtures.server"]
+pytest_plugins = [
+    "tests.fixtures.database",
+    "tests.fixtures.server",
+    "tests.fixtures.webhooks",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -9,7 +10,14 @@ from typing import Any
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from credits.v1 import credit_service_pb2, generation_pb2, grant_pb2, ledger_pb2, usage_pb2
+from credits.v1 import (
+    credit_service_pb2,
+    event_pb2,
+    generation_pb2,
+    grant_pb2,
+    ledger_pb2,
+    usage_pb2,
+)
 from server.credit.models import (
     Grant,
     GrantCategory,
@@ -29,6 +37,7 @@ from server.credit.models import (
     UsageGroupBy,
 )
 from server.errors import InvalidArgument
+from server.events.models import Event
 from server.generation.models import Generation, GenerationState, ModelSpec
 from server.generation.parameters import Parameter, ParameterType
 
@@ -109,6 +118,18 @@ def profile(value: Profile) -> ledger_pb2.Profile:
         update_time=timestamp(value.update_time),
         next_expire_time=timestamp_or_none(value.next_expire_time),
         next_expire_amount=value.next_expire_amount,
+        low_balance_thresholds=value.low_balance_thresholds,
+        low_balance_thresholds_default=value.low_balance_thresholds_default,
+    )
+
+
+def event(value: Event) -> event_pb2.Event:
+    return event_pb2.Event(
+        event_id=str(value.event_id),
+        type=value.type,
+        user_id=str(value.user_id),
+        create_time=timestamp(value.create_time),
+        payload=json.dumps(value.payload, separators=(",", ":")),
     )
 
 

@@ -16,13 +16,15 @@ from server.api import convert
 from server.auth.principal import current_principal
 from server.credit.controls import SpendControls
 from server.credit.ledger import CreditLedger
+from server.events.service import Events
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
-    def __init__(self, ledger: CreditLedger, controls: SpendControls) -> None:
+    def __init__(self, ledger: CreditLedger, events: Events, controls: SpendControls) -> None:
         self._ledger = ledger
+        self._events = events
         self._controls = controls
 
     async def GetBalance(
@@ -41,7 +43,7 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
     async def GetProfile(
         self, request: pb.GetProfileRequest, context: Context
     ) -> pb.GetProfileResponse:
-        profile = await self._ledger.get_profile(current_principal(), request.user_id)
+        profile = await self._events.get_profile(current_principal(), request.user_id)
         return pb.GetProfileResponse(profile=convert.profile(profile))
 
     async def CheckCredits(
@@ -181,6 +183,34 @@ class CreditServicer(credit_service_pb2_grpc.CreditServiceServicer):
             grants=[convert.grant(g) for g in page.grants],
             next_page_token=page.next_page_token,
         )
+
+    async def SetBalanceAlerts(
+        self, request: pb.SetBalanceAlertsRequest, context: Context
+    ) -> pb.SetBalanceAlertsResponse:
+        profile = await self._events.set_balance_alerts(
+            current_principal(), request.user_id, request.thresholds, request.use_defaults
+        )
+        return pb.SetBalanceAlertsResponse(profile=convert.profile(profile))
+
+    async def ListEvents(
+        self, request: pb.ListEventsRequest, context: Context
+    ) -> pb.ListEventsResponse:
+        events = await self._events.list_events(
+            current_principal(), request.after_event_id, request.types, request.page_size
+        )
+        return pb.ListEventsResponse(events=[convert.event(e) for e in events])
+
+    async def WatchBalance(
+        self, request: pb.WatchBalanceRequest, context: Context
+    ) -> AsyncIterator[pb.WatchBalanceResponse]:
+        async for balance in self._events.watch_balance(current_principal(), request.user_id):
+            yield pb.WatchBalanceResponse(
+                user_id=str(balance.user_id),
+                balance=balance.balance,
+                held=balance.held,
+                available=balance.available,
+                update_time=convert.timestamp(balance.update_time),
+            )
 
     async def SetSpendLimit(
         self, request: pb.SetSpendLimitRequest, context: Context

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 
 from server.auth.principal import Principal
 from server.credit.models import (
@@ -43,10 +43,6 @@ GRANT_OVERHEAD_BYTES = 512
 SCOPE_FRAMING_BYTES = 4
 
 
-def _wall_clock() -> datetime:
-    return datetime.now(UTC)
-
-
 class CreditLedger:
     def __init__(
         self,
@@ -54,15 +50,12 @@ class CreditLedger:
         page_tokens: PageTokens | None = None,
         *,
         max_page_bytes: int = paging.DEFAULT_MAX_PAGE_BYTES,
-        now: Callable[[], datetime] = _wall_clock,
     ) -> None:
         """`page_tokens` signs the listings' page tokens (None: a key of this process only);
-        a page's rows take at most `max_page_bytes` of its response. `now` is the clock a
-        grant's times are judged by before the store (which judges them again by its own)."""
+        a page's rows take at most `max_page_bytes` of its response."""
         self._store = store
         self._pages = page_tokens or PageTokens.ephemeral()
         self._max_page_bytes = max_page_bytes
-        self._now = now
 
     async def get_profile(self, principal: Principal, user_id: str) -> Profile:
         return await self._store.get_profile(principal, access.target_user(principal, user_id))
@@ -109,7 +102,7 @@ class CreditLedger:
         access.require_service(principal)
         target = access.target_user(principal, user_id)
         movement = _movement(amount, idempotency_key, description, metadata)
-        validation.grant_times(effective_time, expire_time, self._now())
+        validation.grant_times(effective_time, expire_time)
         request = GrantRequest(
             amount=movement.amount,
             idempotency_key=movement.idempotency_key,

@@ -57,6 +57,10 @@ class Profile:
     # the balance goes then.
     next_expire_time: datetime | None = None
     next_expire_amount: int = 0
+    # The thresholds balance.low fires at, ascending, and whether they are the defaults (read
+    # by GetProfile and SetBalanceAlerts only; empty and True elsewhere).
+    low_balance_thresholds: tuple[int, ...] = ()
+    low_balance_thresholds_default: bool = True
 
 
 @dataclass(frozen=True, slots=True)

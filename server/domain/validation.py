@@ -149,12 +149,9 @@ def priority(value: int) -> int:
     return value
 
 
-def grant_times(effective: datetime | None, expire: datetime | None, now: datetime) -> None:
-    """A grant's expiry, when it has one, comes after it takes effect (None: now) and after
-    `now`."""
-    if expire is None:
-        return
-    if expire <= now:
-        raise InvalidArgument.one("expire_time", "must be in the future")
-    if effective is not None and expire <= effective:
+def grant_times(effective: datetime | None, expire: datetime | None) -> None:
+    """A grant's expiry, when it has one, comes after it takes effect. Whether it is still to
+    come is the store's to judge, after the idempotency key: a retry is answered whatever time
+    it is now."""
+    if expire is not None and effective is not None and expire <= effective:
         raise InvalidArgument.one("expire_time", "must be after effective_time")

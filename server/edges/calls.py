@@ -26,7 +26,7 @@ from server.api import error_table
 from server.auth.principal import Principal, set_principal
 from server.auth.verifier import TokenVerifier
 from server.credit.profiles import ProfileKeeper
-from server.observability import metrics
+from server.observability import metrics, tracing
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord, open_call
 from server.observability.logs import ACCESS_LOGGER
 
@@ -115,6 +115,8 @@ class Calls:
         record = CallRecord(request_id_of(headers), method, self.protocol)
         open_call(record)
         runtime.set_deadline(seconds_left)
+        if tracing.active:
+            tracing.opened(record)
         return record
 
     async def admit(self, headers: Headers, record: CallRecord) -> Principal:
@@ -127,6 +129,8 @@ class Calls:
 
     async def run(self, principal: Principal, call: Callable[[], Awaitable[T]]) -> T:
         """`call()` (a unary call's handler) through the profile keeper."""
+        if tracing.active:
+            call = tracing.domain(call)
         if self._profiles is None:
             return await call()
         return await self._profiles.run(principal, call)
@@ -171,6 +175,8 @@ class Calls:
 def finish(record: CallRecord) -> None:
     """The call is over: its access-log line and its metrics."""
     code = record.code.name
+    if tracing.active:
+        tracing.ended(record)
     access.info("rpc %s %s", record.method, code, extra={"fields": record.fields()})
     metrics.rpc_done(record.method, code, record.elapsed(), record.protocol)
     if record.reason:

@@ -8,12 +8,12 @@ servicer's method of the proto name, so a new RPC is served as soon as the stubs
 regenerated. The pipeline runs as the runtime's leading metadata interceptor, before the
 request is read: a rejected caller's body is never parsed; a body the codec cannot decode is
 INVALID_ARGUMENT with its ErrorInfo, as on gRPC. Errors leave as Connect errors whose code is
-the gRPC status's, and whose details are the error table's (ErrorInfo first).
+the gRPC status's, and whose details are the error table's (ErrorInfo first). The common
+unary call takes a shorter way to the same steps, in front of the runtime (server/edges/unary.py).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -32,8 +32,10 @@ from protobuf.wkt import Any as WireAny
 from server import errors
 from server.api import error_table
 from server.auth.principal import current_principal
-from server.edges import calls
+from server.edges import calls, json_encoding
 from server.edges.calls import Calls, Failure
+from server.edges.http import ASGIApp
+from server.edges.unary import LeanUnary
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord
 
 M = TypeVar("M", bound=Message)
@@ -80,14 +82,13 @@ class JsonCodec:
     """application/json: the proto3 JSON mapping (lowerCamelCase names; proto field names
     accepted too, unknown fields ignored), written compactly and with every field, zeros and
     empty ones included (a balance of 0 reads `"balance":"0"`, as grpcurl -emit-defaults shows
-    it)."""
+    it), by server/edges/json_encoding.py."""
 
     def name(self) -> str:
         return "json"
 
     def encode(self, message: Message) -> bytes:
-        as_dict = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
-        return json.dumps(as_dict, ensure_ascii=False, separators=(",", ":")).encode()
+        return json_encoding.encode(message)
 
     def decode(self, data: bytes | bytearray, message_class: type[M]) -> M:
         message = message_class()
@@ -124,7 +125,7 @@ class Pipeline:
         try:
             await self._calls.admit(headers, record)
         except Exception as error:
-            refused = self._ended(record, error)
+            refused = self.ended(record, error)
             assert refused is not None
             raise refused from None
         return record
@@ -132,12 +133,13 @@ class Pipeline:
     async def on_end(
         self, record: CallRecord, ctx: RequestContext[Any, Any], error: Exception | None, /
     ) -> None:
-        ended = self._ended(record, error)
+        ended = self.ended(record, error)
         if ended is not error and ended is not None:
             raise ended
 
-    def _ended(self, record: CallRecord, error: Exception | None) -> Exception | None:
-        """The error the caller is told for `error` (None: success); the call is logged."""
+    def ended(self, record: CallRecord, error: BaseException | None) -> BaseException | None:
+        """The error the caller is told for `error` (None: success; `error` itself when it is
+        a cancellation, which ends the call without an answer); the call is logged."""
         try:
             if isinstance(error, ConnectError):
                 if not isinstance(error.__cause__, errors.CreditsError):
@@ -242,17 +244,27 @@ def applications(
     pipeline: Calls,
     *,
     max_receive_bytes: int,
-) -> dict[str, ConnectASGIApplication[Any]]:
+) -> dict[str, ASGIApp]:
     """Each generated application class serving its (servicer, descriptor), by the path prefix
-    it answers (`/credits.v1.CreditService`); requests up to `max_receive_bytes`."""
-    interceptors = [Pipeline(pipeline)]
-    served: dict[str, ConnectASGIApplication[Any]] = {}
+    it answers (`/credits.v1.CreditService`); requests up to `max_receive_bytes`. Its common
+    unary calls are served in front of it (server/edges/unary.py), through the same pipeline."""
+    interceptor = Pipeline(pipeline)
+    codecs = {codec.name(): codec for codec in CODECS}
+    served: dict[str, ASGIApp] = {}
     for application, (servicer, descriptor) in services.items():
         app = application(
             _Service(servicer, descriptor, pipeline),
-            interceptors=interceptors,
+            interceptors=[interceptor],
             read_max_bytes=max_receive_bytes,
             codecs=CODECS,
         )
-        served[app.path] = app
+        served[app.path] = LeanUnary(
+            app,
+            servicer,
+            descriptor,
+            pipeline,
+            interceptor.ended,
+            codecs,
+            max_receive_bytes=max_receive_bytes,
+        )
     return served

@@ -14,8 +14,11 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 from server.generation.models import GenerationState
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +66,7 @@ class ChangeFeed:
         """Stops whatever publishes into the feed (nothing, here)."""
 
 
-async def next_change(
-    changes: asyncio.Queue[StateChange], stopping: asyncio.Event
-) -> StateChange | None:
+async def next_change(changes: asyncio.Queue[T], stopping: asyncio.Event) -> T | None:
     """The next change from `changes`, or None as soon as `stopping` is set (at once if it is).
     Cancelled meanwhile (a watcher's re-read timer), it loses no change: one already taken goes
     back into the queue."""
@@ -86,7 +87,7 @@ async def next_change(
     return change.result()
 
 
-def _give_back(changes: asyncio.Queue[StateChange], taking: asyncio.Future[StateChange]) -> None:
+def _give_back(changes: asyncio.Queue[T], taking: asyncio.Future[T]) -> None:
     """Stop `taking` from the queue, or put back what it took."""
     if not taking.done():
         taking.cancel()

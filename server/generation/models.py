@@ -78,6 +78,8 @@ class ClaimedJob:
     prompt: str
     parameters: Mapping[str, str]
     attempt: int
+    # The W3C trace context of the CreateGeneration that queued it, when tracing kept one.
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

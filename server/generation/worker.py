@@ -25,7 +25,7 @@ from server.generation.models import ClaimedJob, GenerationState, ModelSpec
 from server.generation.ports import JobQueue
 from server.generation.providers import registry
 from server.generation.providers.base import Closable, Job, Output, Provider, ProviderError
-from server.observability import metrics
+from server.observability import metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,17 @@ class Worker:
                 await self._feed.queued.wait()
 
     async def process(self, job: ClaimedJob) -> None:
-        """Run one claimed job to its recorded end (or leave it to the lease if we cannot)."""
+        """Run one claimed job to its recorded end (or leave it to the lease if we cannot),
+        traced as an attempt in the trace of the CreateGeneration that queued it."""
+        attributes: dict[str, str | int] = {
+            tracing.GENERATION_ID: str(job.generation_id),
+            "credits.model": job.model,
+            "credits.attempt": job.attempt,
+        }
+        with tracing.job(job.traceparent, "generation attempt", attributes):
+            await self._process(job)
+
+    async def _process(self, job: ClaimedJob) -> None:
         spec = self._catalogue.get(job.model)
         provider = self._providers.get(job.model)
         if spec is None or provider is None:
@@ -125,7 +135,8 @@ class Worker:
     async def _generate(self, provider: Provider, call: Job, limit_seconds: int) -> Output:
         try:
             async with asyncio.timeout(limit_seconds):
-                output = await provider.generate(call)
+                with tracing.span("provider generate", {"credits.model": call.model}, client=True):
+                    output = await provider.generate(call)
         except TimeoutError:
             raise ProviderError(f"timed out after {limit_seconds} s", retryable=True) from None
         if len(output.data) > self._settings.max_output_bytes:

@@ -21,6 +21,7 @@ from server.config import host_port
 from server.errors import CreditsError
 
 if TYPE_CHECKING:
+    from server.events.models import DeliveryStats
     from server.generation.models import QueueStats
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,21 @@ BATCHED_CALLS = Histogram(
     ["function"],
     buckets=(1, 2, 4, 8, 16, 32),
 )
+WEBHOOK_DELIVERIES = Counter(
+    "credits_webhook_deliveries",
+    "Webhook delivery attempts by outcome: delivered, retried (failed, tried again later), "
+    "failed (given up), lost (the lease had passed to another deliverer)",
+    ["outcome"],
+)
+WEBHOOK_BACKLOG = Gauge(
+    "credits_webhook_backlog",
+    "Webhook deliveries not delivered, by state (pending, failed)",
+    ["state"],
+)
+WEBHOOK_OLDEST_PENDING_SECONDS = Gauge(
+    "credits_webhook_oldest_undelivered_seconds",
+    "How long the oldest pending webhook delivery has waited",
+)
 
 
 @functools.cache
@@ -121,6 +137,18 @@ def _ledger_series(kind: str, replayed: bool) -> Counter:
 def ledger_operation(kind: str, replayed: bool) -> None:
     """Count one money operation of `kind`, a replay of an earlier call or not."""
     _ledger_series(kind, replayed).inc()
+
+
+def webhook_delivery(outcome: str) -> None:
+    """Count one webhook delivery attempt that ended with `outcome`."""
+    WEBHOOK_DELIVERIES.labels(outcome).inc()
+
+
+def webhook_backlog(stats: DeliveryStats) -> None:
+    """Set the webhook backlog gauges from `stats` (read by the event pump)."""
+    WEBHOOK_BACKLOG.labels("pending").set(stats.pending)
+    WEBHOOK_BACKLOG.labels("failed").set(stats.failed)
+    WEBHOOK_OLDEST_PENDING_SECONDS.set(stats.oldest_pending_seconds)
 
 
 def watch_pool(size: Callable[[], int], idle: Callable[[], int]) -> None:

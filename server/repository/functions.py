@@ -30,6 +30,14 @@ from server.credit.models import (
     Transaction,
     UsageBucket,
 )
+from server.events.models import (
+    BalanceRead,
+    ClaimedDelivery,
+    Delivery,
+    DeliveryStats,
+    Endpoint,
+    Event,
+)
 from server.generation.models import ClaimedJob, Generation, QueueStats
 from server.repository import records
 
@@ -321,6 +329,19 @@ class CreateGeneration(SqlCall[Generation], function="credit_create_generation")
         return records.generation(raw["generation"])
 
 
+class CreateTracedGeneration(CreateGeneration, function="credit_create_generation_traced"):
+    """CreateGeneration, keeping the caller's trace context with the job (docs/tracing.md)."""
+
+    traceparent: str
+
+
+class GenerationTraceparent(SqlCall[str | None], function="credit_generation_traceparent"):
+    generation_id: uuid.UUID
+
+    def decode(self, raw: Any) -> str | None:
+        return str(raw) if raw else None
+
+
 class GetGeneration(_OneGeneration, function="credit_get_generation"):
     generation_id: uuid.UUID
     owner: uuid.UUID | None
@@ -396,3 +417,130 @@ class FailGeneration(_OneGeneration, function="credit_fail_generation"):
     error: str
     retryable: bool
     retry_delay_seconds: int
+
+
+# Events (issue 19)
+
+
+class ConfigureEvents(_NoResult, function="credit_configure_events"):
+    low_balance_thresholds: list[int]
+    expiry_notice_seconds: int
+
+
+class GetProfileAlerts(SqlCall[Profile], function="credit_get_profile_alerts"):
+    user_id: uuid.UUID
+
+    def decode(self, raw: Any) -> Profile:
+        return records.profile(raw)
+
+
+class SetBalanceAlerts(SqlCall[Profile], function="credit_set_balance_alerts"):
+    user_id: uuid.UUID
+    thresholds: list[int] | None  # None: the defaults
+
+    def decode(self, raw: Any) -> Profile:
+        return records.profile(raw)
+
+
+class WatchBalance(SqlCall[BalanceRead], function="credit_watch_balance"):
+    user_id: uuid.UUID
+    seconds: int
+
+    def decode(self, raw: Any) -> BalanceRead:
+        return records.balance_read(raw)
+
+
+class ListEvents(SqlCall[list[Event]], function="credit_list_events"):
+    after_event_id: uuid.UUID | None
+    types: list[str] | None  # None: every type
+    limit: int
+
+    def decode(self, raw: Any) -> list[Event]:
+        return [records.event(row) for row in raw]
+
+
+class NoticeExpiringGrants(SqlCall[int], function="credit_notice_expiring_grants"):
+    limit: int
+
+    def decode(self, raw: Any) -> int:
+        return int(raw)
+
+
+class AddWebhook(SqlCall[Endpoint], function="credit_add_webhook"):
+    url: str
+    event_types: list[str]
+    secret: str
+
+    def decode(self, raw: Any) -> Endpoint:
+        return records.endpoint(raw)
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"AddWebhook(url={self.url!r}, event_types={self.event_types!r})"
+
+
+class ListWebhooks(SqlCall[list[Endpoint]], function="credit_list_webhooks"):
+    def decode(self, raw: Any) -> list[Endpoint]:
+        return [records.endpoint(row) for row in raw]
+
+
+class RemoveWebhook(_NoResult, function="credit_remove_webhook"):
+    endpoint_id: uuid.UUID
+
+
+class RotateWebhookSecret(SqlCall[Endpoint], function="credit_rotate_webhook_secret"):
+    endpoint_id: uuid.UUID
+    secret: str
+
+    def decode(self, raw: Any) -> Endpoint:
+        return records.endpoint(raw)
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"RotateWebhookSecret(endpoint_id={self.endpoint_id})"
+
+
+class DispatchEvents(SqlCall[int], function="credit_dispatch_events"):
+    limit: int
+
+    def decode(self, raw: Any) -> int:
+        return int(raw)
+
+
+class ClaimDeliveries(SqlCall[list[ClaimedDelivery]], function="credit_claim_deliveries"):
+    worker: str
+    limit: int
+    lease_seconds: int
+
+    def decode(self, raw: Any) -> list[ClaimedDelivery]:
+        return [records.claimed_delivery(row) for row in raw]
+
+
+class FinishDelivery(SqlCall[str | None], function="credit_finish_delivery"):
+    delivery_id: uuid.UUID
+    worker: str
+    delivered: bool
+    status: int | None
+    error: str
+    retry_seconds: float | None  # None: give up
+
+    def decode(self, raw: Any) -> str | None:
+        return str(raw) if raw else None
+
+
+class ListDeliveries(SqlCall[list[Delivery]], function="credit_list_deliveries"):
+    state: str | None  # None: any
+    limit: int
+
+    def decode(self, raw: Any) -> list[Delivery]:
+        return [records.delivery(row) for row in raw]
+
+
+class RetryDelivery(SqlCall[Delivery], function="credit_retry_delivery"):
+    delivery_id: uuid.UUID
+
+    def decode(self, raw: Any) -> Delivery:
+        return records.delivery(raw)
+
+
+class GetDeliveryStats(SqlCall[DeliveryStats], function="credit_delivery_stats"):
+    def decode(self, raw: Any) -> DeliveryStats:
+        return DeliveryStats(raw["pending"], raw["failed"], float(raw["oldest_pending_seconds"]))

@@ -6,11 +6,14 @@ credentials); the workers' queue and the catalogue sync need the service role.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Mapping, Sequence
 
 from server.auth.principal import Principal
+from server.errors import CreditsError
 from server.generation.models import ClaimedJob, Generation, ModelSpec, QueueStats
+from server.observability import tracing
 from server.repository import functions as fn
 from server.repository.layered import LayeredRepository
 
@@ -42,7 +45,14 @@ class GenerationRepository:
         parameters: Mapping[str, str],
         request_id: str,
     ) -> Generation:
-        call = fn.CreateGeneration(user_id, model, prompt, dict(parameters), request_id)
+        trace = tracing.traceparent()
+        call = (
+            fn.CreateGeneration(user_id, model, prompt, dict(parameters), request_id)
+            if trace is None
+            else fn.CreateTracedGeneration(
+                user_id, model, prompt, dict(parameters), request_id, trace
+            )
+        )
         return await self._layers.call(principal, call)
 
     async def get(
@@ -64,7 +74,16 @@ class GenerationRepository:
         return await self._layers.call_as_service(fn.GetQueueStats())
 
     async def claim(self, worker: str, lease_seconds: int) -> ClaimedJob | None:
-        return await self._layers.call_as_service(fn.ClaimGeneration(worker, lease_seconds))
+        """The next job, with the trace context it was queued in while tracing is on (a
+        call of its own: the claim's result is the same with tracing on or off)."""
+        job = await self._layers.call_as_service(fn.ClaimGeneration(worker, lease_seconds))
+        if job is None or not tracing.active:
+            return job
+        try:
+            trace = await self._layers.call_as_service(fn.GenerationTraceparent(job.generation_id))
+        except CreditsError:
+            return job  # it runs all the same, in a trace of its own
+        return dataclasses.replace(job, traceparent=trace)
 
     async def renew_lease(self, generation_id: uuid.UUID, worker: str, lease_seconds: int) -> bool:
         call = fn.RenewGenerationLease(generation_id, worker, lease_seconds)

@@ -27,6 +27,15 @@ from server.credit.models import (
     TransactionKind,
     UsageBucket,
 )
+from server.events.models import (
+    Balance,
+    BalanceRead,
+    ClaimedDelivery,
+    Delivery,
+    Endpoint,
+    Event,
+    Snapshot,
+)
 from server.generation.models import Generation, GenerationState
 
 
@@ -49,6 +58,8 @@ def profile(row: Mapping[str, Any]) -> Profile:
         update_time=datetime.fromisoformat(row["update_time"]),
         next_expire_time=_time_or_none(row["next_expire_time"]),
         next_expire_amount=row["next_expire_amount"],
+        low_balance_thresholds=tuple(row.get("low_balance_thresholds") or ()),
+        low_balance_thresholds_default=row.get("low_balance_thresholds_default", True),
     )
 
 
@@ -160,6 +171,66 @@ def generation(row: Mapping[str, Any]) -> Generation:
         create_time=datetime.fromisoformat(row["create_time"]),
         update_time=datetime.fromisoformat(row["update_time"]),
         seq=row["seq"],
+    )
+
+
+def event(row: Mapping[str, Any]) -> Event:
+    return Event(
+        event_id=uuid.UUID(row["event_id"]),
+        type=row["type"],
+        user_id=uuid.UUID(row["user_id"]),
+        create_time=datetime.fromisoformat(row["create_time"]),
+        payload=row["payload"],
+    )
+
+
+def balance(row: Mapping[str, Any]) -> Balance:
+    return Balance(
+        user_id=uuid.UUID(row["user_id"]),
+        balance=row["balance"],
+        held=row["held"],
+        available=row["available"],
+        update_time=datetime.fromisoformat(row["update_time"]),
+    )
+
+
+def balance_read(row: Mapping[str, Any]) -> BalanceRead:
+    return BalanceRead(balance(row), Snapshot.parse(row["snapshot"]))
+
+
+def endpoint(row: Mapping[str, Any]) -> Endpoint:
+    return Endpoint(
+        endpoint_id=uuid.UUID(row["endpoint_id"]),
+        url=row["url"],
+        event_types=tuple(row["event_types"]),
+        create_time=datetime.fromisoformat(row["create_time"]),
+    )
+
+
+def delivery(row: Mapping[str, Any]) -> Delivery:
+    return Delivery(
+        delivery_id=uuid.UUID(row["delivery_id"]),
+        endpoint_id=uuid.UUID(row["endpoint_id"]),
+        url=row["url"],
+        event_id=uuid.UUID(row["event_id"]),
+        type=row["type"],
+        state=row["state"],
+        attempts=row["attempts"],
+        next_attempt_time=datetime.fromisoformat(row["next_attempt_time"]),
+        last_status=row["last_status"],
+        last_error=row["last_error"],
+        create_time=datetime.fromisoformat(row["create_time"]),
+        deliver_time=_time_or_none(row["deliver_time"]),
+    )
+
+
+def claimed_delivery(row: Mapping[str, Any]) -> ClaimedDelivery:
+    return ClaimedDelivery(
+        delivery_id=uuid.UUID(row["delivery_id"]),
+        attempt=row["attempt"],
+        url=row["url"],
+        secret=row["secret"],
+        event=event(row["event"]),
     )
 
 

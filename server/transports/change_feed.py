@@ -1,7 +1,8 @@
-"""The generation change feed fed by PostgreSQL's LISTEN/NOTIFY.
+"""The generation change feed and the balance feed, fed by PostgreSQL's LISTEN/NOTIFY.
 
 One listening connection per process (not one of the pool's) publishes the `credit_generations`
-notifications into the domain's ChangeFeed. If the connection drops, it is opened again;
+notifications into the domain's ChangeFeed, and the `credit_balances` ones into its
+BalanceFeed. If the connection drops, it is opened again;
 watchers also re-read on a slow timer, so a notification lost in between delays a message but
 never loses the final state.
 """
@@ -19,12 +20,15 @@ from typing import Any
 import asyncpg
 
 from server import runtime
+from server.events.feed import BalanceFeed
+from server.events.models import Balance, BalanceChange
 from server.generation.feed import ChangeFeed, StateChange
 from server.generation.models import GenerationState
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "credit_generations"
+BALANCE_CHANNEL = "credit_balances"
 
 
 def state_change(payload: str) -> StateChange:
@@ -42,14 +46,31 @@ def state_change(payload: str) -> StateChange:
     )
 
 
+def balance_change(payload: str) -> BalanceChange:
+    """The balance change a credit_balances notification's JSON payload describes."""
+    event = json.loads(payload)
+    balance = Balance(
+        user_id=uuid.UUID(event["user_id"]),
+        balance=int(event["balance"]),
+        held=int(event["held"]),
+        available=int(event["available"]),
+        update_time=datetime.fromisoformat(event["update_time"]),
+    )
+    return BalanceChange(balance, int(event["xid"]))
+
+
 class PostgresChangeFeed(ChangeFeed):
     """A ChangeFeed fed by LISTEN on its own connection."""
 
     live = True
 
-    def __init__(self, url: str, reconnect_delay: float = 1.0) -> None:
+    def __init__(
+        self, url: str, reconnect_delay: float = 1.0, balances: BalanceFeed | None = None
+    ) -> None:
         super().__init__()
         self._url = url
+        self.balances = balances or BalanceFeed()
+        self.balances.live = True
         self._reconnect_delay = reconnect_delay
         self._task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
@@ -82,6 +103,7 @@ class PostgresChangeFeed(ChangeFeed):
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _: lost.set())
         await conn.add_listener(CHANNEL, self._notified)
+        await conn.add_listener(BALANCE_CHANNEL, self._balance_notified)
         self._listening.set()
         await lost.wait()
 
@@ -90,3 +112,9 @@ class PostgresChangeFeed(ChangeFeed):
             self.publish(state_change(str(payload)))
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed %s notification", CHANNEL)
+
+    def _balance_notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        try:
+            self.balances.publish(balance_change(str(payload)))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed %s notification", BALANCE_CHANNEL)

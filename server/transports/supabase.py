@@ -29,6 +29,7 @@ from supabase import AsyncClient, AsyncClientOptions
 from server import errors, runtime
 from server.auth.principal import UserPrincipal
 from server.config import SupabaseProject
+from server.observability import tracing
 from server.repository.functions import SchemaVersion, SqlCall
 from server.repository.transport import CredentialsRejected
 from server.transports.sql_errors import domain_error, is_transient
@@ -43,6 +44,8 @@ _INVALID_API_KEY = "Invalid API key"
 _UNAVAILABLE_CODES = {"PGRST000", "PGRST001", "PGRST002", "PGRST003"}
 # The default of CREDITS_DB_TIMEOUT_SECONDS (as the postgres transport's).
 DEFAULT_TIMEOUT = 3.0
+# A traced call's span (named after the function): a SQL call, as the asyncpg transport's are.
+_SPAN_ATTRIBUTES = {"db.system": "postgresql", "credits.transport": "supabase"}
 
 
 class SupabaseTransport:
@@ -117,7 +120,8 @@ class _Session:
             within = runtime.step_timeout(self._timeout)
         try:
             async with asyncio.timeout(within):
-                response = await self._client.rpc(call.function, params).execute()
+                with tracing.span(call.function, _SPAN_ATTRIBUTES, client=True):
+                    response = await self._client.rpc(call.function, params).execute()
         except APIError as error:
             raise translate_error(error, service=self._is_service) from error
         except (httpx.TransportError, TimeoutError) as error:  # refused, reset, no answer

@@ -336,6 +336,14 @@ class FakeCreditStore:
                 raise IdempotencyKeyReused()
             return self._grant_result(earlier, now, replayed=True)
         self._refuse_used_key(user_id, grant.idempotency_key)
+        # Times are judged after the key, as credit_grant does: a replay is answered whatever
+        # time it is now.
+        if grant.expire_time is not None and grant.expire_time <= max(
+            now, grant.effective_time or now
+        ):
+            raise InvalidArgument.one(
+                "expire_time", "must be after the effective time and after now"
+            )
         row = self._add_grant(user_id, grant, fingerprint, now)
         return self._grant_result(row, now, replayed=False)
 

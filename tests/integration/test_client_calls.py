@@ -56,8 +56,9 @@ async def test_async_client_every_rpc(server: application.Application) -> None:
         assert (await me.get_balance()).available == 100
         assert (await me.check_credits(amount=150)).shortfall == 50
         debit = await me.debit_credits(amount=10, metadata={"job": "1"})
+        # No user_id: the transaction's owner.
         refund = await service.refund_credits(
-            user_id=uid, transaction_id=debit.transaction.transaction_id, amount=4
+            transaction_id=debit.transaction.transaction_id, amount=4
         )
         assert refund.balance == 94
         reserve = await me.reserve_credits(amount=20, ttl=datetime.timedelta(minutes=1))

@@ -633,6 +633,18 @@ async def test_grant_credits_refuses_bad_grant_options(
     assert await grants(credits, user) == {}
 
 
+async def test_a_retried_grant_replays_after_its_expire_time_has_passed(
+    credits: Stub, clock: SqlClock
+) -> None:
+    user = await a_user(credits)
+    ends = clock.now() + DAY
+    first = await give(credits, user, 5, key="g", expire_time=ends)
+    await clock.advance(2 * DAY)
+    again = await give(credits, user, 5, key="g", expire_time=ends)
+    assert again.replayed
+    assert again.grant.grant_id == first.grant.grant_id
+
+
 async def test_a_scope_longer_than_100_characters_is_refused(credits: Stub) -> None:
     user = await a_user(credits)
     for call in (

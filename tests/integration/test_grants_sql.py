@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 
 from server.db.migrate import discover, migrate
-from tests.fixtures.database import create_database, drop_database
+from tests.fixtures.database import create_database, drop_database, migrated_database
 from tests.integration.test_sql_security import (
     SERVICE_CLAIMS,
     as_role,
@@ -48,12 +48,8 @@ SIGNED = {"grant": 1, "refund": 1, "debit": -1, "capture": -1, "expire": -1, "vo
 @pytest.fixture(scope="module")
 async def grants_db(postgres_admin_url: str) -> AsyncIterator[str]:
     """A database of this module's own, migrated: its tests move the clock."""
-    url = await create_database(postgres_admin_url)
-    try:
-        await migrate(url)
+    async with migrated_database(postgres_admin_url) as url:
         yield url
-    finally:
-        await drop_database(postgres_admin_url, url)
 
 
 @pytest.fixture

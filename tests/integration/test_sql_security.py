@@ -47,6 +47,7 @@ BALANCE_LIMIT_EXCEEDED = "CR011"
 TRANSACTION_NOT_FOUND = "CR006"
 GENERATION_NOT_FOUND = "CR009"
 GRANT_NOT_FOUND = "CR012"
+INVALID_ARGUMENT = "CR008"
 GRANT_SIGNATURE = (
     "credit_grant(uuid, bigint, text, text, jsonb, timestamp with time zone,"
     " timestamp with time zone, integer, text, text[])"
@@ -469,15 +470,29 @@ async def test_user_cannot_read_private_settings(
         )
 
 
+EVENT_TABLES = (
+    "events",
+    "balance_alerts",
+    "balance_watchers",
+    "grant_notices",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "event_cursor",
+)
+
+
 @pytest.mark.parametrize("role", ["anon", "authenticated", "service_role"])
 @pytest.mark.parametrize(
     "statement",
     [
         "select * from credits_private.clock",
         "update credits_private.clock set \"offset\" = interval '1 year'",
+        # Events, thresholds, watches, endpoints with their secrets, deliveries (issue 19).
+        *(f"select * from credits_private.{table}" for table in EVENT_TABLES),
+        *(f"delete from credits_private.{table}" for table in EVENT_TABLES),
     ],
 )
-async def test_no_api_role_reads_or_moves_the_clock(
+async def test_no_api_role_reads_or_writes_the_clock_or_the_events(
     owner: asyncpg.Connection, alice: uuid.UUID, statement: str, role: Role
 ) -> None:
     claims = {
@@ -886,6 +901,41 @@ async def test_concurrent_debits_never_overdraw(
     assert [row[1] for row in final.ledger].count("debit") == 20
 
 
+# 11b. A generation keeps the trace context it was created in (docs/tracing.md): a well-formed
+# traceparent only, and only for the generation of the call that passed it.
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_a_generation_keeps_only_a_well_formed_traceparent_of_its_own_call(
+    owner: asyncpg.Connection, alice: uuid.UUID
+) -> None:
+    traced = (
+        "select public.credit_create_generation_traced("
+        "$1, 'test-model', 'a cat', '{}'::jsonb, $2, $3)"
+    )
+    kept = []
+    async with rolled_back(owner):
+        await add_test_model(owner)
+        async with as_role(owner, "service_role", SERVICE_CLAIMS) as conn:
+            for key, traceparent in (
+                ("traced", TRACEPARENT),
+                ("plain", None),  # the same transaction: the one before does not leak into it
+                ("malformed", "00-not-a-trace"),
+            ):
+                if key == "plain":
+                    generation = await create_generation(conn, alice, key)
+                else:
+                    created = await call(conn, traced, alice, key, traceparent)
+                    generation = uuid.UUID(created["generation"]["generation_id"])
+                kept.append(
+                    await conn.fetchval(
+                        "select public.credit_generation_traceparent($1)", generation
+                    )
+                )
+    assert kept == [TRACEPARENT, None, None]
+
+
 # 12. Every credit function, for every role: exactly the allowed calls succeed.
 #
 # The target is always alice, who has a pending hold of 10 besides her seeded money. "own" acts
@@ -1238,6 +1288,33 @@ FUNCTION_MATRIX = [
             generations=QUEUED_JOB,
         ),
     ),
+    # The same, keeping a trace context with the job (a traced service's CreateGeneration).
+    Entry(
+        "credit_create_generation_traced(uuid, text, text, jsonb, text, text)",
+        "select public.credit_create_generation_traced($1, 'test-model', 'a cat',"
+        " '{\"n\": 1}'::jsonb, 'matrix-create',"
+        " '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01')",
+        ("alice",),
+        USER_WRITE,
+        Effect(
+            returns={
+                "replayed": False,
+                "generation": {"model": "test-model", "state": "queued", "cost": 5, "attempts": 0},
+            },
+            held=5,
+            holds=WITH_JOB,
+            generations=QUEUED_JOB,
+        ),
+    ),
+    # The trace context a worker's attempt joins: alice's job was made without one.
+    Entry(
+        "credit_generation_traceparent(uuid)",
+        "select public.credit_generation_traceparent($1)",
+        ("generation",),
+        SERVICE_ONLY,
+        Effect(holds=WITH_JOB),
+        job="queued",
+    ),
     *generation_entries(
         "credit_get_generation(uuid, uuid)",
         "select public.credit_get_generation($1, {owner})",
@@ -1363,6 +1440,113 @@ FUNCTION_MATRIX = [
         Effect(returns=[{"kind": "grant", "amount": 100}, {"kind": "debit", "amount": 5}]),
     ),
 ]
+
+
+# Events (issue 19): the service's own, but for the reads a user makes for itself.
+EVENT_ENTRIES = [
+    Entry(
+        "credit_configure_events(bigint[], bigint)",
+        "select public.credit_configure_events('{}', 259200)",
+        (),
+        SERVICE_ONLY,
+    ),
+    Entry(
+        "credit_get_profile_alerts(uuid)",
+        "select public.credit_get_profile_alerts($1)",
+        ("alice",),
+        outcomes(own=OK, other=DENIED, service=OK),
+        Effect(
+            returns={
+                "balance": 95,
+                "available": 85,
+                "low_balance_thresholds": [],
+                "low_balance_thresholds_default": True,
+            }
+        ),
+    ),
+    Entry(
+        "credit_set_balance_alerts(uuid, bigint[])",
+        "select public.credit_set_balance_alerts($1, array[20, 90]::bigint[])",
+        ("alice",),
+        SERVICE_ONLY,
+        Effect(returns={"available": 85, "low_balance_thresholds": [20, 90]}),
+    ),
+    Entry(
+        "credit_watch_balance(uuid, integer)",
+        "select public.credit_watch_balance($1, 60)",
+        ("alice",),
+        outcomes(own=OK, other=DENIED, service=OK),
+        Effect(returns={"balance": 95, "held": 10, "available": 85}),
+    ),
+    Entry(
+        "credit_list_events(uuid, text[], integer)",
+        "select public.credit_list_events(null, array['balance.low'], 1)",
+        (),
+        SERVICE_ONLY,
+    ),
+    Entry(
+        "credit_notice_expiring_grants(integer)",
+        "select public.credit_notice_expiring_grants(1)",
+        (),
+        SERVICE_ONLY,
+    ),
+    Entry(
+        "credit_add_webhook(text, text[], text)",
+        "select public.credit_add_webhook('https://example.com/hook', '{}',"
+        " 'whsec_MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIz')",
+        (),
+        SERVICE_ONLY,
+        Effect(returns={"url": "https://example.com/hook", "event_types": []}),
+    ),
+    Entry("credit_list_webhooks()", "select public.credit_list_webhooks()", (), SERVICE_ONLY),
+    Entry(
+        "credit_remove_webhook(uuid)",
+        "select public.credit_remove_webhook(gen_random_uuid())",
+        (),
+        outcomes(own=DENIED, other=DENIED, service=INVALID_ARGUMENT),
+    ),
+    Entry(
+        "credit_rotate_webhook_secret(uuid, text)",
+        "select public.credit_rotate_webhook_secret(gen_random_uuid(),"
+        " 'whsec_MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIz')",
+        (),
+        outcomes(own=DENIED, other=DENIED, service=INVALID_ARGUMENT),
+    ),
+    Entry(
+        "credit_dispatch_events(integer)",
+        "select public.credit_dispatch_events(1)",
+        (),
+        SERVICE_ONLY,
+    ),
+    Entry(
+        "credit_claim_deliveries(text, integer, integer)",
+        "select public.credit_claim_deliveries('matrix-worker', 1, 1)",
+        (),
+        SERVICE_ONLY,
+    ),
+    Entry(
+        "credit_finish_delivery(uuid, text, boolean, integer, text, double precision)",
+        "select public.credit_finish_delivery(gen_random_uuid(), 'matrix-worker', true, 200, '',"
+        " null)",
+        (),
+        SERVICE_ONLY,
+        Effect(returns=None),
+    ),
+    Entry(
+        "credit_list_deliveries(text, integer)",
+        "select public.credit_list_deliveries('failed', 1)",
+        (),
+        SERVICE_ONLY,
+    ),
+    Entry(
+        "credit_retry_delivery(uuid)",
+        "select public.credit_retry_delivery(gen_random_uuid())",
+        (),
+        outcomes(own=DENIED, other=DENIED, service=INVALID_ARGUMENT),
+    ),
+    Entry("credit_delivery_stats()", "select public.credit_delivery_stats()", (), SERVICE_ONLY),
+]
+FUNCTION_MATRIX += EVENT_ENTRIES
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 
 from server import cli, serving
 
-COMMANDS = ("serve", "token", "worker", "check-config", "export")
+COMMANDS = ("serve", "token", "worker", "check-config", "webhooks", "export")
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:

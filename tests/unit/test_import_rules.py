@@ -16,8 +16,15 @@ import pytest
 
 SERVER = Path(__file__).resolve().parents[2] / "server"
 
-DOMAIN = ("server.domain", "server.credit", "server.generation")
-ROOT = ("server.app", "server.cli", "server.processes", "server.checks", "server.__main__")
+DOMAIN = ("server.domain", "server.credit", "server.generation", "server.events")
+ROOT = (
+    "server.app",
+    "server.cli",
+    "server.webhook_cli",
+    "server.processes",
+    "server.checks",
+    "server.__main__",
+)
 EDGES = (
     "server.api",
     "server.edges",

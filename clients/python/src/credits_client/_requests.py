@@ -260,3 +260,21 @@ def cancel_generation(generation_id: str) -> gpb.CancelGenerationRequest:
 
 def watch_generation(generation_id: str) -> gpb.WatchGenerationRequest:
     return gpb.WatchGenerationRequest(generation_id=generation_id)
+
+
+def set_balance_alerts(
+    user_id: str, thresholds: Iterable[int] | None
+) -> cpb.SetBalanceAlertsRequest:
+    if thresholds is None:
+        return cpb.SetBalanceAlertsRequest(user_id=user_id, use_defaults=True)
+    return cpb.SetBalanceAlertsRequest(user_id=user_id, thresholds=list(thresholds))
+
+
+def list_events(after_event_id: str, types: Iterable[str], page_size: int) -> cpb.ListEventsRequest:
+    return cpb.ListEventsRequest(
+        after_event_id=after_event_id, types=list(types), page_size=page_size
+    )
+
+
+def watch_balance(user_id: str) -> cpb.WatchBalanceRequest:
+    return cpb.WatchBalanceRequest(user_id=user_id)

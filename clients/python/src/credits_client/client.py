@@ -223,6 +223,26 @@ class CreditsClient:
         request = build.list_grants(user_id, page_size, page_token, states)
         return self._unary(self._credits.ListGrants, request, timeout)
 
+    def set_balance_alerts(
+        self, *, user_id: str, thresholds: Iterable[int] | None, timeout: float | None = None
+    ) -> cpb.SetBalanceAlertsResponse:
+        """Set the user's low-balance thresholds (services only); None: the defaults again."""
+        request = build.set_balance_alerts(user_id, thresholds)
+        return self._unary(self._credits.SetBalanceAlerts, request, timeout)
+
+    def list_events(
+        self,
+        *,
+        after_event_id: str = "",
+        types: Iterable[str] = (),
+        page_size: int = 0,
+        timeout: float | None = None,
+    ) -> cpb.ListEventsResponse:
+        """Events in commit order after ``after_event_id`` (services only): pass the last
+        event's id to resume."""
+        request = build.list_events(after_event_id, types, page_size)
+        return self._unary(self._credits.ListEvents, request, timeout)
+
     def set_spend_limit(
         self,
         *,
@@ -283,14 +303,15 @@ class CreditsClient:
     def refund_credits(
         self,
         *,
-        user_id: str,
         transaction_id: str,
+        user_id: str = "",
         amount: int = 0,
         idempotency_key: str | None = None,
         description: str = "",
         timeout: float | None = None,
     ) -> cpb.RefundCreditsResponse:
-        """Return credits of a debit or capture (services only); ``amount`` 0 refunds the rest."""
+        """Return credits of a debit or capture (services only); ``amount`` 0 refunds the rest,
+        ``user_id`` empty refunds the transaction's owner."""
         request = build.refund_credits(
             user_id, transaction_id, amount, idempotency_key, description
         )
@@ -402,10 +423,24 @@ class CreditsClient:
         ``timeout`` defaults to the client's ``stream_timeout``. Leaving the loop early cancels
         the stream.
         """
+        request = build.watch_generation(generation_id)
+        return self._stream(self._generations.WatchGeneration, request, timeout)
+
+    def watch_balance(
+        self, *, user_id: str = "", timeout: float | None = None
+    ) -> Iterator[cpb.WatchBalanceResponse]:
+        """The user's balance now, then after every change. ``timeout`` defaults to the
+        client's ``stream_timeout``. Leaving the loop early cancels the stream."""
+        return self._stream(self._credits.WatchBalance, build.watch_balance(user_id), timeout)
+
+    def _stream(
+        self,
+        method: grpc.UnaryStreamMultiCallable[_Request, _Response],
+        request: _Request,
+        timeout: float | None,
+    ) -> Iterator[_Response]:
         deadline = self._stream_timeout if timeout is None else timeout
-        call = self._generations.WatchGeneration(
-            build.watch_generation(generation_id), timeout=deadline, metadata=self._metadata()
-        )
+        call = method(request, timeout=deadline, metadata=self._metadata())
         try:
             yield from call
         except grpc.RpcError as error:

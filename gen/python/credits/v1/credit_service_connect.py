@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .credit_service_pb2 import CaptureCreditsRequest, CaptureCreditsResponse, CheckCreditsRequest, CheckCreditsResponse, DebitCreditsRequest, DebitCreditsResponse, ExportTransactionsRequest, ExportTransactionsResponse, GetBalanceRequest, GetBalanceResponse, GetProfileRequest, GetProfileResponse, GetSpendLimitsRequest, GetSpendLimitsResponse, GetUsageRequest, GetUsageResponse, GrantCreditsRequest, GrantCreditsResponse, ListGrantsRequest, ListGrantsResponse, ListTransactionsRequest, ListTransactionsResponse, RefundCreditsRequest, RefundCreditsResponse, ReleaseCreditsRequest, ReleaseCreditsResponse, ReserveCreditsRequest, ReserveCreditsResponse, SetSpendLimitRequest, SetSpendLimitResponse, VoidGrantRequest, VoidGrantResponse
+from .credit_service_pb2 import CaptureCreditsRequest, CaptureCreditsResponse, CheckCreditsRequest, CheckCreditsResponse, DebitCreditsRequest, DebitCreditsResponse, ExportTransactionsRequest, ExportTransactionsResponse, GetBalanceRequest, GetBalanceResponse, GetProfileRequest, GetProfileResponse, GetSpendLimitsRequest, GetSpendLimitsResponse, GetUsageRequest, GetUsageResponse, GrantCreditsRequest, GrantCreditsResponse, ListEventsRequest, ListEventsResponse, ListGrantsRequest, ListGrantsResponse, ListTransactionsRequest, ListTransactionsResponse, RefundCreditsRequest, RefundCreditsResponse, ReleaseCreditsRequest, ReleaseCreditsResponse, ReserveCreditsRequest, ReserveCreditsResponse, SetBalanceAlertsRequest, SetBalanceAlertsResponse, SetSpendLimitRequest, SetSpendLimitResponse, VoidGrantRequest, VoidGrantResponse, WatchBalanceRequest, WatchBalanceResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -119,6 +119,25 @@ class CreditService(Protocol):
     async def list_grants(self, request: ListGrantsRequest, ctx: RequestContext[ListGrantsRequest, ListGrantsResponse], /) -> ListGrantsResponse:
         """
         The user's grants, newest first.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def set_balance_alerts(self, request: SetBalanceAlertsRequest, ctx: RequestContext[SetBalanceAlertsRequest, SetBalanceAlertsResponse], /) -> SetBalanceAlertsResponse:
+        """
+        Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_events(self, request: ListEventsRequest, ctx: RequestContext[ListEventsRequest, ListEventsResponse], /) -> ListEventsResponse:
+        """
+        Events in commit order, after the one named. Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_balance(self, request: WatchBalanceRequest, ctx: RequestContext[WatchBalanceRequest, WatchBalanceResponse], /) -> AsyncIterator[WatchBalanceResponse]:
+        """
+        The user's balance now, then after every change, until the caller cancels.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -294,6 +313,39 @@ class CreditServiceASGIApplication(ConnectASGIApplication[CreditService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_grants,
+                ),
+                "/credits.v1.CreditService/SetBalanceAlerts": Endpoint.unary(
+                    method=MethodInfo(
+                        name="SetBalanceAlerts",
+                        service_name="credits.v1.CreditService",
+                        input=SetBalanceAlertsRequest,
+                        output=SetBalanceAlertsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.set_balance_alerts,
+                ),
+                "/credits.v1.CreditService/ListEvents": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListEvents",
+                        service_name="credits.v1.CreditService",
+                        input=ListEventsRequest,
+                        output=ListEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_events,
+                ),
+                "/credits.v1.CreditService/WatchBalance": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="WatchBalance",
+                        service_name="credits.v1.CreditService",
+                        input=WatchBalanceRequest,
+                        output=WatchBalanceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=svc.watch_balance,
                 ),
                 "/credits.v1.CreditService/SetSpendLimit": Endpoint.unary(
                     method=MethodInfo(
@@ -665,6 +717,76 @@ class CreditServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    async def set_balance_alerts(
+        self,
+        request: SetBalanceAlertsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetBalanceAlertsResponse:
+        """
+        Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetBalanceAlerts",
+                service_name="credits.v1.CreditService",
+                input=SetBalanceAlertsRequest,
+                output=SetBalanceAlertsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_events(
+        self,
+        request: ListEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListEventsResponse:
+        """
+        Events in commit order, after the one named. Service only.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListEvents",
+                service_name="credits.v1.CreditService",
+                input=ListEventsRequest,
+                output=ListEventsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_balance(
+        self,
+        request: WatchBalanceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[WatchBalanceResponse]:
+        """
+        The user's balance now, then after every change, until the caller cancels.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchBalance",
+                service_name="credits.v1.CreditService",
+                input=WatchBalanceRequest,
+                output=WatchBalanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
     async def set_spend_limit(
         self,
         request: SetSpendLimitRequest,
@@ -846,6 +968,25 @@ class CreditServiceSync(Protocol):
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def set_balance_alerts(self, request: SetBalanceAlertsRequest, ctx: RequestContext[SetBalanceAlertsRequest, SetBalanceAlertsResponse], /) -> SetBalanceAlertsResponse:
+        """
+        Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_events(self, request: ListEventsRequest, ctx: RequestContext[ListEventsRequest, ListEventsResponse], /) -> ListEventsResponse:
+        """
+        Events in commit order, after the one named. Service only.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_balance(self, request: WatchBalanceRequest, ctx: RequestContext[WatchBalanceRequest, WatchBalanceResponse], /) -> Iterator[WatchBalanceResponse]:
+        """
+        The user's balance now, then after every change, until the caller cancels.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def set_spend_limit(self, request: SetSpendLimitRequest, ctx: RequestContext[SetSpendLimitRequest, SetSpendLimitResponse], /) -> SetSpendLimitResponse:
         """
         Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
@@ -1016,6 +1157,39 @@ class CreditServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_grants,
+                ),
+                "/credits.v1.CreditService/SetBalanceAlerts": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="SetBalanceAlerts",
+                        service_name="credits.v1.CreditService",
+                        input=SetBalanceAlertsRequest,
+                        output=SetBalanceAlertsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.set_balance_alerts,
+                ),
+                "/credits.v1.CreditService/ListEvents": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListEvents",
+                        service_name="credits.v1.CreditService",
+                        input=ListEventsRequest,
+                        output=ListEventsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_events,
+                ),
+                "/credits.v1.CreditService/WatchBalance": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="WatchBalance",
+                        service_name="credits.v1.CreditService",
+                        input=WatchBalanceRequest,
+                        output=WatchBalanceResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=service.watch_balance,
                 ),
                 "/credits.v1.CreditService/SetSpendLimit": EndpointSync.unary(
                     method=MethodInfo(
@@ -1383,6 +1557,76 @@ class CreditServiceClientSync(ConnectClientSync):
                 output=ListGrantsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def set_balance_alerts(
+        self,
+        request: SetBalanceAlertsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> SetBalanceAlertsResponse:
+        """
+        Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="SetBalanceAlerts",
+                service_name="credits.v1.CreditService",
+                input=SetBalanceAlertsRequest,
+                output=SetBalanceAlertsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_events(
+        self,
+        request: ListEventsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListEventsResponse:
+        """
+        Events in commit order, after the one named. Service only.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListEvents",
+                service_name="credits.v1.CreditService",
+                input=ListEventsRequest,
+                output=ListEventsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_balance(
+        self,
+        request: WatchBalanceRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[WatchBalanceResponse]:
+        """
+        The user's balance now, then after every change, until the caller cancels.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchBalance",
+                service_name="credits.v1.CreditService",
+                input=WatchBalanceRequest,
+                output=WatchBalanceResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
             ),
             headers=headers,
             timeout_ms=timeout_ms,

@@ -70,6 +70,14 @@ class CreditServiceStub:
     """
     ListGrants: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.ListGrantsRequest, _credit_service_pb2.ListGrantsResponse]
     """The user's grants, newest first."""
+    SetBalanceAlerts: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.SetBalanceAlertsRequest, _credit_service_pb2.SetBalanceAlertsResponse]
+    """Sets the user's low-balance thresholds (balance.low fires when available falls below
+    one). Service only.
+    """
+    ListEvents: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.ListEventsRequest, _credit_service_pb2.ListEventsResponse]
+    """Events in commit order, after the one named. Service only."""
+    WatchBalance: _grpc.UnaryStreamMultiCallable[_credit_service_pb2.WatchBalanceRequest, _credit_service_pb2.WatchBalanceResponse]
+    """The user's balance now, then after every change, until the caller cancels."""
     SetSpendLimit: _grpc.UnaryUnaryMultiCallable[_credit_service_pb2.SetSpendLimitRequest, _credit_service_pb2.SetSpendLimitResponse]
     """Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
     applies again). Service only.
@@ -127,6 +135,14 @@ class CreditServiceAsyncStub(CreditServiceStub):
     """
     ListGrants: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.ListGrantsRequest, _credit_service_pb2.ListGrantsResponse]  # type: ignore[assignment]
     """The user's grants, newest first."""
+    SetBalanceAlerts: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.SetBalanceAlertsRequest, _credit_service_pb2.SetBalanceAlertsResponse]  # type: ignore[assignment]
+    """Sets the user's low-balance thresholds (balance.low fires when available falls below
+    one). Service only.
+    """
+    ListEvents: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.ListEventsRequest, _credit_service_pb2.ListEventsResponse]  # type: ignore[assignment]
+    """Events in commit order, after the one named. Service only."""
+    WatchBalance: _aio.UnaryStreamMultiCallable[_credit_service_pb2.WatchBalanceRequest, _credit_service_pb2.WatchBalanceResponse]  # type: ignore[assignment]
+    """The user's balance now, then after every change, until the caller cancels."""
     SetSpendLimit: _aio.UnaryUnaryMultiCallable[_credit_service_pb2.SetSpendLimitRequest, _credit_service_pb2.SetSpendLimitResponse]  # type: ignore[assignment]
     """Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
     applies again). Service only.
@@ -253,6 +269,32 @@ class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_credit_service_pb2.ListGrantsResponse, _abc.Awaitable[_credit_service_pb2.ListGrantsResponse]]:
         """The user's grants, newest first."""
+
+    @_abc_1.abstractmethod
+    def SetBalanceAlerts(
+        self,
+        request: _credit_service_pb2.SetBalanceAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credit_service_pb2.SetBalanceAlertsResponse, _abc.Awaitable[_credit_service_pb2.SetBalanceAlertsResponse]]:
+        """Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEvents(
+        self,
+        request: _credit_service_pb2.ListEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credit_service_pb2.ListEventsResponse, _abc.Awaitable[_credit_service_pb2.ListEventsResponse]]:
+        """Events in commit order, after the one named. Service only."""
+
+    @_abc_1.abstractmethod
+    def WatchBalance(
+        self,
+        request: _credit_service_pb2.WatchBalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_credit_service_pb2.WatchBalanceResponse], _abc.AsyncIterator[_credit_service_pb2.WatchBalanceResponse]]:
+        """The user's balance now, then after every change, until the caller cancels."""
 
     @_abc_1.abstractmethod
     def SetSpendLimit(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63redits/v1/ledger.proto\x12\ncredits.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x02\n\x07Profile\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x03 \x01(\x03\x12\x0c\n\x04held\x18\x04 \x01(\x03\x12\x11\n\tavailable\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10next_expire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12next_expire_amount\x18\t \x01(\x03\".\n\nAllocation\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\"\xbf\x03\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.credits.v1.TransactionKind\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x15\n\rbalance_after\x18\x05 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x37\n\x08metadata\x18\x08 \x03(\x0b\x32%.credits.v1.Transaction.MetadataEntry\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17refunded_transaction_id\x18\n \x01(\t\x12\x0f\n\x07hold_id\x18\x0b \x01(\t\x12+\n\x0b\x61llocations\x18\x0c \x03(\x0b\x32\x16.credits.v1.Allocation\x12\r\n\x05scope\x18\r \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xee\x01\n\x04Hold\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.credits.v1.HoldState\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t*\xde\x01\n\x0fTransactionKind\x12 \n\x1cTRANSACTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRANSACTION_KIND_DEBIT\x10\x01\x12\x1a\n\x16TRANSACTION_KIND_GRANT\x10\x02\x12\x1b\n\x17TRANSACTION_KIND_REFUND\x10\x03\x12\x1c\n\x18TRANSACTION_KIND_CAPTURE\x10\x04\x12\x1b\n\x17TRANSACTION_KIND_EXPIRE\x10\x05\x12\x19\n\x15TRANSACTION_KIND_VOID\x10\x06*\x89\x01\n\tHoldState\x12\x1a\n\x16HOLD_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12HOLD_STATE_PENDING\x10\x01\x12\x17\n\x13HOLD_STATE_CAPTURED\x10\x02\x12\x17\n\x13HOLD_STATE_RELEASED\x10\x03\x12\x16\n\x12HOLD_STATE_EXPIRED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63redits/v1/ledger.proto\x12\ncredits.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x02\n\x07Profile\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61lance\x18\x03 \x01(\x03\x12\x0c\n\x04held\x18\x04 \x01(\x03\x12\x11\n\tavailable\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10next_expire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12next_expire_amount\x18\t \x01(\x03\x12\x1e\n\x16low_balance_thresholds\x18\x14 \x03(\x03\x12&\n\x1elow_balance_thresholds_default\x18\x15 \x01(\x08\".\n\nAllocation\x12\x10\n\x08grant_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61mount\x18\x02 \x01(\x03\"\xbf\x03\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.credits.v1.TransactionKind\x12\x0e\n\x06\x61mount\x18\x04 \x01(\x03\x12\x15\n\rbalance_after\x18\x05 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x37\n\x08metadata\x18\x08 \x03(\x0b\x32%.credits.v1.Transaction.MetadataEntry\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17refunded_transaction_id\x18\n \x01(\t\x12\x0f\n\x07hold_id\x18\x0b \x01(\t\x12+\n\x0b\x61llocations\x18\x0c \x03(\x0b\x32\x16.credits.v1.Allocation\x12\r\n\x05scope\x18\r \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xee\x01\n\x04Hold\x12\x0f\n\x07hold_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12$\n\x05state\x18\x04 \x01(\x0e\x32\x15.credits.v1.HoldState\x12/\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t*\xde\x01\n\x0fTransactionKind\x12 \n\x1cTRANSACTION_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRANSACTION_KIND_DEBIT\x10\x01\x12\x1a\n\x16TRANSACTION_KIND_GRANT\x10\x02\x12\x1b\n\x17TRANSACTION_KIND_REFUND\x10\x03\x12\x1c\n\x18TRANSACTION_KIND_CAPTURE\x10\x04\x12\x1b\n\x17TRANSACTION_KIND_EXPIRE\x10\x05\x12\x19\n\x15TRANSACTION_KIND_VOID\x10\x06*\x89\x01\n\tHoldState\x12\x1a\n\x16HOLD_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12HOLD_STATE_PENDING\x10\x01\x12\x17\n\x13HOLD_STATE_CAPTURED\x10\x02\x12\x17\n\x13HOLD_STATE_RELEASED\x10\x03\x12\x16\n\x12HOLD_STATE_EXPIRED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSACTION_METADATAENTRY']._loaded_options = None
   _globals['_TRANSACTION_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_TRANSACTIONKIND']._serialized_start=1086
-  _globals['_TRANSACTIONKIND']._serialized_end=1308
-  _globals['_HOLDSTATE']._serialized_start=1311
-  _globals['_HOLDSTATE']._serialized_end=1448
+  _globals['_TRANSACTIONKIND']._serialized_start=1158
+  _globals['_TRANSACTIONKIND']._serialized_end=1380
+  _globals['_HOLDSTATE']._serialized_start=1383
+  _globals['_HOLDSTATE']._serialized_end=1520
   _globals['_PROFILE']._serialized_start=73
-  _globals['_PROFILE']._serialized_end=344
-  _globals['_ALLOCATION']._serialized_start=346
-  _globals['_ALLOCATION']._serialized_end=392
-  _globals['_TRANSACTION']._serialized_start=395
-  _globals['_TRANSACTION']._serialized_end=842
-  _globals['_TRANSACTION_METADATAENTRY']._serialized_start=795
-  _globals['_TRANSACTION_METADATAENTRY']._serialized_end=842
-  _globals['_HOLD']._serialized_start=845
-  _globals['_HOLD']._serialized_end=1083
+  _globals['_PROFILE']._serialized_end=416
+  _globals['_ALLOCATION']._serialized_start=418
+  _globals['_ALLOCATION']._serialized_end=464
+  _globals['_TRANSACTION']._serialized_start=467
+  _globals['_TRANSACTION']._serialized_end=914
+  _globals['_TRANSACTION_METADATAENTRY']._serialized_start=867
+  _globals['_TRANSACTION_METADATAENTRY']._serialized_end=914
+  _globals['_HOLD']._serialized_start=917
+  _globals['_HOLD']._serialized_end=1155
 # @@protoc_insertion_point(module_scope)

@@ -98,6 +98,21 @@ class CreditServiceStub:
                 request_serializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsRequest.SerializeToString,
                 response_deserializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsResponse.FromString,
                 _registered_method=True)
+        self.SetBalanceAlerts = channel.unary_unary(
+                '/credits.v1.CreditService/SetBalanceAlerts',
+                request_serializer=credits_dot_v1_dot_credit__service__pb2.SetBalanceAlertsRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credit__service__pb2.SetBalanceAlertsResponse.FromString,
+                _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/credits.v1.CreditService/ListEvents',
+                request_serializer=credits_dot_v1_dot_credit__service__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credit__service__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
+        self.WatchBalance = channel.unary_stream(
+                '/credits.v1.CreditService/WatchBalance',
+                request_serializer=credits_dot_v1_dot_credit__service__pb2.WatchBalanceRequest.SerializeToString,
+                response_deserializer=credits_dot_v1_dot_credit__service__pb2.WatchBalanceResponse.FromString,
+                _registered_method=True)
         self.SetSpendLimit = channel.unary_unary(
                 '/credits.v1.CreditService/SetSpendLimit',
                 request_serializer=credits_dot_v1_dot_credit__service__pb2.SetSpendLimitRequest.SerializeToString,
@@ -217,6 +232,28 @@ class CreditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBalanceAlerts(self, request, context):
+        """Sets the user's low-balance thresholds (balance.low fires when available falls below
+        one). Service only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEvents(self, request, context):
+        """Events in commit order, after the one named. Service only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchBalance(self, request, context):
+        """The user's balance now, then after every change, until the caller cancels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetSpendLimit(self, request, context):
         """Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
         applies again). Service only.
@@ -310,6 +347,21 @@ def add_CreditServiceServicer_to_server(servicer, server):
                     servicer.ListGrants,
                     request_deserializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsRequest.FromString,
                     response_serializer=credits_dot_v1_dot_credit__service__pb2.ListGrantsResponse.SerializeToString,
+            ),
+            'SetBalanceAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBalanceAlerts,
+                    request_deserializer=credits_dot_v1_dot_credit__service__pb2.SetBalanceAlertsRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credit__service__pb2.SetBalanceAlertsResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=credits_dot_v1_dot_credit__service__pb2.ListEventsRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credit__service__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'WatchBalance': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchBalance,
+                    request_deserializer=credits_dot_v1_dot_credit__service__pb2.WatchBalanceRequest.FromString,
+                    response_serializer=credits_dot_v1_dot_credit__service__pb2.WatchBalanceResponse.SerializeToString,
             ),
             'SetSpendLimit': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSpendLimit,
@@ -660,6 +712,87 @@ class CreditService:
             '/credits.v1.CreditService/ListGrants',
             credits_dot_v1_dot_credit__service__pb2.ListGrantsRequest.SerializeToString,
             credits_dot_v1_dot_credit__service__pb2.ListGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBalanceAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.CreditService/SetBalanceAlerts',
+            credits_dot_v1_dot_credit__service__pb2.SetBalanceAlertsRequest.SerializeToString,
+            credits_dot_v1_dot_credit__service__pb2.SetBalanceAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credits.v1.CreditService/ListEvents',
+            credits_dot_v1_dot_credit__service__pb2.ListEventsRequest.SerializeToString,
+            credits_dot_v1_dot_credit__service__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchBalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/credits.v1.CreditService/WatchBalance',
+            credits_dot_v1_dot_credit__service__pb2.WatchBalanceRequest.SerializeToString,
+            credits_dot_v1_dot_credit__service__pb2.WatchBalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -97,6 +97,8 @@ class Profile(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     NEXT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     NEXT_EXPIRE_AMOUNT_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_THRESHOLDS_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_THRESHOLDS_DEFAULT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The Supabase user id (a UUID)."""
     email: _builtins.str
@@ -109,6 +111,8 @@ class Profile(_message.Message):
     """balance - held: what the user can spend or reserve now."""
     next_expire_amount: _builtins.int
     """How much of the balance expires at next_expire_time (0 when none)."""
+    low_balance_thresholds_default: _builtins.bool
+    """Whether low_balance_thresholds are the deployment's defaults."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -116,6 +120,12 @@ class Profile(_message.Message):
     @_builtins.property
     def next_expire_time(self) -> _timestamp_pb2.Timestamp:
         """The soonest expire_time among the user's active grants; unset when none expires."""
+
+    @_builtins.property
+    def low_balance_thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The thresholds balance.low fires at for this user, ascending (SetBalanceAlerts, or the
+        defaults of CREDITS_LOW_BALANCE_THRESHOLDS). Set by GetProfile and SetBalanceAlerts.
+        """
 
     def __init__(
         self,
@@ -129,10 +139,12 @@ class Profile(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         next_expire_time: _timestamp_pb2.Timestamp | None = ...,
         next_expire_amount: _builtins.int = ...,
+        low_balance_thresholds: _abc.Iterable[_builtins.int] | None = ...,
+        low_balance_thresholds_default: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_expire_time", b"next_expire_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "balance", b"balance", "create_time", b"create_time", "email", b"email", "held", b"held", "next_expire_amount", b"next_expire_amount", "next_expire_time", b"next_expire_time", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "balance", b"balance", "create_time", b"create_time", "email", b"email", "held", b"held", "low_balance_thresholds", b"low_balance_thresholds", "low_balance_thresholds_default", b"low_balance_thresholds_default", "next_expire_amount", b"next_expire_amount", "next_expire_time", b"next_expire_time", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,8 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Event } from "./event_pb.js";
+import { file_credits_v1_event } from "./event_pb.js";
 import type { Grant, GrantCategory, GrantState } from "./grant_pb.js";
 import { file_credits_v1_grant } from "./grant_pb.js";
 import type { Hold, Profile, Transaction, TransactionKind } from "./ledger_pb.js";
@@ -18,7 +20,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file credits/v1/credit_service.proto.
  */
 export const file_credits_v1_credit_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9jcmVkaXRzL3YxL2NyZWRpdF9zZXJ2aWNlLnByb3RvEgpjcmVkaXRzLnYxIiQKEUdldEJhbGFuY2VSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiqQEKEkdldEJhbGFuY2VSZXNwb25zZRIPCgd1c2VyX2lkGAEgASgJEg8KB2JhbGFuY2UYAiABKAMSDAoEaGVsZBgDIAEoAxIRCglhdmFpbGFibGUYBCABKAMSNAoQbmV4dF9leHBpcmVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoSbmV4dF9leHBpcmVfYW1vdW50GAYgASgDIiQKEUdldFByb2ZpbGVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiOgoSR2V0UHJvZmlsZVJlc3BvbnNlEiQKB3Byb2ZpbGUYASABKAsyEy5jcmVkaXRzLnYxLlByb2ZpbGUiRQoTQ2hlY2tDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxINCgVzY29wZRgDIAEoCSJQChRDaGVja0NyZWRpdHNSZXNwb25zZRISCgpzdWZmaWNpZW50GAEgASgIEhEKCWF2YWlsYWJsZRgCIAEoAxIRCglzaG9ydGZhbGwYAyABKAMi5QEKE0RlYml0Q3JlZGl0c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEj8KCG1ldGFkYXRhGAUgAygLMi0uY3JlZGl0cy52MS5EZWJpdENyZWRpdHNSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSDQoFc2NvcGUYBiABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImcKFERlYml0Q3JlZGl0c1Jlc3BvbnNlEiwKC3RyYW5zYWN0aW9uGAEgASgLMhcuY3JlZGl0cy52MS5UcmFuc2FjdGlvbhIPCgdiYWxhbmNlGAIgASgDEhAKCHJlcGxheWVkGAMgASgIIpwDChNHcmFudENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRI/CghtZXRhZGF0YRgFIAMoCzItLmNyZWRpdHMudjEuR3JhbnRDcmVkaXRzUmVxdWVzdC5NZXRhZGF0YUVudHJ5Ei8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5lZmZlY3RpdmVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoIcHJpb3JpdHkYCCABKAVIAIgBARIrCghjYXRlZ29yeRgJIAEoDjIZLmNyZWRpdHMudjEuR3JhbnRDYXRlZ29yeRIOCgZzY29wZXMYCiADKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9wcmlvcml0eSKJAQoUR3JhbnRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgSIAoFZ3JhbnQYBCABKAsyES5jcmVkaXRzLnYxLkdyYW50In0KFFJlZnVuZENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSFgoOdHJhbnNhY3Rpb25faWQYAiABKAkSDgoGYW1vdW50GAMgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgEIAEoCRITCgtkZXNjcmlwdGlvbhgFIAEoCSJoChVSZWZ1bmRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAginQEKFVJlc2VydmVDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhMKC2Rlc2NyaXB0aW9uGAUgASgJEg0KBXNjb3BlGAYgASgJIl0KFlJlc2VydmVDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgiUQoVQ2FwdHVyZUNyZWRpdHNSZXF1ZXN0Eg8KB2hvbGRfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSKJAQoWQ2FwdHVyZUNyZWRpdHNSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SHgoEaG9sZBgCIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIPCgdiYWxhbmNlGAMgASgDEhAKCHJlcGxheWVkGAQgASgIIigKFVJlbGVhc2VDcmVkaXRzUmVxdWVzdBIPCgdob2xkX2lkGAEgASgJIksKFlJlbGVhc2VDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMi2wEKF0xpc3RUcmFuc2FjdGlvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSKgoFa2luZHMYBCADKA4yGy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uS2luZBIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYgoYTGlzdFRyYW5zYWN0aW9uc1Jlc3BvbnNlEi0KDHRyYW5zYWN0aW9ucxgBIAMoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlIKEFZvaWRHcmFudFJlcXVlc3QSEAoIZ3JhbnRfaWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJIoYBChFWb2lkR3JhbnRSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SIAoFZ3JhbnQYAiABKAsyES5jcmVkaXRzLnYxLkdyYW50Eg8KB2JhbGFuY2UYAyABKAMSEAoIcmVwbGF5ZWQYBCABKAgicwoRTGlzdEdyYW50c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRImCgZzdGF0ZXMYBCADKA4yFi5jcmVkaXRzLnYxLkdyYW50U3RhdGUiUAoSTGlzdEdyYW50c1Jlc3BvbnNlEiEKBmdyYW50cxgBIAMoCzIRLmNyZWRpdHMudjEuR3JhbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIl8KFFNldFNwZW5kTGltaXRSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSJwoGcGVyaW9kGAIgASgOMhcuY3JlZGl0cy52MS5TcGVuZFBlcmlvZBINCgVsaW1pdBgDIAEoAyI/ChVTZXRTcGVuZExpbWl0UmVzcG9uc2USJgoGbGltaXRzGAEgAygLMhYuY3JlZGl0cy52MS5TcGVuZExpbWl0IigKFUdldFNwZW5kTGltaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJIkAKFkdldFNwZW5kTGltaXRzUmVzcG9uc2USJgoGbGltaXRzGAEgAygLMhYuY3JlZGl0cy52MS5TcGVuZExpbWl0It8BCg9HZXRVc2FnZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIuCgpzdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMQoLZ3JhbnVsYXJpdHkYBCABKA4yHC5jcmVkaXRzLnYxLlVzYWdlR3JhbnVsYXJpdHkSKgoIZ3JvdXBfYnkYBSABKA4yGC5jcmVkaXRzLnYxLlVzYWdlR3JvdXBCeSI8ChBHZXRVc2FnZVJlc3BvbnNlEigKB2J1Y2tldHMYASADKAsyFy5jcmVkaXRzLnYxLlVzYWdlQnVja2V0Ip0BChlFeHBvcnRUcmFuc2FjdGlvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJYWxsX3VzZXJzGAIgASgIEi4KCnN0YXJ0X3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJLChpFeHBvcnRUcmFuc2FjdGlvbnNSZXNwb25zZRItCgx0cmFuc2FjdGlvbnMYASADKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uMtYKCg1DcmVkaXRTZXJ2aWNlEksKCkdldEJhbGFuY2USHS5jcmVkaXRzLnYxLkdldEJhbGFuY2VSZXF1ZXN0Gh4uY3JlZGl0cy52MS5HZXRCYWxhbmNlUmVzcG9uc2USSwoKR2V0UHJvZmlsZRIdLmNyZWRpdHMudjEuR2V0UHJvZmlsZVJlcXVlc3QaHi5jcmVkaXRzLnYxLkdldFByb2ZpbGVSZXNwb25zZRJRCgxDaGVja0NyZWRpdHMSHy5jcmVkaXRzLnYxLkNoZWNrQ3JlZGl0c1JlcXVlc3QaIC5jcmVkaXRzLnYxLkNoZWNrQ3JlZGl0c1Jlc3BvbnNlElEKDERlYml0Q3JlZGl0cxIfLmNyZWRpdHMudjEuRGViaXRDcmVkaXRzUmVxdWVzdBogLmNyZWRpdHMudjEuRGViaXRDcmVkaXRzUmVzcG9uc2USUQoMR3JhbnRDcmVkaXRzEh8uY3JlZGl0cy52MS5HcmFudENyZWRpdHNSZXF1ZXN0GiAuY3JlZGl0cy52MS5HcmFudENyZWRpdHNSZXNwb25zZRJUCg1SZWZ1bmRDcmVkaXRzEiAuY3JlZGl0cy52MS5SZWZ1bmRDcmVkaXRzUmVxdWVzdBohLmNyZWRpdHMudjEuUmVmdW5kQ3JlZGl0c1Jlc3BvbnNlElcKDlJlc2VydmVDcmVkaXRzEiEuY3JlZGl0cy52MS5SZXNlcnZlQ3JlZGl0c1JlcXVlc3QaIi5jcmVkaXRzLnYxLlJlc2VydmVDcmVkaXRzUmVzcG9uc2USVwoOQ2FwdHVyZUNyZWRpdHMSIS5jcmVkaXRzLnYxLkNhcHR1cmVDcmVkaXRzUmVxdWVzdBoiLmNyZWRpdHMudjEuQ2FwdHVyZUNyZWRpdHNSZXNwb25zZRJXCg5SZWxlYXNlQ3JlZGl0cxIhLmNyZWRpdHMudjEuUmVsZWFzZUNyZWRpdHNSZXF1ZXN0GiIuY3JlZGl0cy52MS5SZWxlYXNlQ3JlZGl0c1Jlc3BvbnNlEl0KEExpc3RUcmFuc2FjdGlvbnMSIy5jcmVkaXRzLnYxLkxpc3RUcmFuc2FjdGlvbnNSZXF1ZXN0GiQuY3JlZGl0cy52MS5MaXN0VHJhbnNhY3Rpb25zUmVzcG9uc2USSAoJVm9pZEdyYW50EhwuY3JlZGl0cy52MS5Wb2lkR3JhbnRSZXF1ZXN0Gh0uY3JlZGl0cy52MS5Wb2lkR3JhbnRSZXNwb25zZRJLCgpMaXN0R3JhbnRzEh0uY3JlZGl0cy52MS5MaXN0R3JhbnRzUmVxdWVzdBoeLmNyZWRpdHMudjEuTGlzdEdyYW50c1Jlc3BvbnNlElQKDVNldFNwZW5kTGltaXQSIC5jcmVkaXRzLnYxLlNldFNwZW5kTGltaXRSZXF1ZXN0GiEuY3JlZGl0cy52MS5TZXRTcGVuZExpbWl0UmVzcG9uc2USVwoOR2V0U3BlbmRMaW1pdHMSIS5jcmVkaXRzLnYxLkdldFNwZW5kTGltaXRzUmVxdWVzdBoiLmNyZWRpdHMudjEuR2V0U3BlbmRMaW1pdHNSZXNwb25zZRJFCghHZXRVc2FnZRIbLmNyZWRpdHMudjEuR2V0VXNhZ2VSZXF1ZXN0GhwuY3JlZGl0cy52MS5HZXRVc2FnZVJlc3BvbnNlEmUKEkV4cG9ydFRyYW5zYWN0aW9ucxIlLmNyZWRpdHMudjEuRXhwb3J0VHJhbnNhY3Rpb25zUmVxdWVzdBomLmNyZWRpdHMudjEuRXhwb3J0VHJhbnNhY3Rpb25zUmVzcG9uc2UwAWIGcHJvdG8z", [file_credits_v1_grant, file_credits_v1_ledger, file_credits_v1_usage, file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("Ch9jcmVkaXRzL3YxL2NyZWRpdF9zZXJ2aWNlLnByb3RvEgpjcmVkaXRzLnYxIiQKEUdldEJhbGFuY2VSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiqQEKEkdldEJhbGFuY2VSZXNwb25zZRIPCgd1c2VyX2lkGAEgASgJEg8KB2JhbGFuY2UYAiABKAMSDAoEaGVsZBgDIAEoAxIRCglhdmFpbGFibGUYBCABKAMSNAoQbmV4dF9leHBpcmVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGgoSbmV4dF9leHBpcmVfYW1vdW50GAYgASgDIiQKEUdldFByb2ZpbGVSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkiOgoSR2V0UHJvZmlsZVJlc3BvbnNlEiQKB3Byb2ZpbGUYASABKAsyEy5jcmVkaXRzLnYxLlByb2ZpbGUiRQoTQ2hlY2tDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxINCgVzY29wZRgDIAEoCSJQChRDaGVja0NyZWRpdHNSZXNwb25zZRISCgpzdWZmaWNpZW50GAEgASgIEhEKCWF2YWlsYWJsZRgCIAEoAxIRCglzaG9ydGZhbGwYAyABKAMi5QEKE0RlYml0Q3JlZGl0c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIOCgZhbW91bnQYAiABKAMSFwoPaWRlbXBvdGVuY3lfa2V5GAMgASgJEhMKC2Rlc2NyaXB0aW9uGAQgASgJEj8KCG1ldGFkYXRhGAUgAygLMi0uY3JlZGl0cy52MS5EZWJpdENyZWRpdHNSZXF1ZXN0Lk1ldGFkYXRhRW50cnkSDQoFc2NvcGUYBiABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBImcKFERlYml0Q3JlZGl0c1Jlc3BvbnNlEiwKC3RyYW5zYWN0aW9uGAEgASgLMhcuY3JlZGl0cy52MS5UcmFuc2FjdGlvbhIPCgdiYWxhbmNlGAIgASgDEhAKCHJlcGxheWVkGAMgASgIIpwDChNHcmFudENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCRITCgtkZXNjcmlwdGlvbhgEIAEoCRI/CghtZXRhZGF0YRgFIAMoCzItLmNyZWRpdHMudjEuR3JhbnRDcmVkaXRzUmVxdWVzdC5NZXRhZGF0YUVudHJ5Ei8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5lZmZlY3RpdmVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoIcHJpb3JpdHkYCCABKAVIAIgBARIrCghjYXRlZ29yeRgJIAEoDjIZLmNyZWRpdHMudjEuR3JhbnRDYXRlZ29yeRIOCgZzY29wZXMYCiADKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgsKCV9wcmlvcml0eSKJAQoUR3JhbnRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgSIAoFZ3JhbnQYBCABKAsyES5jcmVkaXRzLnYxLkdyYW50In0KFFJlZnVuZENyZWRpdHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSFgoOdHJhbnNhY3Rpb25faWQYAiABKAkSDgoGYW1vdW50GAMgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgEIAEoCRITCgtkZXNjcmlwdGlvbhgFIAEoCSJoChVSZWZ1bmRDcmVkaXRzUmVzcG9uc2USLAoLdHJhbnNhY3Rpb24YASABKAsyFy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uEg8KB2JhbGFuY2UYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAginQEKFVJlc2VydmVDcmVkaXRzUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEg4KBmFtb3VudBgCIAEoAxIXCg9pZGVtcG90ZW5jeV9rZXkYAyABKAkSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhMKC2Rlc2NyaXB0aW9uGAUgASgJEg0KBXNjb3BlGAYgASgJIl0KFlJlc2VydmVDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMSEAoIcmVwbGF5ZWQYAyABKAgiUQoVQ2FwdHVyZUNyZWRpdHNSZXF1ZXN0Eg8KB2hvbGRfaWQYASABKAkSDgoGYW1vdW50GAIgASgDEhcKD2lkZW1wb3RlbmN5X2tleRgDIAEoCSKJAQoWQ2FwdHVyZUNyZWRpdHNSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SHgoEaG9sZBgCIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIPCgdiYWxhbmNlGAMgASgDEhAKCHJlcGxheWVkGAQgASgIIigKFVJlbGVhc2VDcmVkaXRzUmVxdWVzdBIPCgdob2xkX2lkGAEgASgJIksKFlJlbGVhc2VDcmVkaXRzUmVzcG9uc2USHgoEaG9sZBgBIAEoCzIQLmNyZWRpdHMudjEuSG9sZBIRCglhdmFpbGFibGUYAiABKAMi2wEKF0xpc3RUcmFuc2FjdGlvbnNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSKgoFa2luZHMYBCADKA4yGy5jcmVkaXRzLnYxLlRyYW5zYWN0aW9uS2luZBIuCgpzdGFydF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiYgoYTGlzdFRyYW5zYWN0aW9uc1Jlc3BvbnNlEi0KDHRyYW5zYWN0aW9ucxgBIAMoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlIKEFZvaWRHcmFudFJlcXVlc3QSEAoIZ3JhbnRfaWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJIoYBChFWb2lkR3JhbnRSZXNwb25zZRIsCgt0cmFuc2FjdGlvbhgBIAEoCzIXLmNyZWRpdHMudjEuVHJhbnNhY3Rpb24SIAoFZ3JhbnQYAiABKAsyES5jcmVkaXRzLnYxLkdyYW50Eg8KB2JhbGFuY2UYAyABKAMSEAoIcmVwbGF5ZWQYBCABKAgicwoRTGlzdEdyYW50c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRImCgZzdGF0ZXMYBCADKA4yFi5jcmVkaXRzLnYxLkdyYW50U3RhdGUiUAoSTGlzdEdyYW50c1Jlc3BvbnNlEiEKBmdyYW50cxgBIAMoCzIRLmNyZWRpdHMudjEuR3JhbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIlQKF1NldEJhbGFuY2VBbGVydHNSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSEgoKdGhyZXNob2xkcxgCIAMoAxIUCgx1c2VfZGVmYXVsdHMYAyABKAgiQAoYU2V0QmFsYW5jZUFsZXJ0c1Jlc3BvbnNlEiQKB3Byb2ZpbGUYASABKAsyEy5jcmVkaXRzLnYxLlByb2ZpbGUiTQoRTGlzdEV2ZW50c1JlcXVlc3QSFgoOYWZ0ZXJfZXZlbnRfaWQYASABKAkSDQoFdHlwZXMYAiADKAkSEQoJcGFnZV9zaXplGAMgASgFIjcKEkxpc3RFdmVudHNSZXNwb25zZRIhCgZldmVudHMYASADKAsyES5jcmVkaXRzLnYxLkV2ZW50IiYKE1dhdGNoQmFsYW5jZVJlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSKKAQoUV2F0Y2hCYWxhbmNlUmVzcG9uc2USDwoHdXNlcl9pZBgBIAEoCRIPCgdiYWxhbmNlGAIgASgDEgwKBGhlbGQYAyABKAMSEQoJYXZhaWxhYmxlGAQgASgDEi8KC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJfChRTZXRTcGVuZExpbWl0UmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEicKBnBlcmlvZBgCIAEoDjIXLmNyZWRpdHMudjEuU3BlbmRQZXJpb2QSDQoFbGltaXQYAyABKAMiPwoVU2V0U3BlbmRMaW1pdFJlc3BvbnNlEiYKBmxpbWl0cxgBIAMoCzIWLmNyZWRpdHMudjEuU3BlbmRMaW1pdCIoChVHZXRTcGVuZExpbWl0c1JlcXVlc3QSDwoHdXNlcl9pZBgBIAEoCSJAChZHZXRTcGVuZExpbWl0c1Jlc3BvbnNlEiYKBmxpbWl0cxgBIAMoCzIWLmNyZWRpdHMudjEuU3BlbmRMaW1pdCLfAQoPR2V0VXNhZ2VSZXF1ZXN0Eg8KB3VzZXJfaWQYASABKAkSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjEKC2dyYW51bGFyaXR5GAQgASgOMhwuY3JlZGl0cy52MS5Vc2FnZUdyYW51bGFyaXR5EioKCGdyb3VwX2J5GAUgASgOMhguY3JlZGl0cy52MS5Vc2FnZUdyb3VwQnkiPAoQR2V0VXNhZ2VSZXNwb25zZRIoCgdidWNrZXRzGAEgAygLMhcuY3JlZGl0cy52MS5Vc2FnZUJ1Y2tldCKdAQoZRXhwb3J0VHJhbnNhY3Rpb25zUmVxdWVzdBIPCgd1c2VyX2lkGAEgASgJEhEKCWFsbF91c2VycxgCIAEoCBIuCgpzdGFydF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiSwoaRXhwb3J0VHJhbnNhY3Rpb25zUmVzcG9uc2USLQoMdHJhbnNhY3Rpb25zGAEgAygLMhcuY3JlZGl0cy52MS5UcmFuc2FjdGlvbjLXDAoNQ3JlZGl0U2VydmljZRJLCgpHZXRCYWxhbmNlEh0uY3JlZGl0cy52MS5HZXRCYWxhbmNlUmVxdWVzdBoeLmNyZWRpdHMudjEuR2V0QmFsYW5jZVJlc3BvbnNlEksKCkdldFByb2ZpbGUSHS5jcmVkaXRzLnYxLkdldFByb2ZpbGVSZXF1ZXN0Gh4uY3JlZGl0cy52MS5HZXRQcm9maWxlUmVzcG9uc2USUQoMQ2hlY2tDcmVkaXRzEh8uY3JlZGl0cy52MS5DaGVja0NyZWRpdHNSZXF1ZXN0GiAuY3JlZGl0cy52MS5DaGVja0NyZWRpdHNSZXNwb25zZRJRCgxEZWJpdENyZWRpdHMSHy5jcmVkaXRzLnYxLkRlYml0Q3JlZGl0c1JlcXVlc3QaIC5jcmVkaXRzLnYxLkRlYml0Q3JlZGl0c1Jlc3BvbnNlElEKDEdyYW50Q3JlZGl0cxIfLmNyZWRpdHMudjEuR3JhbnRDcmVkaXRzUmVxdWVzdBogLmNyZWRpdHMudjEuR3JhbnRDcmVkaXRzUmVzcG9uc2USVAoNUmVmdW5kQ3JlZGl0cxIgLmNyZWRpdHMudjEuUmVmdW5kQ3JlZGl0c1JlcXVlc3QaIS5jcmVkaXRzLnYxLlJlZnVuZENyZWRpdHNSZXNwb25zZRJXCg5SZXNlcnZlQ3JlZGl0cxIhLmNyZWRpdHMudjEuUmVzZXJ2ZUNyZWRpdHNSZXF1ZXN0GiIuY3JlZGl0cy52MS5SZXNlcnZlQ3JlZGl0c1Jlc3BvbnNlElcKDkNhcHR1cmVDcmVkaXRzEiEuY3JlZGl0cy52MS5DYXB0dXJlQ3JlZGl0c1JlcXVlc3QaIi5jcmVkaXRzLnYxLkNhcHR1cmVDcmVkaXRzUmVzcG9uc2USVwoOUmVsZWFzZUNyZWRpdHMSIS5jcmVkaXRzLnYxLlJlbGVhc2VDcmVkaXRzUmVxdWVzdBoiLmNyZWRpdHMudjEuUmVsZWFzZUNyZWRpdHNSZXNwb25zZRJdChBMaXN0VHJhbnNhY3Rpb25zEiMuY3JlZGl0cy52MS5MaXN0VHJhbnNhY3Rpb25zUmVxdWVzdBokLmNyZWRpdHMudjEuTGlzdFRyYW5zYWN0aW9uc1Jlc3BvbnNlEkgKCVZvaWRHcmFudBIcLmNyZWRpdHMudjEuVm9pZEdyYW50UmVxdWVzdBodLmNyZWRpdHMudjEuVm9pZEdyYW50UmVzcG9uc2USSwoKTGlzdEdyYW50cxIdLmNyZWRpdHMudjEuTGlzdEdyYW50c1JlcXVlc3QaHi5jcmVkaXRzLnYxLkxpc3RHcmFudHNSZXNwb25zZRJdChBTZXRCYWxhbmNlQWxlcnRzEiMuY3JlZGl0cy52MS5TZXRCYWxhbmNlQWxlcnRzUmVxdWVzdBokLmNyZWRpdHMudjEuU2V0QmFsYW5jZUFsZXJ0c1Jlc3BvbnNlEksKCkxpc3RFdmVudHMSHS5jcmVkaXRzLnYxLkxpc3RFdmVudHNSZXF1ZXN0Gh4uY3JlZGl0cy52MS5MaXN0RXZlbnRzUmVzcG9uc2USUwoMV2F0Y2hCYWxhbmNlEh8uY3JlZGl0cy52MS5XYXRjaEJhbGFuY2VSZXF1ZXN0GiAuY3JlZGl0cy52MS5XYXRjaEJhbGFuY2VSZXNwb25zZTABElQKDVNldFNwZW5kTGltaXQSIC5jcmVkaXRzLnYxLlNldFNwZW5kTGltaXRSZXF1ZXN0GiEuY3JlZGl0cy52MS5TZXRTcGVuZExpbWl0UmVzcG9uc2USVwoOR2V0U3BlbmRMaW1pdHMSIS5jcmVkaXRzLnYxLkdldFNwZW5kTGltaXRzUmVxdWVzdBoiLmNyZWRpdHMudjEuR2V0U3BlbmRMaW1pdHNSZXNwb25zZRJFCghHZXRVc2FnZRIbLmNyZWRpdHMudjEuR2V0VXNhZ2VSZXF1ZXN0GhwuY3JlZGl0cy52MS5HZXRVc2FnZVJlc3BvbnNlEmUKEkV4cG9ydFRyYW5zYWN0aW9ucxIlLmNyZWRpdHMudjEuRXhwb3J0VHJhbnNhY3Rpb25zUmVxdWVzdBomLmNyZWRpdHMudjEuRXhwb3J0VHJhbnNhY3Rpb25zUmVzcG9uc2UwAWIGcHJvdG8z", [file_credits_v1_event, file_credits_v1_grant, file_credits_v1_ledger, file_credits_v1_usage, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message credits.v1.GetBalanceRequest
@@ -809,6 +811,163 @@ export const ListGrantsResponseSchema: GenMessage<ListGrantsResponse> = /*@__PUR
   messageDesc(file_credits_v1_credit_service, 23);
 
 /**
+ * @generated from message credits.v1.SetBalanceAlertsRequest
+ */
+export type SetBalanceAlertsRequest = Message<"credits.v1.SetBalanceAlertsRequest"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * Whole credits above 0, at most 10 (sent in any order; kept ascending, without repeats).
+   * Empty: no low-balance alerts for this user, unless use_defaults.
+   *
+   * @generated from field: repeated int64 thresholds = 2;
+   */
+  thresholds: bigint[];
+
+  /**
+   * Follow CREDITS_LOW_BALANCE_THRESHOLDS again (thresholds must then be empty).
+   *
+   * @generated from field: bool use_defaults = 3;
+   */
+  useDefaults: boolean;
+};
+
+/**
+ * Describes the message credits.v1.SetBalanceAlertsRequest.
+ * Use `create(SetBalanceAlertsRequestSchema)` to create a new message.
+ */
+export const SetBalanceAlertsRequestSchema: GenMessage<SetBalanceAlertsRequest> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 24);
+
+/**
+ * @generated from message credits.v1.SetBalanceAlertsResponse
+ */
+export type SetBalanceAlertsResponse = Message<"credits.v1.SetBalanceAlertsResponse"> & {
+  /**
+   * With the thresholds now in force.
+   *
+   * @generated from field: credits.v1.Profile profile = 1;
+   */
+  profile?: Profile | undefined;
+};
+
+/**
+ * Describes the message credits.v1.SetBalanceAlertsResponse.
+ * Use `create(SetBalanceAlertsResponseSchema)` to create a new message.
+ */
+export const SetBalanceAlertsResponseSchema: GenMessage<SetBalanceAlertsResponse> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 25);
+
+/**
+ * @generated from message credits.v1.ListEventsRequest
+ */
+export type ListEventsRequest = Message<"credits.v1.ListEventsRequest"> & {
+  /**
+   * The last event seen; empty for the first event kept.
+   *
+   * @generated from field: string after_event_id = 1;
+   */
+  afterEventId: string;
+
+  /**
+   * Only events of these types; empty for all.
+   *
+   * @generated from field: repeated string types = 2;
+   */
+  types: string[];
+
+  /**
+   * Default 100, at most 1000.
+   *
+   * @generated from field: int32 page_size = 3;
+   */
+  pageSize: number;
+};
+
+/**
+ * Describes the message credits.v1.ListEventsRequest.
+ * Use `create(ListEventsRequestSchema)` to create a new message.
+ */
+export const ListEventsRequestSchema: GenMessage<ListEventsRequest> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 26);
+
+/**
+ * @generated from message credits.v1.ListEventsResponse
+ */
+export type ListEventsResponse = Message<"credits.v1.ListEventsResponse"> & {
+  /**
+   * In commit order; fewer than page_size when no more are committed yet.
+   *
+   * @generated from field: repeated credits.v1.Event events = 1;
+   */
+  events: Event[];
+};
+
+/**
+ * Describes the message credits.v1.ListEventsResponse.
+ * Use `create(ListEventsResponseSchema)` to create a new message.
+ */
+export const ListEventsResponseSchema: GenMessage<ListEventsResponse> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 27);
+
+/**
+ * @generated from message credits.v1.WatchBalanceRequest
+ */
+export type WatchBalanceRequest = Message<"credits.v1.WatchBalanceRequest"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+};
+
+/**
+ * Describes the message credits.v1.WatchBalanceRequest.
+ * Use `create(WatchBalanceRequestSchema)` to create a new message.
+ */
+export const WatchBalanceRequestSchema: GenMessage<WatchBalanceRequest> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 28);
+
+/**
+ * @generated from message credits.v1.WatchBalanceResponse
+ */
+export type WatchBalanceResponse = Message<"credits.v1.WatchBalanceResponse"> & {
+  /**
+   * @generated from field: string user_id = 1;
+   */
+  userId: string;
+
+  /**
+   * @generated from field: int64 balance = 2;
+   */
+  balance: bigint;
+
+  /**
+   * @generated from field: int64 held = 3;
+   */
+  held: bigint;
+
+  /**
+   * @generated from field: int64 available = 4;
+   */
+  available: bigint;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp update_time = 5;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message credits.v1.WatchBalanceResponse.
+ * Use `create(WatchBalanceResponseSchema)` to create a new message.
+ */
+export const WatchBalanceResponseSchema: GenMessage<WatchBalanceResponse> = /*@__PURE__*/
+  messageDesc(file_credits_v1_credit_service, 29);
+
+/**
  * @generated from message credits.v1.SetSpendLimitRequest
  */
 export type SetSpendLimitRequest = Message<"credits.v1.SetSpendLimitRequest"> & {
@@ -835,7 +994,7 @@ export type SetSpendLimitRequest = Message<"credits.v1.SetSpendLimitRequest"> & 
  * Use `create(SetSpendLimitRequestSchema)` to create a new message.
  */
 export const SetSpendLimitRequestSchema: GenMessage<SetSpendLimitRequest> = /*@__PURE__*/
-  messageDesc(file_credits_v1_credit_service, 24);
+  messageDesc(file_credits_v1_credit_service, 30);
 
 /**
  * @generated from message credits.v1.SetSpendLimitResponse
@@ -854,7 +1013,7 @@ export type SetSpendLimitResponse = Message<"credits.v1.SetSpendLimitResponse"> 
  * Use `create(SetSpendLimitResponseSchema)` to create a new message.
  */
 export const SetSpendLimitResponseSchema: GenMessage<SetSpendLimitResponse> = /*@__PURE__*/
-  messageDesc(file_credits_v1_credit_service, 25);
+  messageDesc(file_credits_v1_credit_service, 31);
 
 /**
  * @generated from message credits.v1.GetSpendLimitsRequest
@@ -871,7 +1030,7 @@ export type GetSpendLimitsRequest = Message<"credits.v1.GetSpendLimitsRequest"> 
  * Use `create(GetSpendLimitsRequestSchema)` to create a new message.
  */
 export const GetSpendLimitsRequestSchema: GenMessage<GetSpendLimitsRequest> = /*@__PURE__*/
-  messageDesc(file_credits_v1_credit_service, 26);
+  messageDesc(file_credits_v1_credit_service, 32);
 
 /**
  * @generated from message credits.v1.GetSpendLimitsResponse
@@ -890,7 +1049,7 @@ export type GetSpendLimitsResponse = Message<"credits.v1.GetSpendLimitsResponse"
  * Use `create(GetSpendLimitsResponseSchema)` to create a new message.
  */
 export const GetSpendLimitsResponseSchema: GenMessage<GetSpendLimitsResponse> = /*@__PURE__*/
-  messageDesc(file_credits_v1_credit_service, 27);
+  messageDesc(file_credits_v1_credit_service, 33);
 
 /**
  * @generated from message credits.v1.GetUsageRequest
@@ -929,7 +1088,7 @@ export type GetUsageRequest = Message<"credits.v1.GetUsageRequest"> & {
  * Use `create(GetUsageRequestSchema)` to create a new message.
  */
 export const GetUsageRequestSchema: GenMessage<GetUsageRequest> = /*@__PURE__*/
-  messageDesc(file_credits_v1_credit_service, 28);
+  messageDesc(file_credits_v1_credit_service, 34);
 
 /**
  * @generated from message credits.v1.GetUsageResponse
@@ -948,7 +1107,7 @@ export type GetUsageResponse = Message<"credits.v1.GetUsageResponse"> & {
  * Use `create(GetUsageResponseSchema)` to create a new message.
  */
 export const GetUsageResponseSchema: GenMessage<GetUsageResponse> = /*@__PURE__*/
-  messageDesc(file_credits_v1_credit_service, 29);
+  messageDesc(file_credits_v1_credit_service, 35);
 
 /**
  * @generated from message credits.v1.ExportTransactionsRequest
@@ -986,7 +1145,7 @@ export type ExportTransactionsRequest = Message<"credits.v1.ExportTransactionsRe
  * Use `create(ExportTransactionsRequestSchema)` to create a new message.
  */
 export const ExportTransactionsRequestSchema: GenMessage<ExportTransactionsRequest> = /*@__PURE__*/
-  messageDesc(file_credits_v1_credit_service, 30);
+  messageDesc(file_credits_v1_credit_service, 36);
 
 /**
  * @generated from message credits.v1.ExportTransactionsResponse
@@ -1005,7 +1164,7 @@ export type ExportTransactionsResponse = Message<"credits.v1.ExportTransactionsR
  * Use `create(ExportTransactionsResponseSchema)` to create a new message.
  */
 export const ExportTransactionsResponseSchema: GenMessage<ExportTransactionsResponse> = /*@__PURE__*/
-  messageDesc(file_credits_v1_credit_service, 31);
+  messageDesc(file_credits_v1_credit_service, 37);
 
 /**
  * Credit balances and the ledger that moves them.
@@ -1141,6 +1300,37 @@ export const CreditService: GenService<{
     methodKind: "unary";
     input: typeof ListGrantsRequestSchema;
     output: typeof ListGrantsResponseSchema;
+  },
+  /**
+   * Sets the user's low-balance thresholds (balance.low fires when available falls below
+   * one). Service only.
+   *
+   * @generated from rpc credits.v1.CreditService.SetBalanceAlerts
+   */
+  setBalanceAlerts: {
+    methodKind: "unary";
+    input: typeof SetBalanceAlertsRequestSchema;
+    output: typeof SetBalanceAlertsResponseSchema;
+  },
+  /**
+   * Events in commit order, after the one named. Service only.
+   *
+   * @generated from rpc credits.v1.CreditService.ListEvents
+   */
+  listEvents: {
+    methodKind: "unary";
+    input: typeof ListEventsRequestSchema;
+    output: typeof ListEventsResponseSchema;
+  },
+  /**
+   * The user's balance now, then after every change, until the caller cancels.
+   *
+   * @generated from rpc credits.v1.CreditService.WatchBalance
+   */
+  watchBalance: {
+    methodKind: "server_streaming";
+    input: typeof WatchBalanceRequestSchema;
+    output: typeof WatchBalanceResponseSchema;
   },
   /**
    * Sets the user's own spending limit for a period; limit 0 removes it (the default, if any,
