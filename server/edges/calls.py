@@ -26,16 +26,14 @@ from server.api import error_table
 from server.auth.principal import Principal, set_principal
 from server.auth.verifier import TokenVerifier
 from server.credit.profiles import ProfileKeeper
-from server.observability import metrics, tracing
+from server.observability import logs, metrics, tracing
 from server.observability.calls import REQUEST_ID_HEADER, CallRecord, open_call
-from server.observability.logs import ACCESS_LOGGER
 
 T = TypeVar("T")
 # A call's request headers (gRPC metadata), names in lower case.
 Headers = Iterable[tuple[str, str | bytes]] | None
 
 log = logging.getLogger(__name__)
-access = logging.getLogger(ACCESS_LOGGER)
 
 MAX_REQUEST_ID_LENGTH = 128
 
@@ -177,7 +175,7 @@ def finish(record: CallRecord) -> None:
     code = record.code.name
     if tracing.active:
         tracing.ended(record)
-    access.info("rpc %s %s", record.method, code, extra={"fields": record.fields()})
+    logs.access(f"rpc {record.method} {code}", record.fields())
     metrics.rpc_done(record.method, code, record.elapsed(), record.protocol)
     if record.reason:
         metrics.rpc_failed(record.method, record.reason)

@@ -11,10 +11,12 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
-from server.observability.logs import BatchedLinesHandler, JsonFormatter
+from server.observability import logs
+from server.observability.logs import ACCESS_LOGGER, BatchedLinesHandler, JsonFormatter
 
 # The writer thread failing is a failure here, not a warning.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -152,3 +154,80 @@ def test_a_line_that_cannot_be_formatted_is_reported_and_the_others_are_written(
         logger.info("after")
     assert "cannot format this one" in capsys.readouterr().err
     assert messages(stream) == ["before", "after"]
+
+
+@contextlib.contextmanager
+def access_handlers(*streams: io.StringIO, level: int = logging.INFO) -> Iterator[logging.Logger]:
+    """The access logger with a batched handler per stream and no other (pytest attaches its
+    capture handlers to every logger that does not propagate), as `credits serve` gives the
+    root one; each handler closed (so flushed) at the end."""
+    named = logging.getLogger(ACCESS_LOGGER)
+    saved = named.propagate, named.level, named.handlers
+    handlers = [BatchedLinesHandler(stream, interval=3600) for stream in streams]
+    for handler in handlers:
+        handler.setFormatter(JsonFormatter())
+    named.propagate, named.handlers = False, list(handlers)
+    named.setLevel(level)
+    try:
+        yield named
+    finally:
+        named.propagate, named.level, named.handlers = saved
+        for handler in handlers:
+            handler.close()
+
+
+ACCESS_FIELDS = {"request_id": "r-1", "method": "/m", "code": "OK", "duration_ms": 1.5}
+
+
+def test_access_lines_skip_logging_yet_read_as_its_records_would() -> None:
+    stream = io.StringIO()
+    records: list[logging.LogRecord] = []
+    made = logging.getLogRecordFactory()
+
+    def counted(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        records.append(made(*args, **kwargs))
+        return records[-1]
+
+    with access_handlers(stream) as access_logger:
+        logging.setLogRecordFactory(counted)
+        try:
+            logs.access("rpc /m OK", dict(ACCESS_FIELDS))
+        finally:
+            logging.setLogRecordFactory(made)
+        assert records == []  # no LogRecord made
+        # A filter on the logger sends the next line through logging, as a record.
+        access_logger.addFilter(lambda record: records.append(record) or True)  # type: ignore[func-returns-value]
+        try:
+            logs.access("rpc /m OK", dict(ACCESS_FIELDS))
+        finally:
+            access_logger.filters.clear()
+    assert len(records) == 1
+    assert records[0].getMessage() == "rpc /m OK"
+    direct, through_logging = map(json.loads, stream.getvalue().splitlines())
+    assert list(direct) == list(through_logging)
+    for key in ("time", "pid"):
+        assert type(direct.pop(key)) is type(through_logging.pop(key))
+    assert (
+        direct
+        == through_logging
+        == {
+            "level": "info",
+            "logger": ACCESS_LOGGER,
+            "message": "rpc /m OK",
+            **ACCESS_FIELDS,
+        }
+    )
+
+
+def test_access_lines_reach_every_handler_when_there_are_several() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    with access_handlers(first, second):
+        logs.access("rpc /m OK", dict(ACCESS_FIELDS))
+    assert messages(first) == messages(second) == ["rpc /m OK"]
+
+
+def test_no_access_line_below_the_access_loggers_level() -> None:
+    stream = io.StringIO()
+    with access_handlers(stream, level=logging.WARNING):
+        logs.access("rpc /m OK", dict(ACCESS_FIELDS))
+    assert stream.getvalue() == ""
