@@ -1,18 +1,19 @@
-"""Concurrent calls of one SQL function, joined into one round trip while the pool is busy.
+"""Concurrent calls of one SQL function, joined into one round trip under load.
 
-When every pooled connection is in use, a call of a function with a batched form
-(`SqlCall.batched`) waits here rather than in the pool's queue. One waiter per function asks
-the pool for a connection; the connection it gets takes up to MAX_BATCH of the calls waiting by
-then and sends them as one call of the batched form: one round trip and one commit instead of
-one each. A call that finds a connection free goes alone, so a quiet service pays nothing.
+When every pooled connection is in use, or MAX_OUT batches and lone calls of the function are
+already at the database, a call of a function with a batched form (`SqlCall.batched`) waits here
+rather than in the pool's queue. One waiter per function asks the pool for a connection; the
+connection it gets takes up to MAX_BATCH of the calls waiting by then and sends them as one call of
+the batched form: one round trip and one commit instead of one each. A call that finds a connection
+free, and fewer than MAX_OUT out, goes alone, so a quiet service pays nothing.
 
-Each call belongs to a user (the batched forms' first parameter, `p_user_id`: the profile row a
-call locks), and a user is at the database in at most one batch or lone call at a time: the
-user's next calls wait here until it has answered, then go together in a later batch, in their
-order. So no batch ever waits for a row lock this process holds, and a user whose row is locked
-(a hot user, or a transaction elsewhere) holds up that user's calls, and at most the one batch
-they are in, instead of every connection: 48 callers on one user once halved the debits of
-everyone else, whose calls shared batches queued behind that user's lock.
+Each call belongs to a user (the batched forms' first parameter, `p_user_id`: the profile row a call
+locks), and a user is at the database in at most one batch or lone call at a time: the user's next
+calls wait here until it has answered, then go together in a later batch, in their order. So no
+batch ever waits for a row lock this process holds, and a user whose row is locked (a hot user, or a
+transaction elsewhere) holds up that user's calls, and at most the one batch they are in, instead of
+every connection: 48 callers on one user once halved the debits of everyone else, whose calls shared
+batches queued behind that user's lock.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ from server.transports.pool import ConnectionPool, reusable_after
 # did as many debits a second as batches of 32, with a p99 a sixth lower. The SQL side refuses
 # more than 32 (*_credits_batched_calls.sql).
 MAX_BATCH = 8
+
+# At most this many batches or lone calls of one function at the database at once. A call that
+# finds them all out waits for the next batch: that is what makes batches under load (group
+# commit), and a batch of 8 debits costs the database 0.6 of 8 lone ones (bench/RESULTS.md). A
+# quiet service, with fewer calls out, sends each at once and alone.
+MAX_OUT = 3
 
 Values = Sequence[object]
 # Sends calls as one batch within a timeout: each call's result or the exception it is to raise,
@@ -69,6 +76,8 @@ class Batcher:
         self._waiting: list[_Waiting] = []
         self._queued: collections.Counter[Hashable] = collections.Counter()  # waiting, per user
         self._at_database: set[Hashable] = set()  # users with a batch or a lone call out
+        # Batches and lone calls out, and the one being sent (MAX_OUT at most).
+        self._out = 0
         self._asking = False  # a task is waiting for a connection for the calls waiting here
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -76,13 +85,20 @@ class Batcher:
         """Whether a call for `user` may go alone now: a connection is free, and the user has
         no call out or waiting (it would overtake it, or wait for its lock on a second
         connection)."""
-        return not self._pool.busy() and user not in self._at_database and not self._queued[user]
+        return (
+            self._out < MAX_OUT
+            and not self._pool.busy()
+            and user not in self._at_database
+            and not self._queued[user]
+        )
 
     def going_alone(self, user: Hashable) -> None:
         """A call for `user` is sent alone (after `may_go_alone`); `done_alone` when answered."""
+        self._out += 1
         self._at_database.add(user)
 
     def done_alone(self, user: Hashable) -> None:
+        self._out -= 1
         self._finished((user,))
 
     async def call(self, user: Hashable, values: Values, within: float) -> Any:
@@ -91,7 +107,7 @@ class Batcher:
         entry = _Waiting(user, values, asyncio.get_running_loop().create_future())
         self._waiting.append(entry)
         self._queued[user] += 1
-        if not self._asking and user not in self._at_database:
+        if user not in self._at_database:
             self._start()
         try:
             async with asyncio.timeout(within):
@@ -104,7 +120,12 @@ class Batcher:
             raise
 
     def _start(self) -> None:
+        """Ask for a connection for the calls waiting, unless a task already is or MAX_OUT are
+        out (the next to come back starts it)."""
+        if self._asking or self._out >= MAX_OUT:
+            return
         self._asking = True
+        self._out += 1
         task = asyncio.get_running_loop().create_task(self._take_and_send())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -143,10 +164,10 @@ class Batcher:
         return batch
 
     def _finished(self, users: Iterable[Hashable]) -> None:
-        """`users`' calls out have been answered: their next calls may go. (Any other call
-        waiting that may go has a task asking for a connection already.)"""
+        """`users`' calls out have been answered: their next calls may go, and so may those
+        held back by MAX_OUT."""
         self._at_database.difference_update(users)
-        if not self._asking and any(user in self._queued for user in users):
+        if any(self._sendable(entry) for entry in self._waiting):
             self._start()
 
     async def _take_and_send(self) -> None:
@@ -154,6 +175,7 @@ class Batcher:
             conn = await self._pool.acquire(self._timeout)
         except BaseException as exc:
             self._asking = False
+            self._out -= 1
             waiting, self._waiting = self._waiting, []
             self._queued.clear()
             self._fail_all(waiting, exc)
@@ -163,6 +185,7 @@ class Batcher:
         if any(self._sendable(entry) for entry in self._waiting):
             self._start()
         if not batch:
+            self._out -= 1
             self._pool.release(conn, reusable=True)
             return
         self._sizes.observe(len(batch))
@@ -176,6 +199,7 @@ class Batcher:
             self._fail_all(batch, exc)
             return
         finally:
+            self._out -= 1
             self._pool.release(conn, reusable=reusable)
             self._finished({entry.user for entry in batch})
         for entry, outcome in zip(batch, outcomes, strict=True):

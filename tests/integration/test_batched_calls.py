@@ -1,11 +1,11 @@
-"""Calls joined into one round trip while the pool is busy, on a real PostgreSQL: each call gets
-its own answer, one call's refusal undoes nothing of another's, batches never deadlock each
-other, a batch that fails as a whole writes nothing, and a user whose row is locked holds up
-only their own calls.
+"""Calls joined into one round trip while the pool is busy (or MAX_OUT of a function's calls are
+out), on a real PostgreSQL: each call gets its own answer, one call's refusal undoes nothing of
+another's, batches never deadlock each other, a batch that fails as a whole writes nothing, and a
+user whose row is locked holds up only their own calls.
 
-The pool has one connection. A debit for a user whose profile row the test holds locked keeps
-that connection busy; the calls made meanwhile wait together, and go as one batch (one
-transaction, so their ledger rows share its start time, `now()`) when the lock is let go.
+The pool has one connection. A debit for a user whose profile row the test holds locked keeps that
+connection busy; the calls made meanwhile wait together, and go as one batch (one transaction, so
+their ledger rows share its start time, `now()`) when the lock is let go.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from server import errors
 from server.repository import functions
-from server.transports.batching import MAX_BATCH
+from server.transports.batching import MAX_BATCH, MAX_OUT
 from server.transports.postgres import PostgresTransport
 
 Call = Callable[..., Awaitable[Any]]
@@ -456,3 +456,43 @@ async def test_a_locked_row_holds_up_only_its_own_users_calls(
         hot,
     )
     assert [row["idempotency_key"] for row in rows] == hot_keys
+
+
+async def test_calls_beyond_max_out_wait_for_a_batch_though_connections_are_free(
+    database_url: str, owner: asyncpg.Connection
+) -> None:
+    """MAX_OUT debits wait on rows held locked, with connections to spare: the debits made
+    meanwhile are not sent alone but wait, and go together in one transaction when one of
+    those is answered (group commit)."""
+    transport = await PostgresTransport.connect(
+        database_url, min_size=1, max_size=MAX_OUT + 5, timeout_seconds=30
+    )
+    watcher = await asyncpg.connect(database_url)  # outside the locking transaction
+    try:
+        locked = [await new_user(transport, 10) for _ in range(MAX_OUT)]
+        others = [await new_user(transport, 10) for _ in range(5)]
+        async with owner.transaction():
+            for user_id in locked:
+                await lock_profile(owner, user_id)
+            _, held = start_debits(transport, locked, "held")
+            for _ in range(1000):  # up to 10 s, for a loaded machine
+                waiting = await watcher.fetchval(
+                    "select count(*) from pg_stat_activity"
+                    " where application_name = 'credits' and wait_event_type = 'Lock'"
+                )
+                if waiting == MAX_OUT:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError(f"{waiting} of the {MAX_OUT} debits waited for their lock")
+            keys, calls = start_debits(transport, others, "beyond-max-out")
+            done, _ = await asyncio.wait(calls, timeout=0.5)
+            assert not done, "sent alone though MAX_OUT calls were out"
+        await asyncio.wait_for(asyncio.gather(*held, *calls), timeout=10)
+    finally:
+        await watcher.close()
+        await transport.close()
+
+    rows = await ledger_rows(owner, keys)
+    assert len(rows) == len(others)
+    assert len({row["created_at"] for row in rows}) == 1, "one batch, one transaction"
