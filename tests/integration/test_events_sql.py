@@ -212,6 +212,75 @@ async def test_grant_expiring_once_then_expired(owner: asyncpg.Connection) -> No
     assert types(after).count("balance.depleted") == 1
 
 
+async def test_a_debit_writes_its_events_once_in_order_whether_it_alerts_or_not(
+    owner: asyncpg.Connection, events_db: str
+) -> None:
+    """A debit that crosses no threshold and one that does: one transaction.created per entry,
+    after the balance events of its change, and one announcement per change to a watcher, also
+    for an entry written after a debit in the same transaction."""
+    user = await new_user(owner, 100)
+    await owner.execute("select public.credit_set_balance_alerts($1, array[50]::bigint[])", user)
+    await owner.execute("select public.credit_watch_balance($1, 60)", user)
+    listener = await asyncpg.connect(events_db)
+    announced: list[int] = []
+
+    def note(*args: Any) -> None:
+        change = json.loads(args[3])
+        if change["user_id"] == str(user):
+            announced.append(change["available"])
+
+    await listener.add_listener("credit_balances", note)
+    try:
+        async with owner.transaction():
+            await debit(owner, user, 10, "quiet")  # 90
+            await debit(owner, user, 45, "crossing")  # 45: below 50
+            await grant(owner, user, 5, "after")  # 50: back at 50
+        for _ in range(100):
+            if len(announced) == 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await listener.close()
+    events = await events_of(owner, user)
+    described = [
+        (e["type"], e["payload"].get("idempotency_key"), e["payload"].get("threshold"))
+        for e in events[1:]
+    ]
+    assert described == [
+        ("transaction.created", "quiet", None),
+        ("balance.low", None, 50),
+        ("transaction.created", "crossing", None),
+        ("balance.recovered", None, None),
+        ("transaction.created", "after", None),
+    ]
+    assert announced == [90, 45, 50]
+
+
+async def test_a_batch_with_a_refused_call_writes_each_other_debit_and_event_once(
+    owner: asyncpg.Connection,
+) -> None:
+    """credit_debit_each runs a batch in one subtransaction and, when a call fails, again call
+    by call: the calls before it are not written twice, the failed one is answered with its
+    error, and those after it run."""
+    first, second, third = sorted([await new_user(owner, 100) for _ in range(3)])
+    rows = await owner.fetch(
+        "select ordinal, result, error_code from public.credit_debit_each("
+        "$1::uuid[], array[10, 500, 20]::bigint[], array['b1', 'b2', 'b3'],"
+        " array['', '', ''], array['{}', '{}', '{}']::jsonb[])",
+        [first, second, third],
+    )
+    outcomes = {row["ordinal"]: (row["error_code"], row["result"]) for row in rows}
+    assert outcomes[2] == (INSUFFICIENT_CREDITS, None)
+    assert json.loads(outcomes[1][1])["balance"] == 90
+    assert json.loads(outcomes[3][1])["balance"] == 80
+    for user, entries in ((first, 2), (second, 1), (third, 2)):
+        assert types(await events_of(owner, user)) == ["transaction.created"] * entries
+        written = await owner.fetchval(
+            "select count(*) from public.credit_transactions where user_id = $1", user
+        )
+        assert written == entries
+
+
 async def test_list_events_pages_without_gaps_or_repeats_while_others_write(
     events_db: str, owner: asyncpg.Connection
 ) -> None:
