@@ -374,15 +374,27 @@ class ClaimGeneration(SqlCall[ClaimedJob | None], function="credit_claim_generat
     lease_seconds: int
 
     def decode(self, raw: Any) -> ClaimedJob | None:
-        if not raw:
-            return None
-        return ClaimedJob(
-            generation_id=uuid.UUID(raw["generation_id"]),
-            model=raw["model"],
-            prompt=raw["prompt"],
-            parameters=raw["parameters"],
-            attempt=raw["attempt"],
-        )
+        return _claimed_job(raw) if raw else None
+
+
+def _claimed_job(raw: Any) -> ClaimedJob:
+    return ClaimedJob(
+        generation_id=uuid.UUID(raw["generation_id"]),
+        model=raw["model"],
+        prompt=raw["prompt"],
+        parameters=raw["parameters"],
+        attempt=raw["attempt"],
+    )
+
+
+class ClaimGenerations(SqlCall[dict[str, ClaimedJob]], function="credit_claim_generations"):
+    """Up to one job for each of `workers`, in one transaction: the jobs by worker name."""
+
+    workers: list[str]
+    lease_seconds: int
+
+    def decode(self, raw: Any) -> dict[str, ClaimedJob]:
+        return {job["worker"]: _claimed_job(job) for job in raw or []}
 
 
 class RenewGenerationLease(SqlCall[bool], function="credit_renew_generation_lease"):
@@ -409,6 +421,16 @@ class CompleteGeneration(SqlCall[bool], function="credit_complete_generation"):
     def decode(self, raw: Any) -> bool:
         """Whether the generation was charged (False: its result was discarded)."""
         return bool(raw["charged"])
+
+
+class CompleteGenerations(SqlCall[list[dict[str, Any]]], function="credit_complete_generations"):
+    """Several CompleteGeneration in one transaction (`jobs`: their arguments by name, the
+    output in base64): per job, `{"charged": bool}` or the error it raised."""
+
+    jobs: list[dict[str, str]]
+
+    def decode(self, raw: Any) -> list[dict[str, Any]]:
+        return list(raw)
 
 
 class FailGeneration(_OneGeneration, function="credit_fail_generation"):
