@@ -55,6 +55,9 @@ class SqlCall(Generic[T]):
     batched: ClassVar[str | None] = None
     # Fields whose array parameter in the batched form has another name (field -> name).
     batched_names: ClassVar[Mapping[str, str]] = {}
+    # Whether a call waiting for a pooled connection goes before the calls waiting already:
+    # the generation queue's, so that the API's load never starves the workers.
+    ahead: ClassVar[bool] = False
 
     def __init_subclass__(
         cls,
@@ -62,11 +65,12 @@ class SqlCall(Generic[T]):
         function: str = "",
         batched: str | None = None,
         batched_names: Mapping[str, str] | None = None,
+        ahead: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
         if function:
-            cls.function, cls.batched = function, batched
+            cls.function, cls.batched, cls.ahead = function, batched, ahead
             cls.batched_names = dict(batched_names or {})
         dataclasses.dataclass(frozen=True)(cls)
 
@@ -387,7 +391,9 @@ def _claimed_job(raw: Any) -> ClaimedJob:
     )
 
 
-class ClaimGenerations(SqlCall[dict[str, ClaimedJob]], function="credit_claim_generations"):
+class ClaimGenerations(
+    SqlCall[dict[str, ClaimedJob]], function="credit_claim_generations", ahead=True
+):
     """Up to one job for each of `workers`, in one transaction: the jobs by worker name."""
 
     workers: list[str]
@@ -397,7 +403,7 @@ class ClaimGenerations(SqlCall[dict[str, ClaimedJob]], function="credit_claim_ge
         return {job["worker"]: _claimed_job(job) for job in raw or []}
 
 
-class RenewGenerationLease(SqlCall[bool], function="credit_renew_generation_lease"):
+class RenewGenerationLease(SqlCall[bool], function="credit_renew_generation_lease", ahead=True):
     generation_id: uuid.UUID
     worker: str
     lease_seconds: int
@@ -406,7 +412,7 @@ class RenewGenerationLease(SqlCall[bool], function="credit_renew_generation_leas
         return bool(raw)
 
 
-class CompleteGeneration(SqlCall[bool], function="credit_complete_generation"):
+class CompleteGeneration(SqlCall[bool], function="credit_complete_generation", ahead=True):
     generation_id: uuid.UUID
     worker: str
     output: str  # base64: the function takes the bytes as text
@@ -423,7 +429,9 @@ class CompleteGeneration(SqlCall[bool], function="credit_complete_generation"):
         return bool(raw["charged"])
 
 
-class CompleteGenerations(SqlCall[list[dict[str, Any]]], function="credit_complete_generations"):
+class CompleteGenerations(
+    SqlCall[list[dict[str, Any]]], function="credit_complete_generations", ahead=True
+):
     """Several CompleteGeneration in one transaction (`jobs`: their arguments by name, the
     output in base64): per job, `{"charged": bool}` or the error it raised."""
 
@@ -433,7 +441,7 @@ class CompleteGenerations(SqlCall[list[dict[str, Any]]], function="credit_comple
         return list(raw)
 
 
-class FailGeneration(_OneGeneration, function="credit_fail_generation"):
+class FailGeneration(_OneGeneration, function="credit_fail_generation", ahead=True):
     generation_id: uuid.UUID
     worker: str
     error: str
