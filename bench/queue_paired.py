@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import os
 import secrets
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import asyncpg
 
 from bench import loadgen, queue, scenarios, servers, users
 from bench.cpu import Watch
@@ -37,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="CreateGeneration's time")
     parser.add_argument("--waits", action="store_true", help="create to RUNNING at half rate too")
     parser.add_argument("--workers", default="", help="CREDITS_WORKERS of both servers")
+    parser.add_argument(
+        "--waits-sampled",
+        action="store_true",
+        help="sample what the database's backends wait on (pg_stat_activity) during each run",
+    )
     args = parser.parse_args(argv)
     extra = {
         "CREDITS_MODELS": str(MODELS),
@@ -97,20 +106,29 @@ def _run(
     name: str,
 ) -> float:
     start = asyncio.run(queue.since(url))
+    sampler = _Sampler(url) if args.waits_sampled else None
     before, began = watch.read(), time.perf_counter()
     load = loadgen.Load(
         served.grpc, scenario, 32, processes=os.cpu_count() or 1, seconds=args.seconds
     )
     created = loadgen.run(load)
+    ended = asyncio.run(queue.since(url))
+    if sampler:
+        print(f"  {name} while creating: {sampler.take()}")
     drained = asyncio.run(queue.drained(url, start))
     spent, seconds = watch.read() - before, time.perf_counter() - began
+    if sampler:
+        print(f"  {name} draining: {sampler.take()}")
+        sampler.stop()
     jobs = drained.succeeded + drained.others
     ratio = drained.per_second / created.throughput
+    after = asyncio.run(_after(url, start, ended))
     line = (
         f"{name}: create {created.throughput:,.0f}/s, SUCCEEDED {drained.per_second:,.0f}/s"
         f" ({drained.succeeded} ok, {drained.others} not) ratio {ratio:.2f};"
         f" CPU per generation server {spent.server / jobs * 1e6:,.0f} µs,"
-        f" database {spent.database / jobs * 1e6:,.0f} µs over {seconds:.1f} s"
+        f" database {spent.database / jobs * 1e6:,.0f} µs over {seconds:.1f} s;"
+        f" {after}"
     )
     if args.waits:
         waits = asyncio.run(
@@ -122,6 +140,62 @@ def _run(
         )
     print(line, flush=True)
     return ratio
+
+
+async def _after(url: str, start: object, ended: object) -> str:
+    """How many jobs were done when the creating stopped, and the rate of the rest."""
+    conn = await asyncpg.connect(url)
+    try:
+        row = await conn.fetchrow(
+            "select count(*) filter (where updated_at < $2) as before,"
+            " count(*) filter (where updated_at >= $2) as after,"
+            " extract(epoch from max(updated_at) - $2) as seconds"
+            " from public.credit_generations where created_at >= $1 and state = 'succeeded'",
+            start,
+            ended,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    rate = row["after"] / float(row["seconds"] or 1)
+    return f"{row['before']} done while creating, the other {row['after']} at {rate:,.0f}/s"
+
+
+class _Sampler:
+    """What the service's backends are doing, sampled every 10 ms in a thread of its own: the
+    mean number of backends per (state, wait event) since the last `take`."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._samples = 0
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._sample()), daemon=True)
+        self._thread.start()
+
+    async def _sample(self) -> None:
+        conn = await asyncpg.connect(self._url)
+        try:
+            while not self._stopping.is_set():
+                rows = await conn.fetch(
+                    "select state, coalesce(wait_event_type || ':' || wait_event, 'CPU') as w"
+                    " from pg_stat_activity where application_name = 'credits'"
+                    " and state <> 'idle'"
+                )
+                self._samples += 1
+                self._counts.update(f"{r['w']}" for r in rows)
+                await asyncio.sleep(0.01)
+        finally:
+            await conn.close()
+
+    def take(self) -> str:
+        counts, samples = self._counts, max(1, self._samples)
+        self._counts, self._samples = collections.Counter(), 0
+        return ", ".join(f"{w} {n / samples:.2f}" for w, n in counts.most_common(6))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
 
 
 if __name__ == "__main__":
