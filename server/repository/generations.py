@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -19,7 +20,8 @@ from server.observability import tracing
 from server.repository import functions as fn
 from server.repository.coalescing import Coalescer
 from server.repository.layered import LayeredRepository
-from server.transports.sql_errors import domain_error
+
+log = logging.getLogger(__name__)
 
 # At most this many jobs in one claim or completion (the SQL functions take 32 at most).
 MAX_BATCH = 32
@@ -147,7 +149,7 @@ class GenerationRepository:
             for c in completions
         ]
         results = await self._layers.call_as_service(fn.CompleteGenerations(jobs))
-        return [_charged(result) for result in results]
+        return [_charged(c, result) for c, result in zip(completions, results, strict=True)]
 
     async def fail(
         self,
@@ -162,11 +164,16 @@ class GenerationRepository:
         return await self._layers.call_as_service(call)
 
 
-def _charged(result: dict[str, Any]) -> bool | BaseException:
-    """One job's result in a completion of several: whether it was charged, or the error it
-    raised (one the domain does not know leaves the job to its lease, like an unreachable
-    database)."""
+def _charged(completion: _Completion, result: dict[str, Any]) -> bool | BaseException:
+    """One job's result in a completion of several: whether it was charged, or, for the error
+    it raised (a deadlock, say), BackendUnavailable: the job is left to its lease, as when the
+    database cannot be reached."""
     if "error_code" not in result:
         return bool(result["charged"])
-    known = domain_error(result["error_code"], result["error_message"], result["error_detail"])
-    return known or BackendUnavailable()
+    log.warning(
+        "the result of %s was not recorded (SQLSTATE %s: %s)",
+        completion.generation_id,
+        result["error_code"],
+        result["error_message"],
+    )
+    return BackendUnavailable()
