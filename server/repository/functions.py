@@ -373,14 +373,6 @@ class GetQueueStats(SqlCall[QueueStats], function="credit_queue_stats"):
 # The workers' side (service role)
 
 
-class ClaimGeneration(SqlCall[ClaimedJob | None], function="credit_claim_generation"):
-    worker: str
-    lease_seconds: int
-
-    def decode(self, raw: Any) -> ClaimedJob | None:
-        return _claimed_job(raw) if raw else None
-
-
 def _claimed_job(raw: Any) -> ClaimedJob:
     return ClaimedJob(
         generation_id=uuid.UUID(raw["generation_id"]),
