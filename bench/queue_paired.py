@@ -132,7 +132,9 @@ def _run(
     )
     if args.waits:
         waits = asyncio.run(
-            queue.waits(served.grpc, scenario, url, created.throughput / 2, args.seconds)
+            queue.waits(
+                served.grpc, scenario, url, created.throughput / 2, args.seconds, f"waits-{start}"
+            )
         )
         line += (
             f"; at {waits.rate:,.0f}/s create to RUNNING p50 {waits.percentile(0.5):,.1f}"
