@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +66,16 @@ class Served:
 
 
 def serve(
-    code: Path, database_url: str, secret: str, log: Path, *, connect: bool
+    code: Path,
+    database_url: str,
+    secret: str,
+    log: Path,
+    *,
+    connect: bool,
+    extra: Mapping[str, str] | None = None,
 ) -> tuple[Served, contextlib.AbstractContextManager[subprocess.Popen[bytes]]]:
     """`credits serve` of the code at `code` (its own modules first on the path), with its
-    Connect edge if `connect`."""
+    Connect edge if `connect`, and the `extra` settings."""
     served = Served(
         f"127.0.0.1:{servers.free_port()}",
         f"127.0.0.1:{servers.free_port()}" if connect else "",
@@ -80,6 +86,7 @@ def serve(
         "CREDITS_LISTEN": served.grpc,
         "CREDITS_HTTP_LISTEN": served.connect,
         "PYTHONPATH": os.pathsep.join((str(code), str(code / "gen" / "python"))),
+        **(extra or {}),
     }
     command = [sys.executable, "-c", "from server.cli import main; raise SystemExit(main())"]
     # In the checkout: `python -c` puts its working directory first on the path, before

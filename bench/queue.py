@@ -91,10 +91,17 @@ async def drained(database_url: str, start: object) -> Drained:
 
 
 async def waits(
-    target: str, scenario: Scenario, database_url: str, rate: float, seconds: float
+    target: str,
+    scenario: Scenario,
+    database_url: str,
+    rate: float,
+    seconds: float,
+    tag: str = "queue",
 ) -> Waits:
     """Creates generations at `rate` a second (open loop: each on time, whatever the ones
-    before it are doing) for `seconds`, and measures each one's create-to-RUNNING wait."""
+    before it are doing) for `seconds`, and measures each one's create-to-RUNNING wait. Their
+    request ids come from `tag`: another run on the same database needs another one, or its
+    creates replay the generations made before and nothing is measured."""
     queued: dict[str, float] = {}
     running: dict[str, float] = {}
     started = asyncio.Event()  # another generation is RUNNING
@@ -116,7 +123,7 @@ async def waits(
             pending: set[asyncio.Task[None]] = set()
 
             async def create(n: int) -> None:
-                request, metadata = scenario.request("queue", n)
+                request, metadata = scenario.request(tag, n)
                 response = await call(request, metadata=metadata)
                 created.append(response.generation.generation_id)
 

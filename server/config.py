@@ -64,7 +64,7 @@ class Settings:
     # The model catalogue file; None for the one shipped with the service.
     models_path: Path | None = None
     # Generation workers inside `credits serve` (0: run them with `credits worker`).
-    workers: int = 2
+    workers: int = 8
     # How long a worker's claim on a job lasts unless renewed (a dead worker's job waits this).
     worker_lease_seconds: int = 30
     # The default low-balance thresholds (CREDITS_LOW_BALANCE_THRESHOLDS), ascending.
@@ -166,7 +166,7 @@ class Settings:
             page_token_key=read.text("CREDITS_PAGE_TOKEN_KEY"),
             breaker_seconds=read.seconds("CREDITS_BREAKER_SECONDS", 30.0),
             models_path=read.path("CREDITS_MODELS"),
-            workers=read.whole("CREDITS_WORKERS", 2, minimum=0),
+            workers=read.whole("CREDITS_WORKERS", 8, minimum=0),
             worker_lease_seconds=read.whole("CREDITS_WORKER_LEASE_SECONDS", 30),
             low_balance_thresholds=read.thresholds("CREDITS_LOW_BALANCE_THRESHOLDS"),
             expiry_notice_seconds=read.duration("CREDITS_EXPIRY_NOTICE", maximum=MAX_NOTICE)

@@ -55,6 +55,9 @@ class SqlCall(Generic[T]):
     batched: ClassVar[str | None] = None
     # Fields whose array parameter in the batched form has another name (field -> name).
     batched_names: ClassVar[Mapping[str, str]] = {}
+    # Whether a call waiting for a pooled connection goes before the calls waiting already:
+    # the generation queue's, so that the API's load never starves the workers.
+    ahead: ClassVar[bool] = False
 
     def __init_subclass__(
         cls,
@@ -62,11 +65,12 @@ class SqlCall(Generic[T]):
         function: str = "",
         batched: str | None = None,
         batched_names: Mapping[str, str] | None = None,
+        ahead: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
         if function:
-            cls.function, cls.batched = function, batched
+            cls.function, cls.batched, cls.ahead = function, batched, ahead
             cls.batched_names = dict(batched_names or {})
         dataclasses.dataclass(frozen=True)(cls)
 
@@ -369,23 +373,29 @@ class GetQueueStats(SqlCall[QueueStats], function="credit_queue_stats"):
 # The workers' side (service role)
 
 
-class ClaimGeneration(SqlCall[ClaimedJob | None], function="credit_claim_generation"):
-    worker: str
+def _claimed_job(raw: Any) -> ClaimedJob:
+    return ClaimedJob(
+        generation_id=uuid.UUID(raw["generation_id"]),
+        model=raw["model"],
+        prompt=raw["prompt"],
+        parameters=raw["parameters"],
+        attempt=raw["attempt"],
+    )
+
+
+class ClaimGenerations(
+    SqlCall[dict[str, ClaimedJob]], function="credit_claim_generations", ahead=True
+):
+    """Up to one job for each of `workers`, in one transaction: the jobs by worker name."""
+
+    workers: list[str]
     lease_seconds: int
 
-    def decode(self, raw: Any) -> ClaimedJob | None:
-        if not raw:
-            return None
-        return ClaimedJob(
-            generation_id=uuid.UUID(raw["generation_id"]),
-            model=raw["model"],
-            prompt=raw["prompt"],
-            parameters=raw["parameters"],
-            attempt=raw["attempt"],
-        )
+    def decode(self, raw: Any) -> dict[str, ClaimedJob]:
+        return {job["worker"]: _claimed_job(job) for job in raw or []}
 
 
-class RenewGenerationLease(SqlCall[bool], function="credit_renew_generation_lease"):
+class RenewGenerationLease(SqlCall[bool], function="credit_renew_generation_lease", ahead=True):
     generation_id: uuid.UUID
     worker: str
     lease_seconds: int
@@ -394,7 +404,7 @@ class RenewGenerationLease(SqlCall[bool], function="credit_renew_generation_leas
         return bool(raw)
 
 
-class CompleteGeneration(SqlCall[bool], function="credit_complete_generation"):
+class CompleteGeneration(SqlCall[bool], function="credit_complete_generation", ahead=True):
     generation_id: uuid.UUID
     worker: str
     output: str  # base64: the function takes the bytes as text
@@ -411,7 +421,19 @@ class CompleteGeneration(SqlCall[bool], function="credit_complete_generation"):
         return bool(raw["charged"])
 
 
-class FailGeneration(_OneGeneration, function="credit_fail_generation"):
+class CompleteGenerations(
+    SqlCall[list[dict[str, Any]]], function="credit_complete_generations", ahead=True
+):
+    """Several CompleteGeneration in one transaction (`jobs`: their arguments by name, the
+    output in base64): per job, `{"charged": bool}` or the error it raised."""
+
+    jobs: list[dict[str, str]]
+
+    def decode(self, raw: Any) -> list[dict[str, Any]]:
+        return list(raw)
+
+
+class FailGeneration(_OneGeneration, function="credit_fail_generation", ahead=True):
     generation_id: uuid.UUID
     worker: str
     error: str

@@ -84,9 +84,12 @@ class ConnectionPool:
         """An acquire now would wait: no idle connection, and no place to open one."""
         return not self._idle and self._places >= self._max_size
 
-    async def acquire(self, within: float | None = None) -> asyncpg.Connection:
+    async def acquire(
+        self, within: float | None = None, *, first: bool = False
+    ) -> asyncpg.Connection:
         """An open connection for one call, within `within` seconds (default: the pool's
-        acquire timeout) or TimeoutError; give it back with `release`."""
+        acquire timeout) or TimeoutError; give it back with `release`. `first`: ahead of every
+        caller waiting already."""
         if self._closed:
             raise PoolClosed()
         while self._idle:
@@ -100,7 +103,7 @@ class ConnectionPool:
             self._places += 1
             return await self._open_in_place(within)
         started = time.monotonic()
-        given = await self._wait(within)
+        given = await self._wait(within, first)
         if given is not None:
             return given
         return await self._open_in_place(within - (time.monotonic() - started))
@@ -141,11 +144,14 @@ class ConnectionPool:
             self._free_place()
             raise
 
-    async def _wait(self, within: float) -> asyncpg.Connection | None:
+    async def _wait(self, within: float, first: bool) -> asyncpg.Connection | None:
         waiter: asyncio.Future[asyncpg.Connection | None] = (
             asyncio.get_running_loop().create_future()
         )
-        self._waiters.append(waiter)
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
         try:
             async with asyncio.timeout(within):
                 return await waiter

@@ -170,13 +170,15 @@ class _Session:
 
     async def call(self, call: SqlCall[Any]) -> Any:
         timeout = runtime.step_timeout(self._timeout)
-        return await self._run(_statement(type(call)), call.values(), timeout)
+        declared = type(call)
+        return await self._run(_statement(declared), call.values(), timeout, declared.ahead)
 
-    async def _run(self, statement: str, values: Values, within: float) -> Any:
-        """`statement`'s value, with a connection and the answer within `within` seconds."""
+    async def _run(self, statement: str, values: Values, within: float, ahead: bool = False) -> Any:
+        """`statement`'s value, with a connection and the answer within `within` seconds
+        (`ahead`: the connection before every call waiting for one)."""
         until = time.monotonic() + within
         try:
-            conn = await self._pool.acquire(within)
+            conn = await self._pool.acquire(within, first=ahead)
         except (PoolClosed, TimeoutError):
             raise BackendUnavailable() from None
         # Back to the pool only after the server answered: a result, or an SQL error.
@@ -227,7 +229,7 @@ class _ServiceSession(_Session):
         declared = type(call)
         timeout = runtime.step_timeout(self._timeout)
         if declared.batched is None:
-            return await self._run(_statement(declared), call.values(), timeout)
+            return await self._run(_statement(declared), call.values(), timeout, declared.ahead)
         batcher = self._batchers.get(declared)
         if batcher is None:
             batcher = self._batcher(declared)

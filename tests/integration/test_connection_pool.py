@@ -94,6 +94,29 @@ async def test_never_opens_more_than_max_size_and_serves_waiters_in_order(
     await pool.close()
 
 
+async def test_a_caller_asking_first_is_served_before_those_waiting_already(
+    connect: Connector,
+) -> None:
+    """The generation queue's calls (`first=True`) go ahead of the API's waiting calls."""
+    pool = await ConnectionPool.open(connect, min_size=0, max_size=1, acquire_timeout=5)
+    held = await pool.acquire()
+    order: list[str] = []
+
+    async def wait(name: str, first: bool) -> None:
+        conn = await pool.acquire(first=first)
+        order.append(name)
+        pool.release(conn, reusable=True)
+
+    waiting = [asyncio.create_task(wait("api", first=False))]
+    await asyncio.sleep(0.01)
+    waiting.append(asyncio.create_task(wait("queue", first=True)))
+    await asyncio.sleep(0.01)
+    pool.release(held, reusable=True)
+    await asyncio.gather(*waiting)
+    assert order == ["queue", "api"]
+    await pool.close()
+
+
 async def test_a_caller_that_waits_too_long_times_out_and_leaks_nothing(
     connect: Connector,
 ) -> None:

@@ -1360,6 +1360,20 @@ FUNCTION_MATRIX = [
         job="queued",
     ),
     Entry(
+        "credit_claim_generations(text[], integer)",
+        "select public.credit_claim_generations(array['matrix-worker'], 60)",
+        (),
+        SERVICE_ONLY,
+        Effect(
+            returns=[
+                {"model": "test-model", "prompt": "a cat", "attempt": 1, "worker": "matrix-worker"}
+            ],
+            holds=WITH_JOB,
+            generations=RUNNING_JOB,
+        ),
+        job="queued",
+    ),
+    Entry(
         "credit_renew_generation_lease(uuid, text, integer)",
         "select public.credit_renew_generation_lease($1, 'matrix-worker', 60)",
         ("generation",),
@@ -1374,6 +1388,23 @@ FUNCTION_MATRIX = [
         SERVICE_ONLY,
         Effect(
             returns={"charged": True, "generation": {"state": "succeeded", "cost": 5}},
+            balance=-5,
+            held=-5,
+            ledger=(("capture", 5),),
+            holds=("captured", "pending", "released"),
+            generations=(("queued", 0), ("succeeded", 5)),
+        ),
+        job="running",
+    ),
+    Entry(
+        "credit_complete_generations(jsonb)",
+        "select public.credit_complete_generations(jsonb_build_array(jsonb_build_object("
+        "'generation_id', $1::uuid, 'worker', 'matrix-worker', 'output', 'aGk=',"
+        " 'output_mime_type', 'text/plain')))",
+        ("generation",),
+        SERVICE_ONLY,
+        Effect(
+            returns=[{"charged": True}],
             balance=-5,
             held=-5,
             ledger=(("capture", 5),),
