@@ -37,8 +37,10 @@ MAX_BATCH = 8
 # At most this many batches or lone calls of one function at the database at once. A call that
 # finds them all out waits for the next batch: that is what makes batches under load (group
 # commit), and a batch of 8 debits costs the database 0.6 of 8 lone ones (bench/RESULTS.md). A
-# quiet service, with fewer calls out, sends each at once and alone.
-MAX_OUT = 3
+# quiet service, with fewer calls out, sends each at once and alone. Two, not one: a batch
+# waiting for a row locked elsewhere then holds up only half the lanes. At 32 callers, 1, 2 and
+# 3 out did 1,411, 1,345 to 1,386 and 1,327 debits a second (bench/RESULTS.md).
+MAX_OUT = 2
 
 Values = Sequence[object]
 # Sends calls as one batch within a timeout: each call's result or the exception it is to raise,
