@@ -58,6 +58,8 @@ class SqlCall(Generic[T]):
     # Whether a call waiting for a pooled connection goes before the calls waiting already:
     # the generation queue's, so that the API's load never starves the workers.
     ahead: ClassVar[bool] = False
+    # Whether the function only reads: batches of reads commit nothing, so more go at once.
+    reads: ClassVar[bool] = False
 
     def __init_subclass__(
         cls,
@@ -66,11 +68,12 @@ class SqlCall(Generic[T]):
         batched: str | None = None,
         batched_names: Mapping[str, str] | None = None,
         ahead: bool = False,
+        reads: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
         if function:
-            cls.function, cls.batched, cls.ahead = function, batched, ahead
+            cls.function, cls.batched, cls.ahead, cls.reads = function, batched, ahead, reads
             cls.batched_names = dict(batched_names or {})
         dataclasses.dataclass(frozen=True)(cls)
 
@@ -146,7 +149,10 @@ class ProvisionKnownUser(_NoResult, function="credit_provision_known_user"):
 
 
 class GetProfile(
-    SqlCall[Profile], function="credit_get_profile", batched="credit_get_profile_each"
+    SqlCall[Profile],
+    function="credit_get_profile",
+    batched="credit_get_profile_each",
+    reads=True,
 ):
     user_id: uuid.UUID
 

@@ -1,11 +1,12 @@
 """Concurrent calls of one SQL function, joined into one round trip under load.
 
-When every pooled connection is in use, or MAX_OUT batches and lone calls of the function are
-already at the database, a call of a function with a batched form (`SqlCall.batched`) waits here
-rather than in the pool's queue. One waiter per function asks the pool for a connection; the
-connection it gets takes up to MAX_BATCH of the calls waiting by then and sends them as one call of
-the batched form: one round trip and one commit instead of one each. A call that finds a connection
-free, and fewer than MAX_OUT out, goes alone, so a quiet service pays nothing.
+When every pooled connection is in use, or MAX_OUT batches and lone calls of the function
+(MAX_OUT_READS of one that only reads) are already at the database, a call of a function with
+a batched form (`SqlCall.batched`) waits here rather than in the pool's queue. One waiter per
+function asks the pool for a connection; the connection it gets takes up to MAX_BATCH of the
+calls waiting by then and sends them as one call of the batched form: one round trip and one
+commit instead of one each. A call that finds a connection free, and fewer than its maximum
+out, goes alone, so a quiet service pays nothing.
 
 Each call belongs to a user (the batched forms' first parameter, `p_user_id`: the profile row a call
 locks), and a user is at the database in at most one batch or lone call at a time: the user's next
@@ -34,13 +35,14 @@ from server.transports.pool import ConnectionPool, reusable_after
 # more than 32 (*_credits_batched_calls.sql).
 MAX_BATCH = 8
 
-# At most this many batches or lone calls of one function at the database at once. A call that
-# finds them all out waits for the next batch: that is what makes batches under load (group
-# commit), and a batch of 8 debits costs the database 0.6 of 8 lone ones (bench/RESULTS.md). A
-# quiet service, with fewer calls out, sends each at once and alone. Two, not one: a batch
-# waiting for a row locked elsewhere then holds up only half the lanes. At 32 callers, 1, 2 and
-# 3 out did 1,411, 1,345 to 1,386 and 1,327 debits a second (bench/RESULTS.md).
+# At most this many batches or lone calls of one function at the database at once, by default:
+# a call that finds them all out waits for the next batch. That is what makes batches under
+# load (group commit), and a batch of 8 debits costs the database 0.6 of 8 lone ones. A quiet
+# service, with fewer calls out, sends each at once and alone. Two, not one: a batch waiting
+# for a row locked elsewhere then holds up only half the lanes. Reads commit nothing and gain
+# from going side by side: 3 of them. (Measured at 32 callers: bench/RESULTS.md.)
 MAX_OUT = 2
+MAX_OUT_READS = 3
 
 Values = Sequence[object]
 # Sends calls as one batch within a timeout: each call's result or the exception it is to raise,
@@ -64,21 +66,28 @@ class _Waiting:
 
 class Batcher:
     """The waiting calls of one function (`name`, for the metrics), the users it has at the
-    database, and the tasks sending batches. A batch is given `timeout` seconds to get a
-    connection, and as long again to be answered."""
+    database, and the tasks sending batches, `max_out` of them at most. A batch is given
+    `timeout` seconds to get a connection, and as long again to be answered."""
 
     def __init__(
-        self, name: str, pool: ConnectionPool, send: Send, fail: Fail, timeout: float
+        self,
+        name: str,
+        pool: ConnectionPool,
+        send: Send,
+        fail: Fail,
+        timeout: float,
+        max_out: int = MAX_OUT,
     ) -> None:
         self._sizes = metrics.BATCHED_CALLS.labels(name)
         self._pool = pool
         self._send = send
         self._fail = fail
         self._timeout = timeout
+        self._max_out = max_out
         self._waiting: list[_Waiting] = []
         self._queued: collections.Counter[Hashable] = collections.Counter()  # waiting, per user
         self._at_database: set[Hashable] = set()  # users with a batch or a lone call out
-        # Batches and lone calls out, and the one being sent (MAX_OUT at most).
+        # Batches and lone calls out, and the one being sent (max_out at most).
         self._out = 0
         self._asking = False  # a task is waiting for a connection for the calls waiting here
         self._tasks: set[asyncio.Task[None]] = set()
@@ -88,7 +97,7 @@ class Batcher:
         no call out or waiting (it would overtake it, or wait for its lock on a second
         connection)."""
         return (
-            self._out < MAX_OUT
+            self._out < self._max_out
             and not self._pool.busy()
             and user not in self._at_database
             and not self._queued[user]
@@ -122,9 +131,9 @@ class Batcher:
             raise
 
     def _start(self) -> None:
-        """Ask for a connection for the calls waiting, unless a task already is or MAX_OUT are
+        """Ask for a connection for the calls waiting, unless a task already is or max_out are
         out (the next to come back starts it)."""
-        if self._asking or self._out >= MAX_OUT:
+        if self._asking or self._out >= self._max_out:
             return
         self._asking = True
         self._out += 1
@@ -167,7 +176,7 @@ class Batcher:
 
     def _finished(self, users: Iterable[Hashable]) -> None:
         """`users`' calls out have been answered: their next calls may go, and so may those
-        held back by MAX_OUT."""
+        held back by max_out."""
         self._at_database.difference_update(users)
         if any(self._sendable(entry) for entry in self._waiting):
             self._start()

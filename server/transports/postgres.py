@@ -27,7 +27,7 @@ from server.errors import BackendUnavailable
 from server.observability import metrics
 from server.repository.functions import SqlCall
 from server.repository.transport import CredentialsRejected
-from server.transports.batching import Batcher, Values
+from server.transports.batching import MAX_OUT, MAX_OUT_READS, Batcher, Values
 from server.transports.pool import ConnectionPool, PoolClosed, reusable_after
 from server.transports.sql_errors import domain_error, is_transient
 
@@ -247,7 +247,10 @@ class _ServiceSession(_Session):
         if declared.params()[0] != "p_user_id":
             raise TypeError(f"{declared.batched} must take p_user_id first: calls join per user")
         send = functools.partial(_send_batch, declared)
-        batcher = Batcher(declared.function, self._pool, send, _batch_failed, self._timeout)
+        max_out = MAX_OUT_READS if declared.reads else MAX_OUT
+        batcher = Batcher(
+            declared.function, self._pool, send, _batch_failed, self._timeout, max_out
+        )
         self._batchers[declared] = batcher
         return batcher
 
