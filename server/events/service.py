@@ -14,7 +14,7 @@ from server.errors import InvalidArgument, ServerStopping
 from server.events.feed import BalanceFeed
 from server.events.models import EVENT_TYPES, Balance, Event
 from server.events.ports import EventStore
-from server.generation.feed import next_change
+from server.generation.feed import change_within
 
 DEFAULT_EVENTS_PAGE = 100
 MAX_EVENTS_PAGE = 1000
@@ -99,12 +99,8 @@ class Events:
             last = read.balance
             yield last
             while True:
-                try:
-                    async with asyncio.timeout(self._recheck_seconds):
-                        change = await next_change(changes, self._stopping)
-                    if change is None:
-                        raise ServerStopping()
-                except TimeoutError:
+                change = await change_within(changes, self._stopping, self._recheck_seconds)
+                if change is None:
                     # Renew the watch; send what a lost announcement would have.
                     read = await self._store.watch_balance(principal, target, WATCH_SECONDS)
                     if _differs(read.balance, last):

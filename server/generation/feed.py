@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
+from server.errors import ServerStopping
 from server.generation.models import GenerationState
 
 T = TypeVar("T")
@@ -66,7 +67,22 @@ class ChangeFeed:
         """Stops whatever publishes into the feed (nothing, here)."""
 
 
-async def next_change(changes: asyncio.Queue[T], stopping: asyncio.Event) -> T | None:
+async def change_within(
+    changes: asyncio.Queue[T], stopping: asyncio.Event, seconds: float
+) -> T | None:
+    """The next change from `changes` within `seconds`, or None when none came (time for a
+    watcher to re-read what it watches); ServerStopping as soon as `stopping` is set."""
+    try:
+        async with asyncio.timeout(seconds):
+            change = await _next_change(changes, stopping)
+    except TimeoutError:
+        return None
+    if change is None:
+        raise ServerStopping()
+    return change
+
+
+async def _next_change(changes: asyncio.Queue[T], stopping: asyncio.Event) -> T | None:
     """The next change from `changes`, or None as soon as `stopping` is set (at once if it is).
     Cancelled meanwhile (a watcher's re-read timer), it loses no change: one already taken goes
     back into the queue."""

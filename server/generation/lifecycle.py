@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from server.auth.principal import Principal
 from server.domain import access, paging, validation
 from server.domain.paging import PageTokens
-from server.errors import InvalidArgument, ServerStopping
+from server.errors import InvalidArgument
 from server.generation import parameters as declared
-from server.generation.feed import ChangeFeed, StateChange, next_change
+from server.generation.feed import ChangeFeed, StateChange, change_within
 from server.generation.models import Generation, GenerationPage, ModelSpec
 from server.generation.ports import GenerationStore
 
@@ -161,21 +161,15 @@ class Generations:
             current = await self._store.get(principal, target, owner)
             yield current
             while not current.state.final:
-                try:
-                    async with asyncio.timeout(self._recheck_seconds):
-                        change = await next_change(changes, self._stopping)
-                    if change is None:
-                        raise ServerStopping()
-                except TimeoutError:
+                change = await change_within(changes, self._stopping, self._recheck_seconds)
+                if change is None:
+                    latest = await self._store.get(principal, target, owner)
+                elif change.update_time <= current.update_time:
+                    continue  # already in what was sent
+                elif change.state.final:
                     latest = await self._store.get(principal, target, owner)
                 else:
-                    if change.update_time <= current.update_time:
-                        continue  # already in what was sent
-                    latest = (
-                        await self._store.get(principal, target, owner)
-                        if change.state.final
-                        else _apply(current, change)
-                    )
+                    latest = _apply(current, change)
                 if latest.state != current.state:
                     yield latest
                 current = latest
