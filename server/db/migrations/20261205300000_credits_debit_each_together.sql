@@ -8,8 +8,8 @@
 -- its user has no other call in the batch, its amount, key and scope are valid, the profile
 -- exists and has nothing due to settle, the user has no spend limit (their own or a default),
 -- and the key has never been used (an entry, a hold or a grant). The others (a replay, a
--- refusal, a scope of the user's own, a user's second call, a debit two grants share) are left
--- to credit_debit, called one by one as before, after it. Its answers are credit_debit's, byte
+-- refusal, a user's second call, a debit two grants share, a limit to judge) are left to
+-- credit_debit, called one by one as before, after it. Its answers are credit_debit's, byte
 -- for byte, and the events, rollups and books it leaves are the same
 -- (tests/integration/test_debit_together.py compares the two).
 --
