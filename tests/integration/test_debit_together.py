@@ -1,7 +1,7 @@
 """A batch of debits in a few statements (credits_private.debit_together, issue 21): the debits
 it takes answer and write exactly what credit_debit would, one by one; the others (replays,
-refusals, a user's second call, a debit two grants share, spend limits) are left to
-credit_debit; and when its statement fails, every call goes one by one.
+refusals, a debit past a spend limit, a user's second call, a debit two grants share) are
+left to credit_debit; and when its statement fails, every call goes one by one.
 
 This module has a database of its own (one test adds a trigger to the ledger).
 """
@@ -125,14 +125,16 @@ async def holding(conn: asyncpg.Connection, user: uuid.UUID) -> None:
     await conn.execute("select public.credit_reserve($1, 90, 'held', 3600)", user)
 
 
-async def day_limit_15(conn: asyncpg.Connection, user: uuid.UUID) -> None:
-    await grant(conn, user, 100, "g1")
-    await conn.execute("select public.credit_set_spend_limit($1, 'day', 15)", user)
+def limited(period: str, limit: int, spent: int = 0) -> Setup:
+    """A user with 100 credits, a spend limit of `limit` a `period`, and `spent` of it spent."""
 
+    async def setup(conn: asyncpg.Connection, user: uuid.UUID) -> None:
+        await grant(conn, user, 100, "g1")
+        await conn.execute("select public.credit_set_spend_limit($1, $2, $3)", user, period, limit)
+        if spent:
+            await conn.execute(ONE, user, spent, "spent", "", "{}", "")
 
-async def day_limit_5(conn: asyncpg.Connection, user: uuid.UUID) -> None:
-    await grant(conn, user, 100, "g1")
-    await conn.execute("select public.credit_set_spend_limit($1, 'day', 5)", user)
+    return setup
 
 
 SETUPS: dict[str, Setup] = {
@@ -148,8 +150,11 @@ SETUPS: dict[str, Setup] = {
     "key-of-a-hold": holding,
     "pinned": holding,
     "twice": plain,
-    "limit-kept": day_limit_15,
-    "limit-passed": day_limit_5,
+    "day-limit-kept": limited("day", 15),
+    "day-limit-passed": limited("day", 5),
+    "day-limit-spent": limited("day", 15, spent=10),
+    "week-limit-kept": limited("week", 50, spent=10),
+    "month-limit-passed": limited("month", 15, spent=10),
     "zero": plain,
     "bad-scope": plain,
 }
@@ -169,13 +174,26 @@ BATCH = [
     Call("pinned", 5, "d1"),
     Call("twice", 10, "d1"),
     Call("twice", 20, "d2"),
-    Call("limit-kept", 10, "d1"),
-    Call("limit-passed", 10, "d1"),
+    Call("day-limit-kept", 10, "d1"),
+    Call("day-limit-passed", 10, "d1"),
+    Call("day-limit-spent", 10, "d1"),
+    Call("week-limit-kept", 10, "d1"),
+    Call("month-limit-passed", 10, "d1"),
     Call("zero", 0, "d1"),
     Call("bad-scope", 1, "d1", scope="x" * 101),
     Call("nobody", 1, "d1"),
 ]
-TAKEN = {"plain", "described", "low", "depleted", "scoped", "pinned", "debited-today"}
+TAKEN = {
+    "plain",
+    "described",
+    "low",
+    "depleted",
+    "scoped",
+    "pinned",
+    "debited-today",
+    "day-limit-kept",
+    "week-limit-kept",
+}
 
 
 async def world(conn: asyncpg.Connection) -> World:
@@ -307,7 +325,9 @@ async def test_a_batch_answers_and_writes_as_its_calls_one_by_one(
     assert {c.slot for c, o in zip(BATCH, by_batch, strict=True) if "error_code" in o} == {
         "poor",
         "key-of-a-hold",
-        "limit-passed",
+        "day-limit-passed",
+        "day-limit-spent",
+        "month-limit-passed",
         "zero",
         "bad-scope",
         "nobody",
@@ -324,20 +344,21 @@ async def test_it_takes_only_the_debits_of_the_common_road(owner: asyncpg.Connec
 
 
 @pytest.mark.parametrize("limits", [(5, None), (None, 5)], ids=["daily", "monthly"])
-async def test_a_default_spend_limit_leaves_every_debit_to_credit_debit(
+async def test_a_default_spend_limit_is_judged_for_every_user(
     owner: asyncpg.Connection, limits: tuple[int | None, int | None]
 ) -> None:
-    """A default limit applies to every user: debit_together takes none, and credit_debit
-    refuses the debit past it."""
+    """A default limit applies to every user: debit_together takes the debit within it, and
+    leaves the one past it to credit_debit, which refuses it."""
     made = await world(owner)
     calls = [Call("plain", 10, "d1"), Call("described", 1, "d1")]
     await owner.execute("select public.credit_configure_limits($1, $2, 8)", *limits)
     try:
         async with rolled_back(owner):
-            assert await owner.fetch(TOGETHER, *columns(made, calls)) == []
+            taken = [r["ordinal"] for r in await owner.fetch(TOGETHER, *columns(made, calls))]
         rows = await owner.fetch(EACH, *columns(made, calls))
     finally:
         await owner.execute("select public.credit_configure_limits(null, null, 8)")
+    assert taken == [2]
     assert sorted((r["ordinal"], r["error_code"]) for r in rows) == [(1, "CR020"), (2, None)]
 
 

@@ -6,16 +6,43 @@
 -- covers the debit; the profile's balance, the entry, its allocation, the usage rollup and the
 -- day's spending are written; the books the statement leaves are checked. It takes a debit when
 -- its user has no other call in the batch, its amount, key and scope are valid, the profile
--- exists and has nothing due to settle, the user has no spend limit (their own or a default),
--- and the key has never been used (an entry, a hold or a grant). The others (a replay, a
--- refusal, a user's second call, a debit two grants share, a limit to judge) are left to
--- credit_debit, called one by one as before, after it. Its answers are credit_debit's, byte
+-- exists and has nothing due to settle, the debit keeps the user within their spend limits
+-- (their own or the defaults), and the key has never been used (an entry, a hold or a grant).
+-- The others (a replay, a refusal, a debit past a limit, a user's second call, a debit two
+-- grants share) are left to credit_debit, called one by one as before, after it. Its answers are credit_debit's, byte
 -- for byte, and the events, rollups and books it leaves are the same
 -- (tests/integration/test_debit_together.py compares the two).
 --
 -- It first locks every profile of the batch, in the order of their users (as the calls after it
 -- take theirs), so two batches never wait for each other crosswise. If its statement fails
 -- (a constraint, the books), it is undone alone and every call goes one by one.
+
+-- Whether `p_amount` more spent on `p_day` keeps the user within each limit given (null: none),
+-- as credits_private.judge_spending judges it after the spending is counted.
+create function credits_private.within_limits(
+  p_user_id uuid, p_day date, p_amount bigint, p_day_limit bigint, p_week_limit bigint,
+  p_month_limit bigint
+) returns boolean
+language sql stable
+set search_path = ''
+as $$
+  select (p_day_limit is null
+          or coalesce(pg_catalog.sum(d.spent) filter (where d.day = p_day), 0) + p_amount
+             <= p_day_limit)
+     and (p_week_limit is null
+          or coalesce(pg_catalog.sum(d.spent)
+                        filter (where d.day >= w.first_day and d.day < w.next_day), 0)
+             + p_amount <= p_week_limit)
+     and (p_month_limit is null
+          or coalesce(pg_catalog.sum(d.spent)
+                        filter (where d.day >= m.first_day and d.day < m.next_day), 0)
+             + p_amount <= p_month_limit)
+    from credits_private.period_bounds('week', p_day) w
+   cross join credits_private.period_bounds('month', p_day) m
+    left join public.credit_spend_days d
+      on d.user_id = p_user_id and d.day >= least(w.first_day, m.first_day)
+     and d.day < greatest(w.next_day, m.next_day)
+$$;
 
 create function credits_private.debit_together(
   p_user_id uuid[], p_amount bigint[], p_idempotency_key text[], p_description text[],
@@ -63,6 +90,7 @@ begin
         from calls c
         join public.credit_profiles p on p.user_id = c.user_id
        cross join credits_private.limit_settings s
+        left join public.credit_spend_limits l on l.user_id = c.user_id
        where c.calls_of_user = 1
          and c.amount > 0
          and pg_catalog.char_length(c.idempotency_key) between 1 and 255
@@ -72,8 +100,15 @@ begin
          and (p.next_settle_at is null
               or p.next_settle_at > pg_catalog.now() + (select k."offset"
                                                           from credits_private.clock k))
-         and s.daily_limit is null and s.monthly_limit is null
-         and not exists (select 1 from public.credit_spend_limits l where l.user_id = c.user_id)
+         -- (credit_debit refuses a debit past a limit, with the limit's details)
+         and case when coalesce(l.day_limit, s.daily_limit) is null and l.week_limit is null
+                       and coalesce(l.month_limit, s.monthly_limit) is null then true
+                  else credits_private.within_limits(
+                         c.user_id,
+                         ((pg_catalog.now() + (select k."offset" from credits_private.clock k))
+                            at time zone 'UTC')::date,
+                         c.amount, coalesce(l.day_limit, s.daily_limit), l.week_limit,
+                         coalesce(l.month_limit, s.monthly_limit)) end
          -- (credits_private.replay's lookups: a key used before is credit_debit's to judge)
          and not exists (select 1 from public.credit_transactions t
                           where t.user_id = c.user_id and t.idempotency_key = c.idempotency_key)
@@ -190,6 +225,7 @@ end
 $$;
 
 revoke execute on function
+  credits_private.within_limits(uuid, date, bigint, bigint, bigint, bigint),
   credits_private.debit_together(uuid[], bigint[], text[], text[], jsonb[], text[])
   from public;
 grant execute on function
