@@ -7,6 +7,7 @@ is found before the first user is refused, not by the first refusal.
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -19,6 +20,7 @@ from server import app, errors, serving
 from server.auth.principal import ServicePrincipal
 from server.config import Settings
 from server.db import migrate
+from server.observability import tracing
 from server.repository import functions
 from server.repository.transport import CredentialsRejected, Transport
 from server.transports.sql_errors import INSUFFICIENT_PRIVILEGE
@@ -57,6 +59,7 @@ async def run(settings: Settings, token: str | None = None) -> list[Check]:
     results.append(await _jwks_check(settings))
     if token is not None:
         results.append(await _token_check(settings, token))
+    results.append(_tracing_check())
     # Bad values never get here (Settings.from_env refuses them); this says what will be used.
     results.append(Check("serving", True, serving.describe(settings)))
     return results
@@ -215,6 +218,19 @@ async def _anon_probe(url: str, anon_key: str) -> Check:
         )
     finally:
         await client.aclose()
+
+
+def _tracing_check() -> Check:
+    """Whether traces are exported and where; a protocol `credits serve` would refuse fails."""
+    try:
+        return Check("tracing", True, tracing.describe(os.environ))
+    except ValueError as error:
+        return Check(
+            "tracing",
+            False,
+            str(error),
+            "set OTEL_EXPORTER_OTLP_PROTOCOL to http/protobuf or grpc, or leave it unset",
+        )
 
 
 async def _jwks_check(settings: Settings) -> Check:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -94,21 +95,42 @@ def start(exporter: SpanExporter | None = None) -> Tracing | None:
     return Tracing(provider)
 
 
+def describe(environ: Mapping[str, str]) -> str:
+    """Whether spans are exported and where, in one line (`credits check-config`): the
+    endpoint's scheme, host and port only, never its credentials. ValueError for a protocol
+    the service does not export, as `start` raises it."""
+    endpoint = next((environ[n].strip() for n in _ENDPOINTS if environ.get(n, "").strip()), "")
+    if not endpoint:
+        return "off (OTEL_EXPORTER_OTLP_ENDPOINT is not set)"
+    if not wanted(environ):
+        return "off (OTEL_SDK_DISABLED or OTEL_TRACES_EXPORTER turns it off)"
+    protocol = _protocol(environ)
+    parts = urllib.parse.urlsplit(endpoint)
+    port = f":{parts.port}" if parts.port else ""
+    where = f"{parts.scheme}://{parts.hostname}{port}" if parts.hostname else "its endpoint"
+    return f"on: OTLP {protocol} to {where}"
+
+
+def _protocol(environ: Mapping[str, str]) -> str:
+    protocol = next((environ[n] for n in _PROTOCOLS if environ.get(n)), "http/protobuf")
+    if protocol not in ("http/protobuf", "grpc"):
+        raise ValueError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: the service exports `http/protobuf` or"
+            " `grpc`"
+        )
+    return protocol
+
+
 def _otlp_exporter() -> SpanExporter:
-    protocol = next((os.environ[n] for n in _PROTOCOLS if os.environ.get(n)), "http/protobuf")
-    if protocol == "http/protobuf":
+    if _protocol(os.environ) == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        return GrpcExporter()
-    raise ValueError(
-        f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: the service exports `http/protobuf` or `grpc`"
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcExporter,
     )
+
+    return GrpcExporter()
 
 
 def _resource() -> Any:

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 
 import asyncpg
 import grpc.aio
@@ -26,6 +27,8 @@ from credits.v1 import credit_service_pb2 as cpb
 from credits.v1 import credit_service_pb2_grpc, generation_service_pb2_grpc
 from credits.v1 import generation_service_pb2 as gpb
 from server import app as application
+from server import checks
+from server.config import Settings
 from server.observability import tracing
 from tests.fakes.supabase import FakeSupabase
 from tests.fixtures.connect import Connect
@@ -293,6 +296,35 @@ def test_the_otlp_protocol_is_http_or_grpc(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
         tracing.start()
     assert not tracing.active
+
+
+def test_check_config_says_where_spans_go_but_never_the_endpoints_credentials() -> None:
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://user:key@collector.example:4318/v?k=1"}
+    assert tracing.describe({}) == "off (OTEL_EXPORTER_OTLP_ENDPOINT is not set)"
+    assert tracing.describe(endpoint) == "on: OTLP http/protobuf to https://collector.example:4318"
+    grpc_endpoint = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector", **endpoint}
+    assert tracing.describe({**grpc_endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == (
+        "on: OTLP grpc to http://collector"
+    )
+    assert tracing.describe({**endpoint, "OTEL_SDK_DISABLED": "true"}).startswith("off (")
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        tracing.describe({**endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "thrift"})
+
+
+async def test_check_config_fails_on_a_protocol_serve_would_refuse(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = Settings.from_env(
+        {"SUPABASE_JWT_SECRET": "s" * 40, "CREDITS_DATA_DIR": str(tmp_path)}
+    )
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    [fine] = [c for c in await checks.run(settings) if c.name == "tracing"]
+    assert (fine.ok, fine.detail) == (True, "on: OTLP grpc to http://127.0.0.1:4317")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")
+    [refused] = [c for c in await checks.run(settings) if c.name == "tracing"]
+    assert not refused.ok
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL='thrift'" in refused.line()
 
 
 def test_spans_reach_an_otlp_http_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
