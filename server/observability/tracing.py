@@ -106,8 +106,8 @@ def describe(environ: Mapping[str, str]) -> str:
         return "off (OTEL_SDK_DISABLED or OTEL_TRACES_EXPORTER turns it off)"
     protocol = _protocol(environ)
     parts = urllib.parse.urlsplit(endpoint)
-    port = f":{parts.port}" if parts.port else ""
-    where = f"{parts.scheme}://{parts.hostname}{port}" if parts.hostname else "its endpoint"
+    host = parts.netloc.rpartition("@")[2]  # without user and password
+    where = f"{parts.scheme}://{host}" if host else "its endpoint"
     return f"on: OTLP {protocol} to {where}"
 
 
