@@ -203,6 +203,7 @@ async def test_check_config_passes_on_a_healthy_project(deployment: Deployment) 
         ("migrations applied", True),
         ("anon key accepted", True),
         ("token keys", True),
+        ("tracing", True),
         ("serving", True),
     ]
 
