@@ -9,9 +9,9 @@
 -- exists and has nothing due to settle, the debit keeps the user within their spend limits
 -- (their own or the defaults), and the key has never been used (an entry, a hold or a grant).
 -- The others (a replay, a refusal, a debit past a limit, a user's second call, a debit two
--- grants share) are left to credit_debit, called one by one as before, after it. Its answers are credit_debit's, byte
--- for byte, and the events, rollups and books it leaves are the same
--- (tests/integration/test_debit_together.py compares the two).
+-- grants share) are left to credit_debit, called one by one as before, after it. Its answers
+-- are credit_debit's (credits_private.transaction_json), and the events, rollups and books it
+-- leaves are the same (tests/integration/test_debit_together.py compares the two).
 --
 -- It first locks every profile of the batch, in the order of their users (as the calls after it
 -- take theirs), so two batches never wait for each other crosswise. If its statement fails
@@ -55,6 +55,8 @@ as $$
 declare
   v_users text;
   v_touched text := coalesce(pg_catalog.current_setting('credits.touched_profiles', true), '');
+  -- The SQL clock (credits_private.now()): the entries' time, and what is due by it.
+  v_now timestamptz := credits_private.now();
   v_done record;
   v_ordinals integer[] := '{}';
   v_results jsonb[] := '{}';
@@ -86,7 +88,7 @@ begin
                 || case when c.scope = '' then '{}'::jsonb
                         else pg_catalog.jsonb_build_object('scope', c.scope) end)::text,
                'UTF8')), 'hex') as fingerprint,
-             pg_catalog.now() + (select k."offset" from credits_private.clock k) as created_at
+             v_now as created_at
         from calls c
         join public.credit_profiles p on p.user_id = c.user_id
        cross join credits_private.limit_settings s
@@ -97,17 +99,13 @@ begin
          and c.idempotency_key !~ '[[:cntrl:]]'
          and pg_catalog.char_length(c.scope) <= 100 and c.scope !~ '[[:cntrl:]]'
          and pg_catalog.jsonb_typeof(c.metadata) = 'object'
-         and (p.next_settle_at is null
-              or p.next_settle_at > pg_catalog.now() + (select k."offset"
-                                                          from credits_private.clock k))
+         and (p.next_settle_at is null or p.next_settle_at > v_now)
          -- (credit_debit refuses a debit past a limit, with the limit's details)
          and case when coalesce(l.day_limit, s.daily_limit) is null and l.week_limit is null
                        and coalesce(l.month_limit, s.monthly_limit) is null then true
                   else credits_private.within_limits(
-                         c.user_id,
-                         ((pg_catalog.now() + (select k."offset" from credits_private.clock k))
-                            at time zone 'UTC')::date,
-                         c.amount, coalesce(l.day_limit, s.daily_limit), l.week_limit,
+                         c.user_id, (v_now at time zone 'UTC')::date, c.amount,
+                         coalesce(l.day_limit, s.daily_limit), l.week_limit,
                          coalesce(l.month_limit, s.monthly_limit)) end
          -- (credits_private.replay's lookups: a key used before is credit_debit's to judge)
          and not exists (select 1 from public.credit_transactions t
@@ -185,7 +183,7 @@ begin
       select e.user_id, (e.created_at at time zone 'UTC')::date, e.amount from entry e
       on conflict (user_id, day) do update set spent = s.spent + excluded.spent
     )
-    select t.ordinal, e.*, d.grant_id as drawn_from,
+    select t.ordinal, e::public.credit_transactions as entry, d.grant_id as drawn_from,
            p.balance = b.counted - t.amount and p.held = b.pinned as kept
       from entry e
       join taken t on t.user_id = e.user_id
@@ -196,27 +194,13 @@ begin
     if not v_done.kept then
       raise exception using errcode = '23514',
         message = 'the credit balance is out of step with its grants and holds',
-        detail = pg_catalog.jsonb_build_object('user_id', v_done.user_id)::text;
+        detail = pg_catalog.jsonb_build_object('user_id', (v_done.entry).user_id)::text;
     end if;
     v_ordinals := v_ordinals || v_done.ordinal;
     v_results := v_results || pg_catalog.jsonb_build_object(
-      'transaction', pg_catalog.jsonb_build_object(
-        'transaction_id', v_done.transaction_id,
-        'user_id', v_done.user_id,
-        'kind', v_done.kind,
-        'amount', v_done.amount,
-        'balance_after', v_done.balance_after,
-        'idempotency_key', v_done.idempotency_key,
-        'description', v_done.description,
-        'metadata', v_done.metadata,
-        'create_time', v_done.created_at,
-        'refunded_transaction_id', null,
-        'hold_id', null,
-        'seq', v_done.seq,
-        'allocations', pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
-          'grant_id', v_done.drawn_from, 'amount', v_done.amount)),
-        'scope', v_done.scope),
-      'balance', v_done.balance_after, 'replayed', false);
+      'transaction', credits_private.transaction_json(v_done.entry,
+        credits_private.allocations_json(array[v_done.drawn_from], array[(v_done.entry).amount])),
+      'balance', (v_done.entry).balance_after, 'replayed', false);
   end loop;
   perform pg_catalog.set_config('credits.verified_profiles', '', true),
           pg_catalog.set_config('credits.touched_profiles', v_touched, true);
@@ -248,11 +232,10 @@ language plpgsql
 set search_path = ''
 as $$
 declare
-  v_call record;
   v_taken integer[] := '{}';
-  v_ordinals integer[] := '{}';
+  v_rest integer[];
   v_results jsonb[] := '{}';
-  v_current integer;
+  v_call integer;
   v_failed integer;
   v_code text;
   v_message text;
@@ -269,54 +252,43 @@ begin
     v_taken := '{}';
     v_results := '{}';
   end;
-  v_ordinals := v_taken;
+  -- The others, in the order of their users (as debit_together locked them).
+  v_rest := array(select c.ordinal from unnest(p_user_id) with ordinality as c(user_id, ordinal)
+                   where c.ordinal <> all (v_taken)
+                   order by c.user_id, c.ordinal);
   begin
-    for v_call in
-      select c.*
-        from unnest(p_user_id, p_amount, p_idempotency_key, p_description, p_metadata, p_scopes)
-             with ordinality
-             as c(user_id, amount, idempotency_key, description, metadata, scope, ordinal)
-       where c.ordinal <> all (v_taken)
-       order by c.user_id, c.ordinal
-    loop
-      v_current := v_call.ordinal;
-      v_results := pg_catalog.array_append(v_results, public.credit_debit(
-        v_call.user_id, v_call.amount, v_call.idempotency_key, v_call.description,
-        v_call.metadata, coalesce(v_call.scope, '')));
-      v_ordinals := pg_catalog.array_append(v_ordinals, v_current);
+    foreach v_call in array v_rest loop
+      v_results := v_results || public.credit_debit(
+        p_user_id[v_call], p_amount[v_call], p_idempotency_key[v_call], p_description[v_call],
+        p_metadata[v_call], coalesce(p_scopes[v_call], ''));
     end loop;
   exception when others then
     get stacked diagnostics v_code = returned_sqlstate, v_message = message_text,
       v_detail = pg_exception_detail;
-    v_failed := v_current;
-    v_ordinals := v_ordinals[1:pg_catalog.cardinality(v_taken)];
+    v_failed := v_call;
     v_results := v_results[1:pg_catalog.cardinality(v_taken)];
   end;
-  return query
-    select x.o, x.res, null::text, null::text, null::text
-      from unnest(v_ordinals, v_results) as x (o, res);
   if v_failed is null then
+    return query
+      select x.o, x.res, null::text, null::text, null::text
+        from unnest(v_taken || v_rest, v_results) as x (o, res);
     return;
   end if;
-  for v_call in
-    select c.*
-      from unnest(p_user_id, p_amount, p_idempotency_key, p_description, p_metadata, p_scopes)
-           with ordinality
-           as c(user_id, amount, idempotency_key, description, metadata, scope, ordinal)
-     where c.ordinal <> all (v_taken)
-     order by c.user_id, c.ordinal
-  loop
-    select v_call.ordinal, null, null, null, null
+  return query
+    select x.o, x.res, null::text, null::text, null::text
+      from unnest(v_taken, v_results) as x (o, res);
+  foreach v_call in array v_rest loop
+    select v_call, null, null, null, null
       into ordinal, result, error_code, error_message, error_detail;
-    if v_call.ordinal = v_failed then
+    if v_call = v_failed then
       error_code := v_code;
       error_message := v_message;
       error_detail := v_detail;
     else
       begin
         result := public.credit_debit(
-          v_call.user_id, v_call.amount, v_call.idempotency_key, v_call.description,
-          v_call.metadata, coalesce(v_call.scope, ''));
+          p_user_id[v_call], p_amount[v_call], p_idempotency_key[v_call],
+          p_description[v_call], p_metadata[v_call], coalesce(p_scopes[v_call], ''));
       exception when others then
         get stacked diagnostics error_code = returned_sqlstate, error_message = message_text,
           error_detail = pg_exception_detail;
