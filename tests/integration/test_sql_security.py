@@ -625,6 +625,35 @@ async def test_user_cannot_provision_a_stranger(
     )
 
 
+LISTINGS = ("credit_list_transactions", "credit_list_grants", "credit_list_generations")
+
+
+@pytest.mark.parametrize("listing", LISTINGS)
+@pytest.mark.parametrize("limit", [None, 0, -1, 1001])
+async def test_user_listings_refuse_a_page_limit_outside_1_to_1000(
+    owner: asyncpg.Connection, alice: uuid.UUID, listing: str, limit: int | None
+) -> None:
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        error = await expect_sqlstate(
+            conn, INVALID_ARGUMENT, f"select public.{listing}($1, $2::integer)", alice, limit
+        )
+    assert json.loads(error.detail)["field"] == "page_size"
+
+
+@pytest.mark.parametrize(
+    ("listing", "rows"),
+    # `alice`'s rows: a grant and a debit in the ledger, one grant, one generation.
+    [("credit_list_transactions", 2), ("credit_list_grants", 1), ("credit_list_generations", 1)],
+)
+async def test_user_listings_take_a_page_of_1_to_1000(
+    owner: asyncpg.Connection, alice: uuid.UUID, listing: str, rows: int
+) -> None:
+    async with as_role(owner, "authenticated", claims_for(alice)) as conn:
+        most = await call(conn, f"select public.{listing}($1, 1000)", alice)
+        one = await call(conn, f"select public.{listing}($1, 1)", alice)
+    assert (len(most), len(one)) == (rows, 1)
+
+
 @pytest.mark.parametrize(
     "query",
     [
