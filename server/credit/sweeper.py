@@ -2,7 +2,8 @@
 
 Bookkeeping only: every SQL function already decides a hold's expiry by time, so a late or
 stopped sweeper never lets an expired hold count or be captured. Several processes may sweep at
-once; the SQL skips users another transaction holds.
+once; the SQL skips users another transaction holds, and users whose settlement fails (each is
+settled on its own and named in a WARNING in the database's log).
 """
 
 from __future__ import annotations

@@ -488,6 +488,49 @@ async def test_the_sweeper_writes_the_grant_entry_of_an_idle_user(
     await assert_consistent(owner, user)
 
 
+async def out_of_step(conn: asyncpg.Connection, user: uuid.UUID, by: int) -> None:
+    """Moves the user's balance by `by` behind the checks' back (triggers off, as a restore
+    would run), putting it out of step with its grants."""
+    async with conn.transaction():
+        await conn.execute("set local session_replication_role = replica")
+        await conn.execute(
+            "update public.credit_profiles set balance = balance + $2 where user_id = $1",
+            user,
+            by,
+        )
+
+
+async def test_the_sweeper_skips_a_user_whose_settlement_fails_and_settles_the_rest(
+    owner: asyncpg.Connection,
+) -> None:
+    broken, healthy = await new_user(owner), await new_user(owner)
+    start = await now(owner)
+    # `broken` is due first, so the sweep meets it before `healthy`.
+    await give(owner, broken, 25, expire=start + timedelta(minutes=4))
+    await give(owner, healthy, 25, expire=start + timedelta(minutes=5))
+    await out_of_step(owner, broken, 1)
+    warnings: list[str] = []
+    owner.add_log_listener(lambda _conn, message: warnings.append(str(message)))
+    try:
+        await advance(owner, timedelta(minutes=6))
+        # Its books are checked at commit: the sweep now checks each user's before the next.
+        assert await sweep(owner) >= 1
+        assert [(e.kind, e.amount) for e in await ledger(owner, healthy)] == [
+            ("grant", 25),
+            ("expire", 25),
+        ]
+        await assert_consistent(owner, healthy)
+        assert [(e.kind, e.amount) for e in await ledger(owner, broken)] == [("grant", 25)]
+        still_due = "select next_settle_at <= credits_private.now() from public.credit_profiles"
+        assert await owner.fetchval(f"{still_due} where user_id = $1", broken) is True
+        assert [w for w in warnings if str(broken) in w and "out of step" in w]
+    finally:
+        await out_of_step(owner, broken, -1)
+    assert await sweep(owner) == 1  # set right, it is settled like anyone else
+    assert [(e.kind, e.amount) for e in await ledger(owner, broken)][-1] == ("expire", 25)
+    await assert_consistent(owner, broken)
+
+
 async def test_a_grant_effective_and_expired_while_idle_gets_both_entries(
     owner: asyncpg.Connection,
 ) -> None:
