@@ -366,3 +366,47 @@ async def test_generation_final_states_are_events(owner: asyncpg.Connection) -> 
     assert [e["type"] for e in ended] == ["generation.cancelled"]
     assert ended[0]["payload"]["state"] == "cancelled"
     assert "output" not in ended[0]["payload"]
+
+
+async def dispatch_all(conn: Any) -> None:
+    while await conn.fetchval("select public.credit_dispatch_events(1000)") == 1000:
+        pass
+
+
+async def test_an_endpoint_removed_while_its_events_are_dispatched_fails_neither(
+    owner: asyncpg.Connection, events_db: str
+) -> None:
+    await dispatch_all(owner)
+    endpoint = await fetch_json(
+        owner,
+        "select public.credit_add_webhook('http://127.0.0.1:9/hook', '{}', $1)",
+        "whsec_" + "A" * 32,
+    )
+    await new_user(owner, 10)  # an event for the endpoint
+    remover, dispatcher = await asyncpg.connect(events_db), await asyncpg.connect(events_db)
+    try:
+        removal = remover.transaction()
+        await removal.start()
+        await remover.execute(
+            "select public.credit_remove_webhook($1)", uuid.UUID(endpoint["endpoint_id"])
+        )
+        # The dispatch's snapshot still shows the endpoint; it waits for the removal's lock.
+        dispatched = asyncio.create_task(
+            dispatcher.fetchval("select public.credit_dispatch_events(1000)")
+        )
+        blocked_on = (
+            "select wait_event_type from pg_stat_activity where pid = $1",
+            dispatcher.get_server_pid(),
+        )
+        for _ in range(200):
+            if await owner.fetchval(*blocked_on) == "Lock":
+                break
+            await asyncio.sleep(0.01)
+        assert await owner.fetchval(*blocked_on) == "Lock"
+        await removal.commit()
+        assert await asyncio.wait_for(dispatched, 10) >= 1  # passed, the removed endpoint skipped
+    finally:
+        await remover.close()
+        await dispatcher.close()
+    left = "select count(*) from credits_private.webhook_deliveries where endpoint_id = $1"
+    assert await owner.fetchval(left, uuid.UUID(endpoint["endpoint_id"])) == 0
