@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,15 @@ _SET_USER_CONTEXT = (
 
 
 Declared = type[SqlCall[Any]]
+
+# What the database says beside its answers: a WARNING (credit_expire_holds names each user it
+# skipped this way) goes into the service's log, not only the database's.
+database_log = logging.getLogger("credits.database")
+
+
+def _log_warning(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
+    if isinstance(message, asyncpg.PostgresWarning):
+        database_log.warning("database: %s", message.message)
 
 
 # Both rendered from the declarations in server/repository/functions.py only, once each.
@@ -112,6 +122,7 @@ class PostgresTransport:
                 )
             except _DRIVER_ERRORS as exc:
                 raise _translate(exc) from exc
+            conn.add_log_listener(_log_warning)
             try:
                 for type_name in ("json", "jsonb"):
                     await conn.set_type_codec(

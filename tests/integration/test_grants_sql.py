@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,8 @@ import asyncpg
 import pytest
 
 from server.db.migrate import discover, migrate
+from server.repository import functions as fn
+from server.transports.postgres import PostgresTransport, database_log
 from tests.fixtures.database import create_database, drop_database, migrated_database
 from tests.integration.test_sql_security import (
     SERVICE_CLAIMS,
@@ -529,6 +532,27 @@ async def test_the_sweeper_skips_a_user_whose_settlement_fails_and_settles_the_r
     assert await sweep(owner) == 1  # set right, it is settled like anyone else
     assert [(e.kind, e.amount) for e in await ledger(owner, broken)][-1] == ("expire", 25)
     await assert_consistent(owner, broken)
+
+
+async def test_the_service_logs_the_user_its_sweep_skipped(
+    owner: asyncpg.Connection, grants_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = await new_user(owner)
+    await give(owner, broken, 25, expire=await now(owner) + timedelta(minutes=4))
+    await out_of_step(owner, broken, 1)
+    transport = await PostgresTransport.connect(grants_db, min_size=1, max_size=1)
+    try:
+        await advance(owner, timedelta(minutes=6))
+        with caplog.at_level(logging.WARNING, logger=database_log.name):
+            await transport.service().call(fn.ExpireHolds(1000000))
+            await asyncio.sleep(0)  # asyncpg hands the warning over on the loop's next turn
+    finally:
+        await transport.close()
+        await out_of_step(owner, broken, -1)
+    [warning] = [r for r in caplog.records if r.name == database_log.name]
+    assert warning.levelno == logging.WARNING
+    assert str(broken) in warning.getMessage()
+    assert "out of step" in warning.getMessage()
 
 
 async def test_a_grant_effective_and_expired_while_idle_gets_both_entries(
