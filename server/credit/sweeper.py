@@ -3,7 +3,7 @@
 Bookkeeping only: every SQL function already decides a hold's expiry by time, so a late or
 stopped sweeper never lets an expired hold count or be captured. Several processes may sweep at
 once; the SQL skips users another transaction holds, and users whose settlement fails (each is
-settled on its own and named in a WARNING in the database's log).
+settled on its own and named in a WARNING, which the direct transport logs).
 """
 
 from __future__ import annotations
@@ -51,4 +51,6 @@ class HoldSweeper:
             except CreditsError as error:
                 # The database is down or refuses us; the next round tries again.
                 log.warning("hold sweep failed: %s", error.reason)
+            except Exception:
+                log.exception("hold sweep failed unexpectedly")  # and the next round tries again
             await asyncio.sleep(self._interval)

@@ -217,6 +217,10 @@ class DeliveryPool:
                 metrics.webhook_backlog(await self._queue.stats())
             except CreditsError as error:
                 log.warning("event pump: %s", error.reason)
+            except Exception:
+                # A bug, or an error the database should not have raised: the pump goes on (one
+                # that ended would leave every event after undispatched until a restart).
+                log.exception("event pump: unexpected error")
             await asyncio.sleep(self._pump_interval)
 
     async def _run(self, deliverer: Deliverer) -> None:
@@ -225,6 +229,9 @@ class DeliveryPool:
                 claimed = await deliverer.deliver_due()
             except CreditsError as error:
                 log.warning("webhook deliverer: %s", error.reason)
+                claimed = 0
+            except Exception:
+                log.exception("webhook deliverer: unexpected error")  # and it goes on
                 claimed = 0
             if claimed or self._stopping.is_set():
                 continue

@@ -77,6 +77,9 @@ class Worker:
             except CreditsError as error:
                 log.warning("worker %s cannot claim (%s)", self.name, error.reason)
                 job = None
+            except Exception:
+                log.exception("worker %s cannot claim", self.name)  # and it goes on
+                job = None
             try:
                 if job is not None:
                     await self.process(job)
@@ -99,8 +102,15 @@ class Worker:
             "credits.model": job.model,
             "credits.attempt": job.attempt,
         }
-        with tracing.job(job.traceparent, "generation attempt", attributes):
-            await self._process(job)
+        try:
+            with tracing.job(job.traceparent, "generation attempt", attributes):
+                await self._process(job)
+        except Exception:
+            # A bug, or an error the database should not have raised: the lease runs out and
+            # the job is tried again; the worker goes on.
+            log.exception(
+                "worker %s: generation %s failed unexpectedly", self.name, job.generation_id
+            )
 
     async def _process(self, job: ClaimedJob) -> None:
         spec = self._catalogue.get(job.model)

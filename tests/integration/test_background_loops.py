@@ -1,0 +1,246 @@
+"""The service's background loops (the event pump, the webhook deliverers, the hold sweeper, the
+generation workers) outlive an error they did not expect: it is logged with its traceback, and
+the loop goes on. A loop that ended would stop its work until the next restart, silently.
+
+Each test runs one loop over the real transport, on a database of its own in which the SQL
+function the loop calls first fails once with an error no domain error stands for (a check
+violation, as books found out of step would raise), then works as before: a shim in its place
+counts the calls and hands every call after the first to the real function, renamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from server.credit.sweeper import HoldSweeper
+from server.events.webhooks import DeliveryPool, new_secret
+from server.generation.feed import ChangeFeed
+from server.generation.models import ModelSpec
+from server.generation.providers.base import Job, Output
+from server.generation.worker import Worker
+from server.repository.breaker import CredentialBreaker
+from server.repository.credits import CreditRepository
+from server.repository.events import EventRepository
+from server.repository.generations import GenerationRepository
+from server.repository.layered import LayeredRepository
+from server.transports.postgres import PostgresTransport
+from tests.fixtures.database import migrated_database
+from tests.fixtures.webhooks import FAST as FAST_DELIVERY
+from tests.fixtures.webhooks import until
+from tests.fixtures.workers import FAST as FAST_WORKER
+from tests.integration.test_webhooks import Receiver, debit_event, receiver  # noqa: F401
+
+# Counts the shims' calls.
+CALLS = "create sequence public.test_calls"
+
+
+def shim(function: str, params: str, returns: str) -> str:
+    """DDL (of this module's constants) putting a shim in place of `public.<function>`, whose
+    parameters are `params` ("name type, ..."): its first call fails with a check violation,
+    every other is handed to the real function, renamed `real_<function>`."""
+    names = ", ".join(param.split()[0] for param in params.split(", "))
+    types = ", ".join(param.split()[1] for param in params.split(", "))
+    return f"""
+alter function public.{function}({types}) rename to real_{function};
+create function public.{function}({params}) returns {returns}
+language plpgsql security definer set search_path = '' as $$
+begin
+  if pg_catalog.nextval('public.test_calls') = 1 then
+    raise exception 'failed once by a test' using errcode = '23514';
+  end if;
+  return public.real_{function}({names});
+end $$;
+grant execute on function public.{function}({types}) to service_role;
+"""
+
+
+SHIMS = {
+    "dispatch": shim("credit_dispatch_events", "p_limit integer", "integer"),
+    "deliveries": shim(
+        "credit_claim_deliveries",
+        "p_worker text, p_limit integer, p_lease_seconds integer",
+        "jsonb",
+    ),
+    "sweep": shim("credit_expire_holds", "p_users integer", "integer"),
+    "claim": shim("credit_claim_generations", "p_workers text[], p_lease_seconds integer", "jsonb"),
+    "complete": shim(
+        "credit_complete_generation",
+        "p_generation_id uuid, p_worker text, p_output text, p_output_mime_type text",
+        "jsonb",
+    ),
+}
+
+
+@pytest.fixture
+async def database(postgres_admin_url: str) -> AsyncIterator[str]:
+    async with migrated_database(postgres_admin_url) as url:
+        yield url
+
+
+@pytest.fixture
+async def owner(database: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(CALLS)
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def layers(database: str) -> AsyncIterator[LayeredRepository]:
+    transport = await PostgresTransport.connect(database, min_size=1, max_size=4)
+    try:
+        yield LayeredRepository(transport, CredentialBreaker())
+    finally:
+        await transport.close()
+
+
+async def calls(owner: asyncpg.Connection) -> int:
+    called: int = await owner.fetchval("select last_value from public.test_calls")
+    return called
+
+
+@contextlib.contextmanager
+def logged_once(caplog: pytest.LogCaptureFixture, message: str) -> Iterator[None]:
+    """The block logs `message` at ERROR once, with the error's traceback."""
+    with caplog.at_level(logging.ERROR):
+        yield
+    [record] = [r for r in caplog.records if r.getMessage() == message]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+    assert "failed once by a test" in str(record.exc_info[1])
+
+
+@pytest.mark.parametrize("shim", ["dispatch", "deliveries"])
+async def test_an_event_is_delivered_after_the_pump_or_a_deliverer_met_an_unexpected_error(
+    database: str,
+    owner: asyncpg.Connection,
+    layers: LayeredRepository,
+    receiver: Receiver,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    shim: str,
+) -> None:
+    queue = EventRepository(layers)
+    await queue.add(receiver.url, ["transaction.created"], new_secret())
+    await owner.execute(SHIMS[shim])
+    message = {"dispatch": "event pump", "deliveries": "webhook deliverer"}[shim]
+    pool = DeliveryPool(queue, 1, FAST_DELIVERY, pump_interval=0.05)
+    with logged_once(caplog, f"{message}: unexpected error"):
+        pool.start()
+        try:
+            event_id = await debit_event(database)
+            await asyncio.wait_for(receiver.arrived.wait(), 10)
+        finally:
+            await pool.stop(grace=1)
+    assert [headers["webhook-id"] for headers, _ in receiver.received] == [str(event_id)]
+    assert await calls(owner) >= 2
+
+
+async def test_the_sweeper_settles_after_an_unexpected_error(
+    owner: asyncpg.Connection, layers: LayeredRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = uuid.uuid4()
+    await owner.execute("select public.credit_provision_profile($1, '')", user)
+    await owner.execute(
+        "select public.credit_grant($1, 10, 'k', '', '{}'::jsonb,"
+        " credits_private.now() + interval '1 minute')",
+        user,
+    )
+    await owner.execute("""update credits_private.clock set "offset" = $1""", timedelta(minutes=2))
+    await owner.execute(SHIMS["sweep"])
+    sweeper = HoldSweeper(CreditRepository(layers), interval=0.05)
+    expired = (
+        "select count(*) from public.credit_transactions where user_id = $1 and kind = 'expire'"
+    )
+
+    async def settled() -> bool:
+        return bool(await owner.fetchval(expired, user))
+
+    with logged_once(caplog, "hold sweep failed unexpectedly"):
+        sweeper.start()
+        try:
+            await until(settled)
+        finally:
+            await sweeper.stop()
+    assert await calls(owner) >= 2
+
+
+async def test_a_worker_claims_again_after_an_unexpected_error(
+    owner: asyncpg.Connection, layers: LayeredRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker = Worker(GenerationRepository(layers), {}, {}, ChangeFeed(), FAST_WORKER, name="w")
+
+    async def claimed_again() -> bool:
+        return await calls(owner) >= 3
+
+    await owner.execute(SHIMS["claim"])
+    with logged_once(caplog, "worker w cannot claim"):
+        running = asyncio.create_task(worker.run())
+        try:
+            await until(claimed_again)
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+
+
+class Painter:
+    """A provider that paints every job at once."""
+
+    async def generate(self, job: Job) -> Output:
+        return Output(b"paint", "image/png")
+
+
+async def test_a_job_whose_result_met_an_unexpected_error_is_run_again(
+    owner: asyncpg.Connection, layers: LayeredRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = ModelSpec("paint", 5, "", "demo", max_attempts=3)
+    await owner.execute(
+        "select public.credit_sync_models($1::jsonb)",
+        json.dumps(
+            [
+                {
+                    "model": "paint",
+                    "cost": 5,
+                    "description": "",
+                    "timeout_seconds": 60,
+                    "max_attempts": 3,
+                }
+            ]
+        ),
+    )
+    user = uuid.uuid4()
+    await owner.execute("select public.credit_provision_profile($1, '')", user)
+    await owner.execute("select public.credit_grant($1, 10, 'k', '', '{}'::jsonb)", user)
+    generation = await owner.fetchval(
+        "select (public.credit_create_generation($1, 'paint', 'a cat', '{}', 'r1')"
+        " -> 'generation' ->> 'generation_id')::uuid",
+        user,
+    )
+    await owner.execute(SHIMS["complete"])
+    queue = GenerationRepository(layers)
+    worker = Worker(queue, {"paint": spec}, {"paint": Painter()}, ChangeFeed(), FAST_WORKER, "w")
+    state = "select state from public.credit_generations where generation_id = $1"
+
+    async def succeeded() -> bool:
+        return await owner.fetchval(state, generation) == "succeeded"
+
+    with logged_once(caplog, f"worker w: generation {generation} failed unexpectedly"):
+        running = asyncio.create_task(worker.run())
+        try:
+            await until(succeeded)  # on its second attempt, once the first's lease ran out
+        finally:
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+    assert await calls(owner) == 2
