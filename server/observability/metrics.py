@@ -164,6 +164,8 @@ async def track_queue(read: Callable[[], Awaitable[QueueStats]], interval: float
             stats = await read()
         except CreditsError as error:
             log.warning("cannot read the generation queue (%s)", error.reason)
+        except Exception:
+            log.exception("cannot read the generation queue")  # and the next round tries again
         else:
             GENERATION_QUEUE.labels("queued").set(stats.queued)
             GENERATION_QUEUE.labels("running").set(stats.running)

@@ -1,6 +1,7 @@
 """The service's background loops (the event pump, the webhook deliverers, the hold sweeper, the
-generation workers) outlive an error they did not expect: it is logged with its traceback, and
-the loop goes on. A loop that ended would stop its work until the next restart, silently.
+generation workers, the queue's gauges) outlive an error they did not expect: it is logged with
+its traceback, and the loop goes on. A loop that ended would stop its work until the next
+restart, silently.
 
 Each test runs one loop over the real transport, on a database of its own in which the SQL
 function the loop calls first fails once with an error no domain error stands for (a check
@@ -21,12 +22,14 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
+from server import runtime
 from server.credit.sweeper import HoldSweeper
 from server.events.webhooks import DeliveryPool, new_secret
 from server.generation.feed import ChangeFeed
 from server.generation.models import ModelSpec
 from server.generation.providers.base import Job, Output
 from server.generation.worker import Worker
+from server.observability import metrics
 from server.repository.breaker import CredentialBreaker
 from server.repository.credits import CreditRepository
 from server.repository.events import EventRepository
@@ -47,8 +50,9 @@ def shim(function: str, params: str, returns: str) -> str:
     """DDL (of this module's constants) putting a shim in place of `public.<function>`, whose
     parameters are `params` ("name type, ..."): its first call fails with a check violation,
     every other is handed to the real function, renamed `real_<function>`."""
-    names = ", ".join(param.split()[0] for param in params.split(", "))
-    types = ", ".join(param.split()[1] for param in params.split(", "))
+    declared = [param.split() for param in params.split(", ") if param]
+    names = ", ".join(name for name, _ in declared)
+    types = ", ".join(kind for _, kind in declared)
     return f"""
 alter function public.{function}({types}) rename to real_{function};
 create function public.{function}({params}) returns {returns}
@@ -72,6 +76,7 @@ SHIMS = {
     ),
     "sweep": shim("credit_expire_holds", "p_users integer", "integer"),
     "claim": shim("credit_claim_generations", "p_workers text[], p_lease_seconds integer", "jsonb"),
+    "queue": shim("credit_queue_stats", "", "jsonb"),
     "complete": shim(
         "credit_complete_generation",
         "p_generation_id uuid, p_worker text, p_output text, p_output_mime_type text",
@@ -244,3 +249,19 @@ async def test_a_job_whose_result_met_an_unexpected_error_is_run_again(
             with contextlib.suppress(asyncio.CancelledError):
                 await running
     assert await calls(owner) == 2
+
+
+async def test_the_queue_gauges_are_read_again_after_an_unexpected_error(
+    owner: asyncpg.Connection, layers: LayeredRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def read_again() -> bool:
+        return await calls(owner) >= 3
+
+    await owner.execute(SHIMS["queue"])
+    queue = GenerationRepository(layers)
+    with logged_once(caplog, "cannot read the generation queue"):
+        tracking = asyncio.create_task(metrics.track_queue(queue.queue_stats, interval=0.05))
+        try:
+            await until(read_again)
+        finally:
+            await runtime.stop(tracking)
