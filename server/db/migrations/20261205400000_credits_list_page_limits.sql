@@ -101,4 +101,5 @@ $$;
 
 -- `create or replace` kept the listings' rights; their new check runs with the caller's.
 revoke execute on function credits_private.check_listing(uuid, integer) from public;
-grant execute on function credits_private.check_listing(uuid, integer) to authenticated, service_role;
+grant execute on function credits_private.check_listing(uuid, integer)
+  to authenticated, service_role;
