@@ -41,6 +41,20 @@ def _types(text: str) -> list[str]:
     return types
 
 
+MAX_LISTED = 1000
+
+
+def _how_many(text: str) -> int:
+    """A count of deliveries to list: 1 to MAX_LISTED."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= count <= MAX_LISTED:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_LISTED}")
+    return count
+
+
 def _delivery_line(d: Delivery) -> str:
     status = "-" if d.last_status is None else str(d.last_status)
     when = d.next_attempt_time.isoformat() if d.state == "pending" else "-"
@@ -125,7 +139,9 @@ def add_parser(
     rotate.set_defaults(action=_rotate)
     deliveries = sub.add_parser("deliveries", help="deliveries, newest first")
     deliveries.add_argument("--failed", action="store_true", help="only those given up on")
-    deliveries.add_argument("--limit", type=int, default=50, help="at most this many (50)")
+    deliveries.add_argument(
+        "--limit", type=_how_many, default=50, help=f"at most this many (50; 1 to {MAX_LISTED})"
+    )
     deliveries.set_defaults(action=_deliveries)
     retry = sub.add_parser("retry", help="deliver again from now (attempts start over)")
     retry.add_argument("delivery_id", type=uuid.UUID)

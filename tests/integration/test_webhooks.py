@@ -181,6 +181,21 @@ async def test_a_rotated_secret_signs_what_follows(
     assert await admin.endpoints() == []
 
 
+@pytest.mark.parametrize(
+    ("limit", "error"),
+    [("0", "must be 1 to 1000"), ("1001", "must be 1 to 1000"), ("x", "not a whole")],
+)
+def test_listing_deliveries_takes_1_to_1000(
+    limit: str, error: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.parser().parse_args(["webhooks", "deliveries", "--limit", limit])
+    assert exited.value.code == 2
+    assert f"argument --limit: {error}" in capsys.readouterr().err
+    args = cli.parser().parse_args(["webhooks", "deliveries", "--limit", "1000"])
+    assert args.limit == 1000
+
+
 async def run_cli(settings: Settings, *argv: str) -> int:
     """`credits webhooks ARGV` in this process (its event loop is the test's)."""
     args: argparse.Namespace = cli.parser().parse_args(["webhooks", *argv])
