@@ -94,6 +94,10 @@ class PostgresChangeFeed(ChangeFeed):
             try:
                 await self._listen(conn)
                 log.warning("change feed connection lost; listening again")
+            except Exception:
+                # Lost while it set up (asyncpg raises then), or a bug: listen again, later.
+                log.exception("change feed failed; listening again")
+                await asyncio.sleep(self._reconnect_delay)
             finally:
                 with contextlib.suppress(Exception):
                     await conn.close()

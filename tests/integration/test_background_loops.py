@@ -1,12 +1,14 @@
 """The service's background loops (the event pump, the webhook deliverers, the hold sweeper, the
-generation workers, the queue's gauges) outlive an error they did not expect: it is logged with
-its traceback, and the loop goes on. A loop that ended would stop its work until the next
-restart, silently.
+generation workers, the queue's gauges, the change feed) outlive an error they did not expect:
+it is logged with its traceback, and the loop goes on. A loop that ended would stop its work
+until the next restart, silently.
 
-Each test runs one loop over the real transport, on a database of its own in which the SQL
-function the loop calls first fails once with an error no domain error stands for (a check
-violation, as books found out of step would raise), then works as before: a shim in its place
-counts the calls and hands every call after the first to the real function, renamed.
+Each test but the change feed's runs one loop over the real transport, on a database of its
+own in which the SQL function the loop calls first fails once with an error no domain error
+stands for (a check violation, as books found out of step would raise), then works as before: a
+shim in its place counts the calls and hands every call after the first to the real function,
+renamed. The change feed's connection goes through a proxy that drops it the first time it
+sets up LISTEN.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -35,6 +38,7 @@ from server.repository.credits import CreditRepository
 from server.repository.events import EventRepository
 from server.repository.generations import GenerationRepository
 from server.repository.layered import LayeredRepository
+from server.transports.change_feed import PostgresChangeFeed
 from server.transports.postgres import PostgresTransport
 from tests.fixtures.database import migrated_database
 from tests.fixtures.webhooks import FAST as FAST_DELIVERY
@@ -116,14 +120,16 @@ async def calls(owner: asyncpg.Connection) -> int:
 
 
 @contextlib.contextmanager
-def logged_once(caplog: pytest.LogCaptureFixture, message: str) -> Iterator[None]:
-    """The block logs `message` at ERROR once, with the error's traceback."""
+def logged_once(
+    caplog: pytest.LogCaptureFixture, message: str, cause: str | None = "failed once by a test"
+) -> Iterator[None]:
+    """The block logs `message` at ERROR once, with the error's traceback (which says `cause`)."""
     with caplog.at_level(logging.ERROR):
         yield
     [record] = [r for r in caplog.records if r.getMessage() == message]
     assert record.levelno == logging.ERROR
     assert record.exc_info is not None
-    assert "failed once by a test" in str(record.exc_info[1])
+    assert cause is None or cause in str(record.exc_info[1])
 
 
 @pytest.mark.parametrize("shim", ["dispatch", "deliveries"])
@@ -265,3 +271,80 @@ async def test_the_queue_gauges_are_read_again_after_an_unexpected_error(
             await until(read_again)
         finally:
             await runtime.stop(tracking)
+
+
+class DroppingProxy:
+    """A TCP proxy to the database that drops the first connection whose client sends LISTEN,
+    as it sends it."""
+
+    def __init__(self, url: str) -> None:
+        self._url = urlsplit(url)
+        self.dropped = 0
+        self.port = 0
+
+    async def __aenter__(self) -> DroppingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._server.close()
+
+    def url(self) -> str:
+        """The database's URL, through the proxy."""
+        user = self._url.netloc.rpartition("@")[0]
+        return urlunsplit(
+            ("postgresql", f"{user}@127.0.0.1:{self.port}", self._url.path, "sslmode=disable", "")
+        )
+
+    async def _upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        directory = parse_qs(self._url.query).get("host", [""])[0]
+        port = self._url.port or 5432
+        if directory.startswith("/"):
+            return await asyncio.open_unix_connection(f"{directory}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(self._url.hostname, port)
+
+    async def _serve(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        server, to_server = await self._upstream()
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, up: bool) -> None:
+            while data := await source.read(65536):
+                if up and b"LISTEN" in data and not self.dropped:
+                    self.dropped += 1
+                    break
+                sink.write(data)
+                await sink.drain()
+            to_client.close()
+            to_server.close()
+
+        await asyncio.gather(
+            pipe(client, to_server, True), pipe(server, to_client, False), return_exceptions=True
+        )
+
+
+async def test_the_change_feed_listens_again_after_its_connection_failed_while_it_set_up(
+    database: str, owner: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    generation = uuid.uuid4()
+    change = {
+        "generation_id": str(generation),
+        "state": "running",
+        "attempts": 1,
+        "error_message": "",
+        "transaction_id": None,
+        "output_mime_type": "",
+        "update_time": "2026-12-05T00:00:00+00:00",
+    }
+    async with DroppingProxy(database) as proxy:
+        feed = PostgresChangeFeed(proxy.url(), reconnect_delay=0.05)
+        with logged_once(caplog, "change feed failed; listening again", cause=None):
+            await asyncio.wait_for(feed.start(), 10)  # listening, on its second connection
+        try:
+            async with feed.changes(generation) as changes:
+                notify = "select pg_notify('credit_generations', $1)"
+                await owner.execute(notify, json.dumps(change))
+                heard = await asyncio.wait_for(changes.get(), 10)
+        finally:
+            await feed.close()
+    assert (heard.generation_id, heard.state.value) == (generation, "running")
+    assert proxy.dropped == 1
