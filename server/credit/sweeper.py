@@ -14,6 +14,7 @@ import logging
 from server import runtime
 from server.credit.ports import HoldExpiry
 from server.errors import CreditsError
+from server.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,5 +53,5 @@ class HoldSweeper:
                 # The database is down or refuses us; the next round tries again.
                 log.warning("hold sweep failed: %s", error.reason)
             except Exception:
-                log.exception("hold sweep failed unexpectedly")  # and the next round tries again
+                metrics.unexpected("hold_sweeper", log, "hold sweep failed unexpectedly")
             await asyncio.sleep(self._interval)

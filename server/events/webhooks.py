@@ -220,7 +220,7 @@ class DeliveryPool:
             except Exception:
                 # A bug, or an error the database should not have raised: the pump goes on (one
                 # that ended would leave every event after undispatched until a restart).
-                log.exception("event pump: unexpected error")
+                metrics.unexpected("event_pump", log, "event pump: unexpected error")
             await asyncio.sleep(self._pump_interval)
 
     async def _run(self, deliverer: Deliverer) -> None:
@@ -231,7 +231,7 @@ class DeliveryPool:
                 log.warning("webhook deliverer: %s", error.reason)
                 claimed = 0
             except Exception:
-                log.exception("webhook deliverer: unexpected error")  # and it goes on
+                metrics.unexpected("webhook_deliverer", log, "webhook deliverer: unexpected error")
                 claimed = 0
             if claimed or self._stopping.is_set():
                 continue

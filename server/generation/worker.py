@@ -78,7 +78,7 @@ class Worker:
                 log.warning("worker %s cannot claim (%s)", self.name, error.reason)
                 job = None
             except Exception:
-                log.exception("worker %s cannot claim", self.name)  # and it goes on
+                metrics.unexpected("generation_worker", log, "worker %s cannot claim", self.name)
                 job = None
             try:
                 if job is not None:
@@ -108,8 +108,12 @@ class Worker:
         except Exception:
             # A bug, or an error the database should not have raised: the lease runs out and
             # the job is tried again; the worker goes on.
-            log.exception(
-                "worker %s: generation %s failed unexpectedly", self.name, job.generation_id
+            metrics.unexpected(
+                "generation_worker",
+                log,
+                "worker %s: generation %s failed unexpectedly",
+                self.name,
+                job.generation_id,
             )
 
     async def _process(self, job: ClaimedJob) -> None:

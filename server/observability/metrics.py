@@ -2,8 +2,9 @@
 
 RPCs by method, status code and protocol (the gRPC or the Connect edge) with their latency,
 credential fallbacks and the breaker, ledger operations, the generation queue and worker
-outcomes, the database pool's use, whether the database answers, and restarts of the embedded
-PostgreSQL. Names are prefixed `credits_`.
+outcomes, the database pool's use, whether the database answers, restarts of the embedded
+PostgreSQL, the database's warnings and the background loops' unexpected errors. Names are
+prefixed `credits_`.
 """
 
 from __future__ import annotations
@@ -103,6 +104,25 @@ WEBHOOK_OLDEST_PENDING_SECONDS = Gauge(
     "credits_webhook_oldest_undelivered_seconds",
     "How long the oldest pending webhook delivery has waited",
 )
+DATABASE_WARNINGS = Counter(
+    "credits_database_warnings",
+    "WARNINGs the database sent the service over DATABASE_URL (the sweeper names a user it "
+    "could not settle this way)",
+)
+BACKGROUND_ERRORS = Counter(
+    "credits_background_errors",
+    "Errors a background loop did not expect, by loop (event_pump, webhook_deliverer, "
+    "hold_sweeper, generation_worker, queue_gauges, change_feed): logged with a traceback, "
+    "and the loop went on",
+    ["loop"],
+)
+
+
+def unexpected(loop: str, logger: logging.Logger, message: str, *args: object) -> None:
+    """Log the error a background `loop` did not expect, with its traceback, and count it (the
+    loop goes on). Call it from the `except` block."""
+    logger.exception(message, *args)
+    BACKGROUND_ERRORS.labels(loop).inc()
 
 
 @functools.cache
@@ -165,7 +185,7 @@ async def track_queue(read: Callable[[], Awaitable[QueueStats]], interval: float
         except CreditsError as error:
             log.warning("cannot read the generation queue (%s)", error.reason)
         except Exception:
-            log.exception("cannot read the generation queue")  # and the next round tries again
+            unexpected("queue_gauges", log, "cannot read the generation queue")
         else:
             GENERATION_QUEUE.labels("queued").set(stats.queued)
             GENERATION_QUEUE.labels("running").set(stats.running)

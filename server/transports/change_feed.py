@@ -24,6 +24,7 @@ from server.events.feed import BalanceFeed
 from server.events.models import Balance, BalanceChange
 from server.generation.feed import ChangeFeed, StateChange
 from server.generation.models import GenerationState
+from server.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class PostgresChangeFeed(ChangeFeed):
                 log.warning("change feed connection lost; listening again")
             except Exception:
                 # Lost while it set up (asyncpg raises then), or a bug: listen again, later.
-                log.exception("change feed failed; listening again")
+                metrics.unexpected("change_feed", log, "change feed failed; listening again")
                 await asyncio.sleep(self._reconnect_delay)
             finally:
                 with contextlib.suppress(Exception):

@@ -55,6 +55,7 @@ database_log = logging.getLogger("credits.database")
 def _log_warning(_conn: object, message: asyncpg.PostgresLogMessage) -> None:
     if isinstance(message, asyncpg.PostgresWarning):
         database_log.warning("database: %s", message.message)
+        metrics.DATABASE_WARNINGS.inc()
 
 
 # Both rendered from the declarations in server/repository/functions.py only, once each.

@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from server import runtime
 from server.credit.sweeper import HoldSweeper
@@ -119,17 +120,28 @@ async def calls(owner: asyncpg.Connection) -> int:
     return called
 
 
+def background_errors(loop: str) -> float:
+    counted = REGISTRY.get_sample_value("credits_background_errors_total", {"loop": loop})
+    return counted or 0.0
+
+
 @contextlib.contextmanager
 def logged_once(
-    caplog: pytest.LogCaptureFixture, message: str, cause: str | None = "failed once by a test"
+    caplog: pytest.LogCaptureFixture,
+    loop: str,
+    message: str,
+    cause: str | None = "failed once by a test",
 ) -> Iterator[None]:
-    """The block logs `message` at ERROR once, with the error's traceback (which says `cause`)."""
+    """In the block `loop` logs `message` at ERROR once, with the error's traceback (which says
+    `cause`), and counts it in credits_background_errors_total."""
+    before = background_errors(loop)
     with caplog.at_level(logging.ERROR):
         yield
     [record] = [r for r in caplog.records if r.getMessage() == message]
     assert record.levelno == logging.ERROR
     assert record.exc_info is not None
     assert cause is None or cause in str(record.exc_info[1])
+    assert background_errors(loop) == before + 1
 
 
 @pytest.mark.parametrize("shim", ["dispatch", "deliveries"])
@@ -144,9 +156,9 @@ async def test_an_event_is_delivered_after_the_pump_or_a_deliverer_met_an_unexpe
     queue = EventRepository(layers)
     await queue.add(receiver.url, ["transaction.created"], new_secret())
     await owner.execute(SHIMS[shim])
-    message = {"dispatch": "event pump", "deliveries": "webhook deliverer"}[shim]
+    loop = {"dispatch": "event_pump", "deliveries": "webhook_deliverer"}[shim]
     pool = DeliveryPool(queue, 1, FAST_DELIVERY, pump_interval=0.05)
-    with logged_once(caplog, f"{message}: unexpected error"):
+    with logged_once(caplog, loop, f"{loop.replace('_', ' ')}: unexpected error"):
         pool.start()
         try:
             event_id = await debit_event(database)
@@ -177,7 +189,7 @@ async def test_the_sweeper_settles_after_an_unexpected_error(
     async def settled() -> bool:
         return bool(await owner.fetchval(expired, user))
 
-    with logged_once(caplog, "hold sweep failed unexpectedly"):
+    with logged_once(caplog, "hold_sweeper", "hold sweep failed unexpectedly"):
         sweeper.start()
         try:
             await until(settled)
@@ -195,7 +207,7 @@ async def test_a_worker_claims_again_after_an_unexpected_error(
         return await calls(owner) >= 3
 
     await owner.execute(SHIMS["claim"])
-    with logged_once(caplog, "worker w cannot claim"):
+    with logged_once(caplog, "generation_worker", "worker w cannot claim"):
         running = asyncio.create_task(worker.run())
         try:
             await until(claimed_again)
@@ -246,7 +258,8 @@ async def test_a_job_whose_result_met_an_unexpected_error_is_run_again(
     async def succeeded() -> bool:
         return await owner.fetchval(state, generation) == "succeeded"
 
-    with logged_once(caplog, f"worker w: generation {generation} failed unexpectedly"):
+    failed = f"worker w: generation {generation} failed unexpectedly"
+    with logged_once(caplog, "generation_worker", failed):
         running = asyncio.create_task(worker.run())
         try:
             await until(succeeded)  # on its second attempt, once the first's lease ran out
@@ -265,7 +278,7 @@ async def test_the_queue_gauges_are_read_again_after_an_unexpected_error(
 
     await owner.execute(SHIMS["queue"])
     queue = GenerationRepository(layers)
-    with logged_once(caplog, "cannot read the generation queue"):
+    with logged_once(caplog, "queue_gauges", "cannot read the generation queue"):
         tracking = asyncio.create_task(metrics.track_queue(queue.queue_stats, interval=0.05))
         try:
             await until(read_again)
@@ -337,7 +350,8 @@ async def test_the_change_feed_listens_again_after_its_connection_failed_while_i
     }
     async with DroppingProxy(database) as proxy:
         feed = PostgresChangeFeed(proxy.url(), reconnect_delay=0.05)
-        with logged_once(caplog, "change feed failed; listening again", cause=None):
+        failed = "change feed failed; listening again"
+        with logged_once(caplog, "change_feed", failed, cause=None):
             await asyncio.wait_for(feed.start(), 10)  # listening, on its second connection
         try:
             async with feed.changes(generation) as changes:

@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from server.db.migrate import discover, migrate
 from server.repository import functions as fn
@@ -541,6 +542,7 @@ async def test_the_service_logs_the_user_its_sweep_skipped(
     await give(owner, broken, 25, expire=await now(owner) + timedelta(minutes=4))
     await out_of_step(owner, broken, 1)
     transport = await PostgresTransport.connect(grants_db, min_size=1, max_size=1)
+    warned = REGISTRY.get_sample_value("credits_database_warnings_total") or 0.0
     try:
         await advance(owner, timedelta(minutes=6))
         with caplog.at_level(logging.WARNING, logger=database_log.name):
@@ -553,6 +555,7 @@ async def test_the_service_logs_the_user_its_sweep_skipped(
     assert warning.levelno == logging.WARNING
     assert str(broken) in warning.getMessage()
     assert "out of step" in warning.getMessage()
+    assert REGISTRY.get_sample_value("credits_database_warnings_total") == warned + 1
 
 
 async def test_a_grant_effective_and_expired_while_idle_gets_both_entries(
