@@ -55,7 +55,12 @@ def wanted(environ: Mapping[str, str]) -> bool:
         return False
     if environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
         return False
-    return any(environ.get(name, "").strip() for name in _ENDPOINTS)
+    return bool(_endpoint(environ))
+
+
+def _endpoint(environ: Mapping[str, str]) -> str:
+    """The OTLP endpoint spans go to ("" when none is set)."""
+    return next((environ[n].strip() for n in _ENDPOINTS if environ.get(n, "").strip()), "")
 
 
 class Tracing:
@@ -99,7 +104,7 @@ def describe(environ: Mapping[str, str]) -> str:
     """Whether spans are exported and where, in one line (`credits check-config`): the
     endpoint's scheme, host and port only, never its credentials. ValueError for a protocol
     the service does not export, as `start` raises it."""
-    endpoint = next((environ[n].strip() for n in _ENDPOINTS if environ.get(n, "").strip()), "")
+    endpoint = _endpoint(environ)
     if not endpoint:
         return "off (OTEL_EXPORTER_OTLP_ENDPOINT is not set)"
     if not wanted(environ):
