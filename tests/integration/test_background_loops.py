@@ -43,9 +43,8 @@ from server.transports.change_feed import PostgresChangeFeed
 from server.transports.postgres import PostgresTransport
 from tests.fixtures.database import migrated_database
 from tests.fixtures.webhooks import FAST as FAST_DELIVERY
-from tests.fixtures.webhooks import until
+from tests.fixtures.webhooks import Receiver, debit_event, until
 from tests.fixtures.workers import FAST as FAST_WORKER
-from tests.integration.test_webhooks import Receiver, debit_event, receiver  # noqa: F401
 
 # Counts the shims' calls.
 CALLS = "create sequence public.test_calls"
@@ -149,7 +148,7 @@ async def test_an_event_is_delivered_after_the_pump_or_a_deliverer_met_an_unexpe
     database: str,
     owner: asyncpg.Connection,
     layers: LayeredRepository,
-    receiver: Receiver,  # noqa: F811
+    receiver: Receiver,
     caplog: pytest.LogCaptureFixture,
     shim: str,
 ) -> None:

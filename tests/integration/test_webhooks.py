@@ -12,14 +12,10 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
-from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from server import cli, webhook_cli
@@ -28,70 +24,9 @@ from server.events.models import Endpoint
 from server.events.webhooks import new_secret
 from server.repository.events import EventRepository
 from tests.fixtures.server import TEST_JWT_SECRET
-from tests.fixtures.webhooks import deliver_until, delivery_of, pool_of
+from tests.fixtures.webhooks import Receiver, debit_event, deliver_until, delivery_of, pool_of
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Receiver:
-    """An HTTP receiver that answers each request as its script says, then 204: `fail` (500),
-    `slow` (longer than the deliverer's timeout), `close` (drops the connection), `hang`
-    (never answers)."""
-
-    script: list[str] = field(default_factory=list)
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.received.append(({k.lower(): v for k, v in request.headers.items()}, body))
-        self.arrived.set()
-        action = self.script.pop(0) if self.script else "ok"
-        if action == "fail":
-            return web.Response(status=500)
-        if action == "slow":
-            await asyncio.sleep(2)
-        if action == "hang":
-            await asyncio.sleep(3600)
-        if action == "close":
-            assert request.transport is not None
-            request.transport.close()
-        return web.Response(status=204)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    found = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", found.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    found.url = f"http://127.0.0.1:{port}/hook"
-    try:
-        yield found
-    finally:
-        await runner.cleanup()
-
-
-async def debit_event(database_url: str) -> uuid.UUID:
-    """A new user granted 10 credits: the event of their GRANT entry."""
-    user = uuid.uuid4()
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute("select public.credit_provision_profile($1, '')", user)
-        await conn.execute("select public.credit_grant($1, 10, 'hook', '', '{}')", user)
-        return await conn.fetchval(  # type: ignore[no-any-return]
-            "select credits_private.event_id(xid, seq) from credits_private.events"
-            " where user_id = $1",
-            user,
-        )
-    finally:
-        await conn.close()
 
 
 def verified(secret: str, headers: dict[str, str], body: bytes) -> Any:
