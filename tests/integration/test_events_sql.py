@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from tests.fixtures.database import migrated_database
+from tests.fixtures.webhooks import until
 from tests.integration.test_sql_security import expect_sqlstate
 
 INSUFFICIENT_CREDITS = "CR001"
@@ -394,15 +395,12 @@ async def test_an_endpoint_removed_while_its_events_are_dispatched_fails_neither
         dispatched = asyncio.create_task(
             dispatcher.fetchval("select public.credit_dispatch_events(1000)")
         )
-        blocked_on = (
-            "select wait_event_type from pg_stat_activity where pid = $1",
-            dispatcher.get_server_pid(),
-        )
-        for _ in range(200):
-            if await owner.fetchval(*blocked_on) == "Lock":
-                break
-            await asyncio.sleep(0.01)
-        assert await owner.fetchval(*blocked_on) == "Lock"
+        waiting = "select wait_event_type = 'Lock' from pg_stat_activity where pid = $1"
+
+        async def dispatch_waits() -> bool:
+            return bool(await owner.fetchval(waiting, dispatcher.get_server_pid()))
+
+        await until(dispatch_waits)
         await removal.commit()
         assert await asyncio.wait_for(dispatched, 10) >= 1  # passed, the removed endpoint skipped
     finally:
