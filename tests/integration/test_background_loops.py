@@ -211,9 +211,7 @@ async def test_a_worker_claims_again_after_an_unexpected_error(
         try:
             await until(claimed_again)
         finally:
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
+            await runtime.stop(running)
 
 
 class Painter:
@@ -263,9 +261,7 @@ async def test_a_job_whose_result_met_an_unexpected_error_is_run_again(
         try:
             await until(succeeded)  # on its second attempt, once the first's lease ran out
         finally:
-            running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await running
+            await runtime.stop(running)
     assert await calls(owner) == 2
 
 
