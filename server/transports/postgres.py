@@ -28,6 +28,7 @@ from server.errors import BackendUnavailable
 from server.observability import metrics
 from server.repository.functions import SqlCall
 from server.repository.transport import CredentialsRejected
+from server.transports import json_values
 from server.transports.batching import MAX_OUT, MAX_OUT_READS, Batcher, Values
 from server.transports.pool import ConnectionPool, PoolClosed, reusable_after
 from server.transports.sql_errors import domain_error, is_transient
@@ -127,7 +128,10 @@ class PostgresTransport:
             try:
                 for type_name in ("json", "jsonb"):
                     await conn.set_type_codec(
-                        type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+                        type_name,
+                        encoder=json.dumps,
+                        decoder=json_values.loads,
+                        schema="pg_catalog",
                     )
             except BaseException as exc:
                 conn.terminate()  # half set up: never handed out
