@@ -24,6 +24,8 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import TextIO
 
+import orjson
+
 # The logger of the per-RPC access lines (server/edges/calls.py).
 ACCESS_LOGGER = "credits.access"
 
@@ -38,8 +40,25 @@ def _read_pid() -> None:
 
 os.register_at_fork(after_in_child=_read_pid)
 
-# One encoder for every line: json.dumps with options builds a new one per call.
-_ENCODE = json.JSONEncoder(default=str).encode
+# What orjson cannot write as json would, and lines orjson writes outside ASCII: json's encoder
+# (one for every line: json.dumps with options builds a new one per call).
+_ENCODE = json.JSONEncoder(default=str, separators=(",", ":")).encode
+# As json does: datetimes and dataclasses through `default` (str), keys that are not strings
+# written as strings.
+_ORJSON_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_NON_STR_KEYS
+)
+
+
+def _encode(line: dict[str, object]) -> str:
+    """`line` as one line of compact JSON in ASCII, as json writes it: by orjson, at a tenth of
+    json's cost (an access line per RPC); by json for what orjson refuses (an integer past 64
+    bits) and for text beyond ASCII, which json escapes whatever the stream's encoding."""
+    try:
+        encoded = orjson.dumps(line, default=str, option=_ORJSON_OPTIONS)
+    except orjson.JSONEncodeError:
+        return _ENCODE(line)
+    return encoded.decode() if encoded.isascii() else _ENCODE(line)
 
 
 @functools.lru_cache(maxsize=4)
@@ -84,7 +103,7 @@ class JsonFormatter(logging.Formatter):
         )
         if record.exc_info:
             line["traceback"] = self.formatException(record.exc_info)
-        return _ENCODE(line)
+        return _encode(line)
 
 
 class BatchedLinesHandler(logging.Handler):
@@ -177,7 +196,7 @@ def access(message: str, fields: dict[str, object]) -> None:
         return
     line = _line(time.time(), "info", ACCESS_LOGGER, message, _pid, fields)
     try:
-        direct.queue(_ENCODE(line))
+        direct.queue(_encode(line))
     except Exception:
         direct.handleError(logging.makeLogRecord({"msg": message}))
 

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -99,6 +100,27 @@ def test_line_times_are_written_as_datetime_writes_them(created: float) -> None:
     record.created = created
     expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
     assert json.loads(JsonFormatter().format(record))["time"] == expected
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"request_id": "r-1", "duration_ms": 0.125, "ok": True, "none": None},
+        {"at": datetime(2026, 12, 5, 1, 2, 3, tzinfo=UTC), "id": uuid.UUID(int=7), 3: "key"},
+        {"request_id": "caf\u00e9 \U0001f600 \u2028", "quote": '"\\\n'},
+        {"amount": 123456789012345678901234567890, "nested": {"list": [1, 2.5, "x"]}},
+    ],
+    ids=["plain", "datetime-uuid-int-key", "beyond-ascii", "big-int"],
+)
+def test_lines_hold_what_json_would_write_in_ascii_on_one_line(fields: dict[Any, Any]) -> None:
+    record = logging.makeLogRecord({"msg": "m", "levelno": logging.INFO, "fields": fields})
+    line = JsonFormatter().format(record)
+    assert line.isascii()
+    assert "\n" not in line
+    written = json.loads(line)
+    assert {key: written[key] for key in map(str, fields)} == json.loads(
+        json.dumps({str(key): value for key, value in fields.items()}, default=str)
+    )
 
 
 def test_lines_of_other_loggers_are_written_at_once(logger: logging.Logger) -> None:
