@@ -20,11 +20,13 @@ def loads(text: str) -> Any:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
         return json.loads(text)  # json's own error, or its value
-    # A float may be an integer orjson could not hold; none of the API's answers has floats.
+    # A float may be an integer orjson could not hold. The API's own numbers are integers: only
+    # numbers callers put in metadata or a generation's parameters come back as floats.
     return json.loads(text) if _has_float(value) else value
 
 
 def _has_float(value: Any) -> bool:
+    """Whether `value`, or anything in its lists and objects, is a float."""
     kind = type(value)
     if kind is float:
         return True
