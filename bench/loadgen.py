@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import multiprocessing
 import os
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class Result:
         if not ordered:
             return float("nan")
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    def mean(self) -> float:
+        """The mean latency in milliseconds."""
+        return statistics.fmean(self.latencies_ms) if self.latencies_ms else float("nan")
 
 
 # One load process's part: (calls, errors, latencies in ms) of `callers` callers.

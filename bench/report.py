@@ -105,6 +105,11 @@ class Report:
         pairs = zip(self.runs[name, 32], self.runs[floor, 32], strict=True)
         return [run.percentile(0.99) / base.percentile(0.99) for run, base in pairs]
 
+    def tails_per_round(self, name: str) -> list[float]:
+        """Per round: `name`'s p99 over its mean latency at 32, the tail's shape apart from the
+        calls a second (with a fixed number of callers, the mean is the callers over them)."""
+        return [run.percentile(0.99) / run.mean() for run in self.runs[name, 32]]
+
     def checks(self) -> list[tuple[str, float, str, bool]]:
         """(what, measured, target, met) for every target whose runs were measured."""
         found: list[tuple[str, float, str, bool]] = []
@@ -176,6 +181,10 @@ class Report:
             if self._measured(name, floor):
                 lines.append(
                     f"- {name} p99 / {floor} p99: {_listed(self.p99_per_round(name, floor))}"
+                )
+                lines.append(
+                    f"- {name} p99 / its mean: {_listed(self.tails_per_round(name))}; "
+                    f"{floor}'s: {_listed(self.tails_per_round(floor))}"
                 )
         if self._measured(HOT_ACCOUNT) and len(self.pgbench_hot) == len(self.runs[HOT_ACCOUNT, 32]):
             hot = self.ratios(HOT_ACCOUNT, [r.tps for r in self.pgbench_hot])

@@ -97,6 +97,18 @@ def test_a_missed_target_fails_the_run(
     assert "| NO |" in found.render()
 
 
+def test_the_tail_is_shown_as_p99_over_the_mean_beside_the_floor_s() -> None:
+    found = report([100, 100], [100, 100], [100, 100], [100, 100])
+    found.runs["GetBalance", 32] = [
+        result(100, [4.0] * 98 + [8.0, 8.0]),  # p99 8 ms, mean 4.08 ms
+        result(100, [2.0] * 99 + [10.0]),  # p99 10 ms, mean 2.08 ms
+    ]
+    assert found.tails_per_round("GetBalance") == pytest.approx([8 / 4.08, 10 / 2.08])
+    assert f"- GetBalance p99 / its mean: 1.96, 4.81; {ECHO_SELECT}'s: 1.00, 1.00" in (
+        found.render()
+    )
+
+
 def test_a_hot_account_below_pgbench_on_its_row_and_a_slow_cold_start_fail() -> None:
     found = report([800], [1000], [500], [500])
     found.runs[HOT_ACCOUNT, 32] = [result(150, [5.0] * 150)]
