@@ -135,6 +135,10 @@ class HoldExpiry(Protocol):
         for up to `users` users; returns how many it settled."""
         ...
 
+    async def settlement_lag(self) -> float:
+        """Seconds since the user due longest fell due for settlement; 0 when none is."""
+        ...
+
 
 class ProfileStore(Protocol):
     async def provision(self, principal: UserPrincipal) -> None:

@@ -3,7 +3,9 @@
 Bookkeeping only: every SQL function already decides a hold's expiry by time, so a late or
 stopped sweeper never lets an expired hold count or be captured. Several processes may sweep at
 once; the SQL skips users another transaction holds, and users whose settlement fails (each is
-settled on its own and named in a WARNING, which the direct transport logs).
+settled on its own and named in a WARNING, which the direct transport logs). After each sweep,
+how long the user due longest has waited is a gauge (credits_settlement_lag_seconds), which
+such a user keeps growing on either transport.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ class HoldSweeper:
         self._task: asyncio.Task[None] | None = None
 
     async def sweep(self) -> int:
-        """Expire every overdue hold now; returns how many users' holds were swept."""
+        """Expire every overdue hold now, and note how far behind settlement is left (users
+        it could not settle); returns how many users' holds were swept."""
         total = 0
         while True:
             swept = await self._store.expire_holds(self._batch)
             total += swept
             if swept < self._batch:
-                return total
+                break
+        metrics.SETTLEMENT_LAG_SECONDS.set(await self._store.settlement_lag())
+        return total
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hold-sweeper")

@@ -71,6 +71,11 @@ GENERATION_QUEUE = Gauge(
 OLDEST_QUEUED_SECONDS = Gauge(
     "credits_generation_oldest_queued_seconds", "How long the oldest queued generation has waited"
 )
+SETTLEMENT_LAG_SECONDS = Gauge(
+    "credits_settlement_lag_seconds",
+    "Seconds since the user due longest fell due for settlement (holds and grants expiring, "
+    "grants becoming effective), as of the last sweep; 0 when nobody is due",
+)
 POOL_CONNECTIONS = Gauge(
     "credits_db_pool_connections", "Database pool connections, by state", ["state"]
 )

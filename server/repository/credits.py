@@ -206,6 +206,9 @@ class CreditRepository:
     async def expire_holds(self, users: int) -> int:
         return await self._layers.call_as_service(fn.ExpireHolds(users))
 
+    async def settlement_lag(self) -> float:
+        return await self._layers.call_as_service(fn.GetSettlementLag())
+
 
 def _counted(result: LedgerResult) -> LedgerResult:
     metrics.ledger_operation(result.transaction.kind, result.replayed)

@@ -279,6 +279,11 @@ class ExpireHolds(SqlCall[int], function="credit_expire_holds"):
         return int(raw)
 
 
+class GetSettlementLag(SqlCall[float], function="credit_settlement_lag"):
+    def decode(self, raw: Any) -> float:
+        return float(raw)
+
+
 # Spend limits, usage and the export
 
 

@@ -594,6 +594,12 @@ class FakeCreditStore:
             self._settle(user_id, now)
         return len(due)
 
+    async def settlement_lag(self) -> float:
+        self.calls.append("settlement_lag")
+        now = self.clock.now()
+        due = self._due_events(None, now)
+        return (now - due[0][0]).total_seconds() if due else 0.0
+
     # The SQL's private helpers
 
     def _create_profile(self, user_id: uuid.UUID, email: str) -> None:

@@ -167,8 +167,11 @@ async def test_arguments_are_cast_from_json_by_name(fake: FakeSupabase) -> None:
     async with rest(fake, fake.secret_key) as db:
         listed = await rpc(db, "credit_list_transactions", params)
         swept = await rpc(db, "credit_expire_holds", {})
+        lag = await rpc(db, "credit_settlement_lag", {})
     assert [(t["kind"], t["amount"]) for t in listed] == [("grant", 4)]
     assert isinstance(swept, int)
+    assert isinstance(lag, int | float)
+    assert lag >= 0
 
 
 async def test_tokens_are_checked_like_postgrest(fake: FakeSupabase) -> None:

@@ -25,8 +25,12 @@ import asyncpg
 import pytest
 from prometheus_client import REGISTRY
 
+from server.credit.sweeper import HoldSweeper
 from server.db.migrate import discover, migrate
 from server.repository import functions as fn
+from server.repository.breaker import CredentialBreaker
+from server.repository.credits import CreditRepository
+from server.repository.layered import LayeredRepository
 from server.transports.postgres import PostgresTransport, database_log
 from tests.fixtures.database import create_database, drop_database, migrated_database
 from tests.integration.test_sql_security import (
@@ -533,6 +537,29 @@ async def test_the_sweeper_skips_a_user_whose_settlement_fails_and_settles_the_r
     assert await sweep(owner) == 1  # set right, it is settled like anyone else
     assert [(e.kind, e.amount) for e in await ledger(owner, broken)][-1] == ("expire", 25)
     await assert_consistent(owner, broken)
+
+
+async def test_the_sweeper_reports_how_long_a_user_it_cannot_settle_has_been_due(
+    owner: asyncpg.Connection, grants_db: str
+) -> None:
+    broken = await new_user(owner)
+    await give(owner, broken, 25, expire=await now(owner) + timedelta(minutes=4))
+    await out_of_step(owner, broken, 1)
+    transport = await PostgresTransport.connect(grants_db, min_size=1, max_size=1)
+    sweeper = HoldSweeper(CreditRepository(LayeredRepository(transport, CredentialBreaker())))
+    lag = "credits_settlement_lag_seconds"
+    try:
+        try:
+            await advance(owner, timedelta(minutes=6))
+            await sweeper.sweep()
+            # Due at +4 minutes, skipped at +6: two minutes and the test's own seconds.
+            assert 120 <= (REGISTRY.get_sample_value(lag) or 0) < 180
+        finally:
+            await out_of_step(owner, broken, -1)
+        await sweeper.sweep()  # set right, it is settled, and nobody is due any more
+        assert REGISTRY.get_sample_value(lag) == 0
+    finally:
+        await transport.close()
 
 
 async def test_the_service_logs_the_user_its_sweep_skipped(

@@ -1293,6 +1293,7 @@ FUNCTION_MATRIX = [
         overdue=True,
     ),
     Entry("credit_queue_stats()", "select public.credit_queue_stats()", (), SERVICE_ONLY),
+    Entry("credit_settlement_lag()", "select public.credit_settlement_lag()", (), SERVICE_ONLY),
     Entry("credit_schema_version()", "select public.credit_schema_version()", (), SERVICE_ONLY),
     Entry("credit_schema_versions()", "select public.credit_schema_versions()", (), SERVICE_ONLY),
     Entry(
