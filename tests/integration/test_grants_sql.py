@@ -539,6 +539,29 @@ async def test_the_sweeper_skips_a_user_whose_settlement_fails_and_settles_the_r
     await assert_consistent(owner, broken)
 
 
+async def test_a_sweep_goes_on_past_users_it_cannot_settle(owner: asyncpg.Connection) -> None:
+    """A call settles up to its number of users, trying past the ones that fail: users that
+    keep failing never hold up those due after them."""
+    broken, healthy = await new_user(owner), await new_user(owner)
+    start = await now(owner)
+    await give(owner, broken, 25, expire=start + timedelta(minutes=4))
+    await give(owner, healthy, 25, expire=start + timedelta(minutes=5))
+    await out_of_step(owner, broken, 1)
+    try:
+        await advance(owner, timedelta(minutes=6))
+        assert await owner.fetchval("select public.credit_expire_holds(0)") == 0
+        assert await owner.fetchval("select public.credit_expire_holds(1)") == 1
+        assert [(e.kind, e.amount) for e in await ledger(owner, healthy)][-1] == ("expire", 25)
+        assert [(e.kind, e.amount) for e in await ledger(owner, broken)] == [("grant", 25)]
+        with pytest.raises(asyncpg.PostgresError) as negative:
+            await owner.fetchval("select public.credit_expire_holds(-1)")
+        assert negative.value.sqlstate == "2201W"
+    finally:
+        await out_of_step(owner, broken, -1)
+    assert await owner.fetchval("select public.credit_expire_holds(null)") >= 1  # everyone due
+    assert [(e.kind, e.amount) for e in await ledger(owner, broken)][-1] == ("expire", 25)
+
+
 async def test_the_sweeper_reports_how_long_a_user_it_cannot_settle_has_been_due(
     owner: asyncpg.Connection, grants_db: str
 ) -> None:
