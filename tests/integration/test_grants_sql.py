@@ -508,15 +508,21 @@ async def out_of_step(conn: asyncpg.Connection, user: uuid.UUID, by: int) -> Non
         )
 
 
+async def stuck_user(owner: asyncpg.Connection) -> uuid.UUID:
+    """A new user whose grant of 25 expires in 4 minutes and whose books are out of step by 1,
+    so that settling it fails; `out_of_step(owner, user, -1)` sets it right."""
+    user = await new_user(owner)
+    await give(owner, user, 25, expire=await now(owner) + timedelta(minutes=4))
+    await out_of_step(owner, user, 1)
+    return user
+
+
 async def test_the_sweeper_skips_a_user_whose_settlement_fails_and_settles_the_rest(
     owner: asyncpg.Connection,
 ) -> None:
-    broken, healthy = await new_user(owner), await new_user(owner)
-    start = await now(owner)
+    broken, healthy = await stuck_user(owner), await new_user(owner)
     # `broken` is due first, so the sweep meets it before `healthy`.
-    await give(owner, broken, 25, expire=start + timedelta(minutes=4))
-    await give(owner, healthy, 25, expire=start + timedelta(minutes=5))
-    await out_of_step(owner, broken, 1)
+    await give(owner, healthy, 25, expire=await now(owner) + timedelta(minutes=5))
     warnings: list[str] = []
     owner.add_log_listener(lambda _conn, message: warnings.append(str(message)))
     try:
@@ -542,11 +548,8 @@ async def test_the_sweeper_skips_a_user_whose_settlement_fails_and_settles_the_r
 async def test_a_sweep_goes_on_past_users_it_cannot_settle(owner: asyncpg.Connection) -> None:
     """A call settles up to its number of users, trying past the ones that fail: users that
     keep failing never hold up those due after them."""
-    broken, healthy = await new_user(owner), await new_user(owner)
-    start = await now(owner)
-    await give(owner, broken, 25, expire=start + timedelta(minutes=4))
-    await give(owner, healthy, 25, expire=start + timedelta(minutes=5))
-    await out_of_step(owner, broken, 1)
+    broken, healthy = await stuck_user(owner), await new_user(owner)
+    await give(owner, healthy, 25, expire=await now(owner) + timedelta(minutes=5))
     try:
         await advance(owner, timedelta(minutes=6))
         assert await owner.fetchval("select public.credit_expire_holds(0)") == 0
@@ -565,9 +568,7 @@ async def test_a_sweep_goes_on_past_users_it_cannot_settle(owner: asyncpg.Connec
 async def test_the_sweeper_reports_how_long_a_user_it_cannot_settle_has_been_due(
     owner: asyncpg.Connection, grants_db: str
 ) -> None:
-    broken = await new_user(owner)
-    await give(owner, broken, 25, expire=await now(owner) + timedelta(minutes=4))
-    await out_of_step(owner, broken, 1)
+    broken = await stuck_user(owner)
     transport = await PostgresTransport.connect(grants_db, min_size=1, max_size=1)
     sweeper = HoldSweeper(CreditRepository(LayeredRepository(transport, CredentialBreaker())))
     lag = "credits_settlement_lag_seconds"
@@ -588,9 +589,7 @@ async def test_the_sweeper_reports_how_long_a_user_it_cannot_settle_has_been_due
 async def test_the_service_logs_the_user_its_sweep_skipped(
     owner: asyncpg.Connection, grants_db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    broken = await new_user(owner)
-    await give(owner, broken, 25, expire=await now(owner) + timedelta(minutes=4))
-    await out_of_step(owner, broken, 1)
+    broken = await stuck_user(owner)
     transport = await PostgresTransport.connect(grants_db, min_size=1, max_size=1)
     warned = REGISTRY.get_sample_value("credits_database_warnings_total") or 0.0
     try:
